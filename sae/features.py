@@ -1,0 +1,247 @@
+"""SAE feature activations on disk: one sparse CSR matrix [n_rows, d_sae] per hooked layer.
+
+Format `csr-v1`, the layout of `sae_features/<run>/`:
+
+    run.json                  written last: a run without it is incomplete and is never read
+    layer{L:02d}/             one folder per hooked block; L is the block index counted from 0
+                              (negative --layers flags are resolved before writing, so L >= 0)
+        indptr.npy   int64    [n_rows + 1]  row r owns entries indptr[r]:indptr[r+1]
+        indices.npy  int32    [nnz]         latent index of each stored activation, ascending in a row
+        values.npy   float32  [nnz]         the activation (> 0); zeros are never stored
+        meta.json             {"format": "csr-v1", "n_rows", "d_sae", "layer", "nnz"}
+
+Row r of every layer, and of every run made on the same dataset, is dataset row `run.json["row_ids"][r]`.
+Each layer folder is written under a temporary name and renamed into place when complete.
+
+The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors
+[n_rows, d_sae] (any float dtype); `layer-1.pt` is taken as the deepest layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from sae.atomic import atomic_path, read_json, write_json
+
+FORMAT = "csr-v1"
+_LAYER_DIR = re.compile(r"^layer(-?\d+)$")
+_LAYER_PT = re.compile(r"^layer(-?\d+)\.pt$")
+
+
+@dataclass
+class SparseCodes:
+    """A [n_rows, d_sae] non-negative matrix in CSR form (numpy arrays, possibly memory-mapped)."""
+
+    indptr: np.ndarray  # int64 [n_rows + 1]
+    indices: np.ndarray  # int32 [nnz]
+    values: np.ndarray  # float32 [nnz]
+    d_sae: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray) -> SparseCodes:
+        """Build from a dense [n_rows, d_sae] array; entries equal to 0 are dropped."""
+        dense = np.asarray(dense)
+        rows, cols = np.nonzero(dense)
+        indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+        return cls(indptr, cols.astype(np.int32), dense[rows, cols].astype(np.float32), dense.shape[1])
+
+    @classmethod
+    def from_topk(cls, values: np.ndarray, indices: np.ndarray, d_sae: int) -> SparseCodes:
+        """Build from per-row top-k [n_rows, k] values and indices; zero values are dropped."""
+        values = np.asarray(values, dtype=np.float32)
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, axis=1, kind="stable")
+        values = np.take_along_axis(values, order, 1)
+        indices = np.take_along_axis(indices, order, 1)
+        keep = values > 0
+        indptr = np.zeros(values.shape[0] + 1, dtype=np.int64)
+        np.cumsum(keep.sum(1), out=indptr[1:])
+        return cls(indptr, indices[keep].astype(np.int32), values[keep], d_sae)
+
+    def to_dense(self, dtype: Any = np.float32) -> np.ndarray:
+        out = np.zeros((self.n_rows, self.d_sae), dtype=dtype)
+        rows = np.repeat(np.arange(self.n_rows), np.diff(self.indptr))
+        out[rows, self.indices] = self.values
+        return out
+
+    def to_scipy(self):
+        """As a `scipy.sparse.csr_matrix` (shares memory where the dtypes allow)."""
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix(
+            (self.values, self.indices, self.indptr), shape=(self.n_rows, self.d_sae)
+        )
+
+    def to_torch(self, device: str = "cpu"):
+        """As a `torch.sparse_csr_tensor` [n_rows, d_sae] on `device`."""
+        import torch
+
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(np.ascontiguousarray(self.indptr)),
+            torch.from_numpy(np.ascontiguousarray(self.indices, dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(self.values)),
+            size=(self.n_rows, self.d_sae),
+            device=device,
+        )
+
+    def rows(self, start: int, stop: int) -> SparseCodes:
+        """Rows start:stop as a new SparseCodes (views where possible)."""
+        a, b = int(self.indptr[start]), int(self.indptr[stop])
+        return SparseCodes(self.indptr[start : stop + 1] - a, self.indices[a:b], self.values[a:b], self.d_sae)
+
+
+def _write_npy_header(f: BinaryIO, dtype: np.dtype, n: int) -> None:
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+    )
+
+
+class LayerWriter:
+    """Stream a layer's codes to disk chunk by chunk, then publish the folder atomically.
+
+    with LayerWriter(run_dir, layer=11, d_sae=6144) as w:
+        for chunk in ...: w.append(chunk)         # SparseCodes of consecutive rows
+    """
+
+    def __init__(self, run_dir: str | Path, layer: int, d_sae: int):
+        self.final = Path(run_dir) / layer_dir_name(layer)
+        self.layer, self.d_sae = layer, d_sae
+        self._ctx = atomic_path(self.final)
+        self._n_rows = 0
+        self._nnz = 0
+
+    def __enter__(self) -> LayerWriter:
+        self.tmp = self._ctx.__enter__()
+        self.tmp.mkdir()
+        self._indptr = open(self.tmp / "indptr.bin", "wb")
+        self._indices = open(self.tmp / "indices.bin", "wb")
+        self._values = open(self.tmp / "values.bin", "wb")
+        self._indptr.write(np.zeros(1, dtype=np.int64).tobytes())
+        return self
+
+    def append(self, chunk: SparseCodes) -> None:
+        if chunk.d_sae != self.d_sae:
+            raise ValueError(f"chunk has d_sae={chunk.d_sae}, layer has {self.d_sae}")
+        self._indptr.write((np.asarray(chunk.indptr[1:], dtype=np.int64) + self._nnz).tobytes())
+        self._indices.write(np.asarray(chunk.indices, dtype=np.int32).tobytes())
+        self._values.write(np.asarray(chunk.values, dtype=np.float32).tobytes())
+        self._n_rows += chunk.n_rows
+        self._nnz += chunk.nnz
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for f in (self._indptr, self._indices, self._values):
+            f.close()
+        if exc_type is None:
+            for name, dtype, n in (
+                ("indptr", np.int64, self._n_rows + 1),
+                ("indices", np.int32, self._nnz),
+                ("values", np.float32, self._nnz),
+            ):
+                raw = self.tmp / f"{name}.bin"
+                with open(self.tmp / f"{name}.npy", "wb") as out, open(raw, "rb") as src:
+                    _write_npy_header(out, dtype, n)
+                    while block := src.read(1 << 24):
+                        out.write(block)
+                raw.unlink()
+            meta = {"format": FORMAT, "n_rows": self._n_rows, "d_sae": self.d_sae,
+                    "layer": self.layer, "nnz": self._nnz}
+            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def layer_dir_name(layer: int) -> str:
+    return f"layer{layer:02d}"
+
+
+def write_layer(run_dir: str | Path, layer: int, codes: SparseCodes) -> None:
+    """Write one layer's codes in one go (see LayerWriter for streaming)."""
+    with LayerWriter(run_dir, layer, codes.d_sae) as w:
+        w.append(codes)
+
+
+def write_run_info(run_dir: str | Path, info: dict[str, Any]) -> None:
+    """Write run.json, which marks the run complete. Call it after every layer is written."""
+    write_json(Path(run_dir) / "run.json", info)
+
+
+class FeatureRun:
+    """A run's recorded features, in this toolkit's format or the original repo's dense .pt files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name
+        self.info: dict[str, Any] = {}
+        self._files: dict[int, Path] = {}
+        if (path / "run.json").exists():
+            self.format = FORMAT
+            self.info = read_json(path / "run.json")
+            for child in path.iterdir():
+                m = _LAYER_DIR.match(child.name)
+                if m and (child / "meta.json").exists():
+                    self._files[int(m.group(1))] = child
+        else:
+            self.format = "original-dense-pt"
+            for child in path.iterdir():
+                m = _LAYER_PT.match(child.name)
+                if m:
+                    self._files[int(m.group(1))] = child
+        if not self._files:
+            raise ValueError(f"run '{self.name}' at {path} holds no layer data "
+                             "(no layerNN/ folders with run.json, no layerNN.pt files)")
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer indices, shallowest first; the original format's -1 (the last layer) sorts last."""
+        return sorted(self._files, key=lambda l: (l < 0, l))
+
+    @property
+    def row_ids(self) -> list[int] | None:
+        return self.info.get("row_ids")
+
+    def load(self, layer: int) -> SparseCodes:
+        """The codes of one layer; this toolkit's format is memory-mapped, not read into RAM."""
+        if layer not in self._files:
+            raise ValueError(f"run '{self.name}' has no layer {layer}; it has {self.layers}")
+        path = self._files[layer]
+        if self.format == FORMAT:
+            meta = read_json(path / "meta.json")
+            load = lambda n: np.load(path / f"{n}.npy", mmap_mode="r")  # noqa: E731
+            return SparseCodes(load("indptr"), load("indices"), load("values"), int(meta["d_sae"]))
+        import torch
+
+        dense = torch.load(path, map_location="cpu", weights_only=True)
+        if dense.is_sparse:
+            dense = dense.to_dense()
+        return SparseCodes.from_dense(dense.float().numpy())
+
+
+def available_runs(features_dir: str | Path) -> list[str]:
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        return []
+    return sorted(p.name for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def open_run(features_dir: str | Path, name: str) -> FeatureRun:
+    """Open `features_dir/name`; a missing run is a ValueError naming the runs that exist."""
+    path = Path(features_dir) / name
+    if not path.is_dir():
+        runs = available_runs(features_dir)
+        listing = ", ".join(runs) if runs else "none"
+        raise ValueError(f"no run '{name}' in {features_dir} (available: {listing})")
+    return FeatureRun(path)
