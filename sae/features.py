@@ -11,6 +11,9 @@ Format `csr-v1`, the layout of `sae_features/<run>/`:
         meta.json             {"format": "csr-v1", "n_rows", "d_sae", "layer", "nnz"}
 
 Row r of every layer, and of every run made on the same dataset, is dataset row `run.json["row_ids"][r]`.
+run.json holds at least: name, modality ("image" | "text"), model, model_name, layers (ints),
+token (the recorded position), dataset {name, split, image_column, text_column}, n_rows, row_ids,
+architecture, d_sae, k, sae_metrics {layer: {...}}, format ("csr-v1") and provenance.
 Each layer folder is written under a temporary name and renamed into place when complete.
 
 The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors
@@ -28,6 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sae.atomic import atomic_path, read_json, write_json
+from sae.cli import InputError
 
 FORMAT = "csr-v1"
 _LAYER_DIR = re.compile(r"^layer(-?\d+)$")
@@ -201,7 +205,7 @@ class FeatureRun:
                 if m:
                     self._files[int(m.group(1))] = child
         if not self._files:
-            raise ValueError(f"run '{self.name}' at {path} holds no layer data "
+            raise InputError(f"run '{self.name}' at {path} holds no layer data "
                              "(no layerNN/ folders with run.json, no layerNN.pt files)")
 
     @property
@@ -216,7 +220,7 @@ class FeatureRun:
     def load(self, layer: int) -> SparseCodes:
         """The codes of one layer; this toolkit's format is memory-mapped, not read into RAM."""
         if layer not in self._files:
-            raise ValueError(f"run '{self.name}' has no layer {layer}; it has {self.layers}")
+            raise InputError(f"run '{self.name}' has no layer {layer}; it has {self.layers}")
         path = self._files[layer]
         if self.format == FORMAT:
             meta = read_json(path / "meta.json")
@@ -238,10 +242,10 @@ def available_runs(features_dir: str | Path) -> list[str]:
 
 
 def open_run(features_dir: str | Path, name: str) -> FeatureRun:
-    """Open `features_dir/name`; a missing run is a ValueError naming the runs that exist."""
+    """Open `features_dir/name`; a missing run is an InputError naming the runs that exist."""
     path = Path(features_dir) / name
     if not path.is_dir():
         runs = available_runs(features_dir)
         listing = ", ".join(runs) if runs else "none"
-        raise ValueError(f"no run '{name}' in {features_dir} (available: {listing})")
+        raise InputError(f"no run '{name}' in {features_dir} (available: {listing})")
     return FeatureRun(path)
