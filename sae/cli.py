@@ -75,7 +75,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

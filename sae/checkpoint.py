@@ -1,0 +1,73 @@
+"""SAE checkpoints: `sae.safetensors` + `cfg.json`, readable without this package.
+
+sae.safetensors (float32):
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in],
+    threshold [] (batchtopk only: the global inference threshold)
+cfg.json: the SAEConfig fields (architecture, d_in, d_sae, k, k_levels, prefixes, input_scale, ...),
+plus "format", "version" and "provenance" (package versions, git commit).
+
+With s = cfg["input_scale"], a reconstruction from the files alone is
+    pre = (s * x - b_dec) @ W_enc + b_enc
+    z   = top-k of pre per row, then ReLU      (topk, matryoshka, msae_*: k = cfg["k"])
+        = pre * (pre > threshold)              (batchtopk)
+        = ReLU(pre)                            (relu)
+    x_hat = (z @ W_dec + b_dec) / s
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.atomic import atomic_path, read_json, write_json
+from sae.cli import InputError
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
+from sae.provenance import provenance
+
+FORMAT = "share-concepts-sae-v1"
+
+
+def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
+    """Write `out_dir/sae.safetensors` and `out_dir/cfg.json` atomically (decoder norms folded)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sae = _unit_norm_copy(sae)
+    tensors = {name: p.detach().float().cpu().contiguous()
+               for name, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc),
+                               ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
+    if sae.cfg.architecture == "batchtopk":
+        tensors["threshold"] = sae.threshold.detach().float().cpu().reshape(())
+    with atomic_path(out_dir / "sae.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    cfg = {"format": FORMAT, **sae.cfg.to_dict(), "provenance": provenance()}
+    write_json(out_dir / "cfg.json", cfg)
+    return out_dir
+
+
+def _unit_norm_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
+    norms = sae.W_dec.detach().norm(dim=1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+        return sae
+    copy = SparseAutoencoder(SAEConfig.from_dict(sae.cfg.to_dict()), device=sae.W_dec.device)
+    copy.load_state_dict(sae.state_dict())
+    copy.fold_decoder_norms_()
+    return copy
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an SAE written by `save_sae` from its directory."""
+    path = Path(path)
+    if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
+        raise InputError(f"{path} is not an SAE checkpoint (needs cfg.json and sae.safetensors)")
+    cfg = SAEConfig.from_dict(read_json(path / "cfg.json"))
+    sae = SparseAutoencoder(cfg, device=device)
+    tensors = load_file(str(path / "sae.safetensors"), device=str(device))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name])
+        if "threshold" in tensors:
+            sae.threshold.copy_(tensors["threshold"])
+    return sae

@@ -1,0 +1,128 @@
+"""Configuration dataclasses. Each field's `help` metadata is its command-line help text."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae.cli import InputError
+
+ARCHITECTURES = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka", "relu")
+
+
+def _help(text: str, **extra: Any) -> Any:
+    return {"help": text, **extra}
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is: stored as cfg.json beside its weights."""
+
+    architecture: str = field(default="topk", metadata=_help(
+        "topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), msae_uw / msae_rw (Matryoshka over k, "
+        "Zaigrajew et al. 2025, uniform / reverse weights), matryoshka (nested dictionary prefixes, "
+        "Bussmann/Nabeshima 2025), relu (L1 penalty weighted by decoder norms)", choices=ARCHITECTURES))
+    d_in: int = field(default=0, metadata=_help("input width (set from the data)"))
+    d_sae: int = field(default=0, metadata=_help("number of latents (expansion_factor * d_in when 0)"))
+    k: int = field(default=32, metadata=_help(
+        "active latents per row: per row (topk, matryoshka), on average over the batch (batchtopk), "
+        "smallest nested level and inference k (msae_*); unused by relu"))
+    k_levels: list[int] | None = field(default=None, metadata=_help(
+        "msae_*: the nested k values; default k, 2k, 4k, ... (< d_sae), then d_sae (MSAE's rule from k=64)"))
+    prefixes: list[int] | None = field(default=None, metadata=_help(
+        "matryoshka: nested prefix sizes; default d_sae/16, /8, /4, /2, d_sae (groups 1/16,1/16,1/8,1/4,1/2)"))
+    l1_coef: float = field(default=0.05, metadata=_help(
+        "relu: coefficient of sum_i z_i ||W_dec_i|| (inputs scaled to mean squared norm d_in)"))
+    k_aux: int | None = field(default=None, metadata=_help(
+        "topk/batchtopk/matryoshka: dead latents used by the AuxK loss (default d_in // 2); 0 disables"))
+    aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss"))
+    seed: int = field(default=0, metadata=_help("initialisation seed"))
+    input_scale: float = field(default=1.0, metadata=_help(
+        "inputs are multiplied by this before encoding (set by training: mean squared norm = d_in)"))
+    b_dec_init: str = field(default="geometric_median", metadata=_help(
+        "initial pre-encoder bias b_dec", choices=("geometric_median", "mean", "zeros")))
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise InputError(f"unknown --sae '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+
+    def validate(self) -> None:
+        """Check the sizes once d_in and d_sae are known."""
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise InputError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
+        if self.architecture != "relu" and not 0 < self.k < self.d_sae:
+            raise InputError(f"--k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae})")
+        if self.architecture.startswith("msae") and self.k_levels is not None:
+            levels = self.k_levels
+            if sorted(set(levels)) != list(levels) or levels[0] < 1 or levels[-1] > self.d_sae:
+                raise InputError(f"--k_levels must increase strictly within 1..d_sae (got {levels})")
+        if self.architecture == "matryoshka" and self.prefixes is not None:
+            p = self.prefixes
+            if sorted(set(p)) != list(p) or p[0] < 1 or p[-1] != self.d_sae:
+                raise InputError(f"--prefixes must increase strictly and end at d_sae={self.d_sae} (got {p})")
+
+    @property
+    def levels(self) -> list[int]:
+        """msae_*: nested k values, ascending, ending at d_sae."""
+        if self.k_levels is not None:
+            return list(self.k_levels)
+        out, k = [], self.k
+        while k < self.d_sae:
+            out.append(k)
+            k *= 2
+        return out + [self.d_sae]
+
+    @property
+    def prefix_sizes(self) -> list[int]:
+        """matryoshka: nested prefix sizes, ascending, ending at d_sae."""
+        if self.prefixes is not None:
+            return list(self.prefixes)
+        sizes = sorted({max(1, self.d_sae // f) for f in (16, 8, 4, 2)} | {self.d_sae})
+        return sizes
+
+    @property
+    def aux_k(self) -> int:
+        if self.architecture in ("relu", "msae_uw", "msae_rw"):
+            return 0  # MSAE parity: no AuxK; ReLU SAEs have no dead-latent loss
+        return self.d_in // 2 if self.k_aux is None else self.k_aux
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """How to train: shared by every SAE trained in one pass."""
+
+    epochs: float = field(default=5, metadata=_help("passes over the data (fractions allowed)"))
+    batch_size: int = field(default=4096, metadata=_help("rows per optimisation step"))
+    lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate (default 2e-4 * sqrt(16384 / d_sae), sparsify's scaling)"))
+    warmup_steps: int | None = field(default=None, metadata=_help(
+        "linear warm-up steps (default min(1000, 5%% of the steps))"))
+    decay_fraction: float = field(default=0.2, metadata=_help("final fraction of steps with linear decay to 0"))
+    dead_window: int | None = field(default=None, metadata=_help(
+        "a latent is dead after this many rows without firing (default min(10M, total rows / 4))"))
+    checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints (also on Ctrl-C/SIGTERM)"))
+    eval_rows: int = field(default=262144, metadata=_help("rows used for the final metrics (0 = all rows)"))
+    shuffle_window: int = field(default=1 << 20, metadata=_help(
+        "rows are shuffled within contiguous windows of this size (in random window order)"))
+    seed: int = field(default=0, metadata=_help("data-order seed"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu or cuda[:i]"))
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise InputError(f"--epochs must be positive (got {self.epochs})")
+        if self.batch_size < 1:
+            raise InputError(f"--batch_size must be at least 1 (got {self.batch_size})")
+        if self.lr is not None and not self.lr > 0:
+            raise InputError(f"--lr must be positive (got {self.lr})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,136 @@
+"""Where training rows come from: row-aligned activation arrays, and a resumable shuffled order.
+
+An `ActivationSource` holds, for each key (a layer name, or "x"), a list of 2-D shards whose rows
+concatenate to the same `n_rows` for every key: row r of every key is the same token. Shards may be
+numpy arrays or memmaps of float16/float32, or uint16 arrays holding bfloat16 bits.
+
+`epoch_batches(n_rows, batch_size, seed, epoch, start_step)` yields the row indices of each step:
+contiguous windows of `window` rows in random order, rows shuffled within each window (reads from
+a memmap stay local), a function of (seed, epoch) only, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sae.cli import InputError
+
+
+class ActivationSource:
+    """Row-aligned activations: `read(key, rows)` -> float32 tensor [len(rows), d_in(key)]."""
+
+    def __init__(self, shards: dict[str, Sequence[np.ndarray]]):
+        if not shards:
+            raise InputError("no activation arrays given")
+        self.shards = {key: list(parts) for key, parts in shards.items()}
+        self._offsets: dict[str, np.ndarray] = {}
+        n_rows = None
+        for key, parts in self.shards.items():
+            for p in parts:
+                if p.ndim != 2:
+                    raise InputError(f"activations '{key}' must be 2-D [rows, d_in], got shape {p.shape}")
+            if len({p.shape[1] for p in parts}) != 1:
+                raise InputError(f"activations '{key}' have shards of different widths")
+            self._offsets[key] = np.cumsum([0] + [p.shape[0] for p in parts])
+            n = int(self._offsets[key][-1])
+            if n_rows is not None and n != n_rows:
+                raise InputError(f"activations '{key}' have {n} rows, others {n_rows}")
+            n_rows = n
+        self.n_rows: int = n_rows or 0
+        if self.n_rows == 0:
+            raise InputError("the activation arrays have no rows")
+
+    @classmethod
+    def from_npy(cls, path: str, key: str = "x") -> ActivationSource:
+        """One .npy file [rows, d_in], memory-mapped (never read whole into RAM)."""
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise InputError(f"activation file not found: {path}") from None
+        except ValueError as e:
+            raise InputError(f"cannot read {path} as a .npy array: {e}") from None
+        if arr.ndim != 2:
+            raise InputError(f"{path} must hold a 2-D array [rows, d_in], got shape {arr.shape}")
+        if arr.dtype.kind != "f":
+            raise InputError(f"{path} must hold floats, got dtype {arr.dtype}")
+        return cls({key: [arr]})
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.shards)
+
+    def d_in(self, key: str) -> int:
+        return int(self.shards[key][0].shape[1])
+
+    def read(self, key: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows `rows` (any order) of `key` as float32 [len(rows), d_in]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        offsets = self._offsets[key]
+        shard_of = np.searchsorted(offsets, sorted_rows, side="right") - 1
+        out = torch.empty(len(rows), self.d_in(key), dtype=torch.float32)
+        pos = 0
+        for s in np.unique(shard_of):
+            local = sorted_rows[shard_of == s] - offsets[s]
+            block = self.shards[key][s][local]
+            t = torch.from_numpy(np.ascontiguousarray(block))
+            if t.dtype == torch.uint16 or block.dtype == np.uint16:
+                t = t.view(torch.bfloat16)
+            out[pos : pos + len(local)] = t.float()
+            pos += len(local)
+        result = torch.empty_like(out)
+        result[torch.from_numpy(order)] = out
+        return result
+
+    def sample_rows(self, n: int) -> np.ndarray:
+        """Up to n row indices spread evenly over the whole source (deterministic)."""
+        n = min(n, self.n_rows)
+        return np.linspace(0, self.n_rows - 1, n).round().astype(np.int64)
+
+    def check_finite(self, key: str, chunk_rows: int = 65536) -> None:
+        """InputError naming the first row holding NaN or inf."""
+        for s, part in enumerate(self.shards[key]):
+            for start in range(0, part.shape[0], chunk_rows):
+                block = np.asarray(part[start : start + chunk_rows])
+                if block.dtype == np.uint16:
+                    block = torch.from_numpy(block.copy()).view(torch.bfloat16).float().numpy()
+                bad = ~np.isfinite(block).all(1)
+                if bad.any():
+                    row = int(self._offsets[key][s]) + start + int(np.argmax(bad))
+                    raise InputError(f"activations '{key}' row {row} holds NaN or inf")
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int, window: int) -> Iterator[np.ndarray]:
+    """This epoch's row order, window by window (each a shuffled contiguous range)."""
+    rng = np.random.default_rng([seed, epoch])
+    n_windows = -(-n_rows // window)
+    for w in rng.permutation(n_windows):
+        start = int(w) * window
+        yield start + rng.permutation(min(window, n_rows - start))
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+                  window: int = 1 << 20) -> Iterator[np.ndarray]:
+    """Row indices of each step of `epoch`, from step `start_step` on; the last batch may be short."""
+    skip = start_step * batch_size
+    buf: list[np.ndarray] = []
+    have = 0
+    for chunk in epoch_order(n_rows, seed, epoch, window):
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        chunk = chunk[skip:]
+        skip = 0
+        buf.append(chunk)
+        have += len(chunk)
+        while have >= batch_size:
+            flat = np.concatenate(buf)
+            yield flat[:batch_size]
+            rest = flat[batch_size:]
+            buf, have = ([rest] if len(rest) else []), len(rest)
+    if have:
+        yield np.concatenate(buf)

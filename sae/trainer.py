@@ -1,0 +1,267 @@
+"""Train several SAEs in one pass over the data (one per layer; also several seeds or k side by side).
+
+`train_saes(source, specs, tcfg, out_dir)`:
+- every step reads one batch of rows [batch_size] and feeds each SAE the rows of its source key;
+- fp32 parameters and Adam state; bf16 autocast and TF32 on CUDA;
+- learning rate: linear warm-up, constant, linear decay to 0 over the last `decay_fraction` of steps;
+- inputs scaled so that their mean squared norm is d_in (the factor is stored in each cfg.json);
+- dead latents: rows since each latent last fired; past `dead_window` they feed the AuxK loss;
+- checkpoints (`out_dir/trainer_state.pt`) every `checkpoint_every` steps and on SIGINT/SIGTERM;
+  started again with the same arguments it resumes, and the final weights equal an uninterrupted
+  run's (the data order is a function of (seed, epoch) only);
+- at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae.atomic import atomic_path, write_json
+from sae.checkpoint import save_sae
+from sae.cli import InputError
+from sae.config import SAEConfig, TrainConfig
+from sae.metrics import MetricsAccumulator
+from sae.model import SparseAutoencoder
+from sae.sources import ActivationSource, epoch_batches
+
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a SIGINT/SIGTERM once the checkpoint is safely on disk."""
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: its output subdirectory, the source key it reads, its configuration."""
+
+    name: str
+    key: str
+    cfg: SAEConfig
+
+
+@dataclass
+class TrainedSAE:
+    sae: SparseAutoencoder
+    metrics: dict[str, float]
+    path: Path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def default_lr(d_sae: int) -> float:
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    """Multiplier of the peak lr at `step` (0-based) of `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = int(total * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+class _SignalFlag:
+    """Remembers SIGINT/SIGTERM instead of dying mid-step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _fingerprint(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig) -> str:
+    desc = {
+        "n_rows": source.n_rows,
+        "d_in": {k: source.d_in(k) for k in source.keys},
+        "specs": [(s.name, s.key, {k: v for k, v in s.cfg.to_dict().items() if k != "input_scale"})
+                  for s in specs],
+        "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("device", "checkpoint_every", "eval_rows")},
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _batches(source: ActivationSource, tcfg: TrainConfig, start: int, total: int) -> Iterator[tuple[int, np.ndarray]]:
+    steps_per_epoch = -(-source.n_rows // tcfg.batch_size)
+    step = start
+    while step < total:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        for rows in epoch_batches(source.n_rows, tcfg.batch_size, tcfg.seed, epoch, in_epoch, tcfg.shuffle_window):
+            yield step, rows
+            step += 1
+            if step >= total:
+                return
+
+
+def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.device) -> list[SparseAutoencoder]:
+    """Fill in d_in / input_scale, build each SAE and initialise b_dec from a sample of rows."""
+    sample_rows = source.sample_rows(16384)
+    samples = {key: source.read(key, sample_rows) for key in {s.key for s in specs}}
+    saes = []
+    for spec in specs:
+        x = samples[spec.key]
+        spec.cfg.d_in = x.shape[1]
+        mean_sq = float(x.double().pow(2).sum(1).mean())
+        if mean_sq <= 0:
+            raise InputError(f"activations '{spec.key}' are all zero")
+        spec.cfg.input_scale = math.sqrt(spec.cfg.d_in / mean_sq)
+        sae = SparseAutoencoder(spec.cfg, device=device)
+        sae.init_b_dec_(x[:4096] * spec.cfg.input_scale)
+        saes.append(sae)
+    return saes
+
+
+def evaluate(sae: SparseAutoencoder, source: ActivationSource, key: str, rows: np.ndarray,
+             batch_size: int = 4096) -> dict[str, float]:
+    """Dataset-level metrics of `sae` on `rows` of `key` (inference codes, input units)."""
+    device = sae.W_dec.device
+    acc = MetricsAccumulator(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            x = source.read(key, rows[start : start + batch_size]).to(device)
+            codes = sae.encode(x)
+            acc.update(x, sae.decode(codes), codes)
+    return acc.compute()
+
+
+def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig, out_dir: str | Path,
+               progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, TrainedSAE]:
+    """Train every SAE of `specs` on `source`; see the module docstring. Returns them by spec name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len({s.name for s in specs}) != len(specs):
+        raise InputError("two SAEs share an output name")
+    for spec in specs:
+        if spec.key not in source.keys:
+            raise InputError(f"no activations named '{spec.key}' (have {source.keys})")
+        spec.cfg.d_in = source.d_in(spec.key)
+        spec.cfg.validate()
+    device = resolve_device(tcfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    fingerprint = _fingerprint(source, specs, tcfg)
+    steps_per_epoch = -(-source.n_rows // tcfg.batch_size)
+    total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else min(1000, max(1, total // 20))
+    dead_window = tcfg.dead_window or min(10_000_000, max(tcfg.batch_size, total * tcfg.batch_size // 4))
+
+    state_path = out_dir / STATE_FILE
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        raise InputError(f"{out_dir} holds a run with other settings; choose another --out or delete it")
+    if state is None:
+        saes = _prepare(source, specs, device)
+        since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
+        start = 0
+    else:
+        for spec in specs:
+            spec.cfg = SAEConfig.from_dict(state["cfgs"][spec.name])
+        saes = [SparseAutoencoder(spec.cfg, device=device) for spec in specs]
+        for sae, spec in zip(saes, specs):
+            sae.load_state_dict(state["saes"][spec.name])
+        since_fired = [state["since_fired"][s.name].to(device) for s in specs]
+        start = state["step"]
+    lrs = [tcfg.lr or default_lr(s.cfg.d_sae) for s in specs]
+    opts = [torch.optim.Adam(sae.parameters(), lr=lr) for sae, lr in zip(saes, lrs)]
+    if state is not None:
+        for opt, spec in zip(opts, specs):
+            opt.load_state_dict(state["opts"][spec.name])
+
+    def checkpoint(step: int) -> None:
+        snapshot = {
+            "fingerprint": fingerprint, "step": step,
+            "cfgs": {s.name: s.cfg.to_dict() for s in specs},
+            "saes": {s.name: sae.state_dict() for s, sae in zip(specs, saes)},
+            "opts": {s.name: opt.state_dict() for s, opt in zip(specs, opts)},
+            "since_fired": {s.name: sf.cpu() for s, sf in zip(specs, since_fired)},
+        }
+        with atomic_path(state_path) as tmp:
+            torch.save(snapshot, tmp)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    bar = tqdm(total=total, initial=start, desc=f"training {len(specs)} SAE(s)", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    with _SignalFlag() as flag:
+        for step, rows in _batches(source, tcfg, start, total):
+            batch = {key: source.read(key, rows).to(device, non_blocking=True)
+                     for key in {s.key for s in specs}}
+            factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
+            shown = []
+            for spec, sae, opt, sf, lr in zip(specs, saes, opts, since_fired, lrs):
+                xs = batch[spec.key] * spec.cfg.input_scale
+                with autocast:
+                    out = sae.training_loss(xs, sf >= dead_window)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                sae.remove_parallel_grad_()
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
+                opt.step()
+                sae.normalize_decoder_()
+                sf += len(rows)
+                sf[out.fired] = 0
+                if len(shown) < 3:
+                    var = (xs - xs.mean(0)).pow(2).sum(1).mean()
+                    fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
+                    dead = float((sf >= dead_window).float().mean())
+                    shown.append(f"loss {float(out.loss.detach()):.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead {dead:.1%}")
+            bar.set_postfix_str(" | ".join(shown) + (" ..." if len(specs) > 3 else ""), refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            done = step + 1
+            if flag.received is not None:
+                checkpoint(done)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped by signal {flag.received} after step {done}/{total}; checkpoint saved in "
+                    f"{state_path}; run the same command again to resume")
+            if done % tcfg.checkpoint_every == 0 and done < total:
+                checkpoint(done)
+    bar.close()
+    checkpoint(total)
+
+    eval_rows = source.sample_rows(tcfg.eval_rows or source.n_rows)
+    results = {}
+    for spec, sae in zip(specs, saes):
+        path = out_dir / spec.name if spec.name else out_dir
+        save_sae(sae, path)
+        metrics = {"eval_rows": int(len(eval_rows)),
+                   **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size)}
+        write_json(path / "metrics.json", metrics)
+        results[spec.name] = TrainedSAE(sae, metrics, path)
+    return results
