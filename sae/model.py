@@ -150,7 +150,7 @@ class SparseAutoencoder(nn.Module):
         if arch == "relu" or (k is not None and k >= self.cfg.d_sae):
             return pre.clamp_min(0)
         if arch == "batchtopk" and k is None:
-            return pre * (pre > self.threshold.clamp_min(0))
+            return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
         top = pre.topk(k or self.cfg.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp_min(0))
 

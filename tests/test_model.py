@@ -1,0 +1,174 @@
+"""The SAE module: sparse training path equals a dense float64 reference; inference rules."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae.checkpoint import load_sae, save_sae
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder, _TopKEncode, geometric_median
+
+
+def _sae(arch="topk", d_in=12, d_sae=40, k=5, **kw):
+    return SparseAutoencoder(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, **kw))
+
+
+def test_sparse_topk_encode_matches_dense_autograd_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(30, 12, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(12, 40, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = True
+    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x, W, b, 5, dead, 4)
+    gv, ga = torch.randn_like(vals), torch.randn_like(aux_vals)
+    ((vals * gv).sum() + (aux_vals * ga).sum()).backward()
+    sparse_grads = [t.grad.clone() for t in (x, W, b)]
+    for t in (x, W, b):
+        t.grad = None
+    # dense reference: the same selection written with plain autograd ops
+    pre = x @ W + b
+    ref_idx = pre.detach().topk(5, dim=1).indices
+    ref_aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(4, dim=1).indices
+    assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+    assert bool(dead[aux_idx].all())
+    ref_vals = pre.gather(1, idx).clamp_min(0)
+    ref_aux = pre.gather(1, aux_idx).clamp_min(0)
+    torch.testing.assert_close(vals, ref_vals)
+    ((ref_vals * gv).sum() + (ref_aux * ga).sum()).backward()
+    for got, t in zip(sparse_grads, (x, W, b)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_topk_training_loss_equals_dense_formula():
+    torch.manual_seed(1)
+    sae = _sae(k_aux=0)
+    xs = torch.randn(64, 12)
+    out = sae.training_loss(xs)
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(5, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.clamp_min(0))
+    x_hat = z @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(out.x_hat, x_hat.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, (x_hat - xs).pow(2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_is_a_copy_of_the_decoder_transpose_not_a_view():
+    sae = _sae()
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+
+
+def test_decoder_constraint_removes_parallel_gradient_and_renormalises():
+    sae = _sae()
+    sae.training_loss(torch.randn(32, 12)).loss.backward()
+    sae.remove_parallel_grad_()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert parallel.abs().max() < 1e-6
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+
+
+def test_batchtopk_inference_codes_do_not_depend_on_the_batch():
+    torch.manual_seed(2)
+    sae = _sae("batchtopk")
+    for _ in range(5):
+        sae.training_loss(torch.randn(128, 12))
+    assert sae.threshold > 0
+    x = torch.randn(20, 12)
+    alone = sae.encode(x[:3])
+    together = sae.encode(x)[:3]
+    assert torch.equal(alone > 0, together > 0)  # same support; values equal up to BLAS blocking
+    torch.testing.assert_close(alone, together)
+    pre = sae.pre_acts(x[:3])
+    assert torch.equal(alone, torch.where(pre > sae.threshold, pre, 0.0))
+
+
+def test_batchtopk_training_keeps_k_per_row_on_average():
+    sae = _sae("batchtopk")
+    out = sae.training_loss(torch.randn(64, 12) * 3)
+    assert out.l0 == pytest.approx(5, abs=0.01)
+
+
+def test_msae_levels_and_weights():
+    cfg = SAEConfig(architecture="msae_rw", d_in=8, d_sae=6144, k=64)
+    assert cfg.levels == [64, 128, 256, 512, 1024, 2048, 4096, 6144]  # MSAE's rule for ViT-L/14 x8
+    sae = SparseAutoencoder(SAEConfig(architecture="msae_rw", d_in=8, d_sae=32, k=4, k_levels=[4, 16, 32]))
+    xs = torch.randn(16, 8)
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    losses = []
+    for k in (4, 16):
+        t = pre.topk(k, 1)
+        z = torch.zeros_like(pre).scatter(1, t.indices, t.values.clamp_min(0))
+        losses.append(((z @ sae.W_dec + sae.b_dec - xs) ** 2).mean())
+    losses.append(((pre.clamp_min(0) @ sae.W_dec + sae.b_dec - xs) ** 2).mean())
+    expected_rw = (3 * losses[0] + 2 * losses[1] + 1 * losses[2]) / 6  # largest weight on smallest k
+    torch.testing.assert_close(sae.training_loss(xs).loss, expected_rw, rtol=1e-5, atol=1e-6)
+    sae.cfg.architecture = "msae_uw"
+    torch.testing.assert_close(sae.training_loss(xs).loss, sum(losses) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_matryoshka_prefixes_each_reconstruct():
+    sae = _sae("matryoshka", d_sae=32, k=6, prefixes=[4, 16, 32], k_aux=0)
+    xs = torch.randn(16, 12)
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    t = pre.topk(6, 1)
+    z = torch.zeros_like(pre).scatter(1, t.indices, t.values.clamp_min(0))
+    losses = [((z[:, :p] @ sae.W_dec[:p] + sae.b_dec - xs) ** 2).mean() for p in (4, 16, 32)]
+    torch.testing.assert_close(sae.training_loss(xs).loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_relu_fold_decoder_norms_keeps_the_function(tmp_path):
+    torch.manual_seed(3)
+    sae = _sae("relu", input_scale=0.5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(40, 1) + 0.5)
+    x = torch.randn(10, 12)
+    before = sae.decode(sae.encode(x))
+    loaded = load_sae(save_sae(sae, tmp_path / "s"))
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(40))
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "msae_uw", "matryoshka", "relu"])
+def test_reconstruction_from_the_files_alone_equals_the_module(tmp_path, arch):
+    """Re-implements the documented formula with numpy + safetensors only (no sae code)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(4)
+    sae = _sae(arch, input_scale=0.7)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.threshold.fill_(0.3)
+    save_sae(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    t = load_file(str(tmp_path / "sae.safetensors"))
+    assert t["W_enc"].shape == (12, 40) and t["W_dec"].shape == (40, 12)
+    x = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float64)
+    s = cfg["input_scale"]
+    pre = (s * x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    if cfg["architecture"] == "relu":
+        z = np.maximum(pre, 0)
+    elif cfg["architecture"] == "batchtopk":
+        z = pre * (pre > t["threshold"])
+    else:
+        z = np.zeros_like(pre)
+        keep = np.argsort(-pre, axis=1)[:, : cfg["k"]]
+        np.put_along_axis(z, keep, np.maximum(np.take_along_axis(pre, keep, 1), 0), 1)
+    x_hat = (z @ t["W_dec"] + t["b_dec"]) / s
+    module = sae.decode(sae.encode(torch.from_numpy(x).float())).detach().numpy()
+    np.testing.assert_allclose(x_hat, module, rtol=1e-4, atol=1e-4)
+    assert cfg["provenance"]["share_concepts"] and "git_commit" in cfg["provenance"]
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.zeros(101, 3)
+    x[:60] = torch.tensor([1.0, 2.0, 3.0])
+    x[60:] = torch.randn(41, 3) * 100
+    torch.testing.assert_close(geometric_median(x), torch.tensor([1.0, 2.0, 3.0]), atol=1e-3, rtol=0)
