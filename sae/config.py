@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from sae.cli import InputError
+from sae.cli import InputError, add_dataclass_args, dataclass_from_args
 
 ARCHITECTURES = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka", "relu")
 
@@ -126,3 +127,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_SAE_SKIP = ("architecture", "d_in", "d_sae", "input_scale", "seed")
+
+
+def add_sae_args(parser: argparse.ArgumentParser) -> None:
+    """The SAE and training flags shared by every training entry point."""
+    parser.add_argument("--sae", default="topk", choices=SAEConfig.__dataclass_fields__["architecture"]
+                        .metadata["choices"], help=SAEConfig.__dataclass_fields__["architecture"].metadata["help"])
+    parser.add_argument("--expansion_factor", type=float, default=8, help="d_sae = expansion_factor * d_in")
+    parser.add_argument("--d_sae", type=int, default=0, help="number of latents (overrides --expansion_factor)")
+    add_dataclass_args(parser, SAEConfig, skip=_SAE_SKIP)
+    add_dataclass_args(parser, TrainConfig)
+
+
+def sae_config_from_args(args: argparse.Namespace, d_in: int, seed: int | None = None) -> SAEConfig:
+    d_sae = args.d_sae or int(round(args.expansion_factor * d_in))
+    return dataclass_from_args(SAEConfig, args, architecture=args.sae, d_in=d_in, d_sae=d_sae,
+                               seed=args.seed if seed is None else seed)

@@ -1,0 +1,451 @@
+"""What each SAE feature means, at a glance: its top-activating rows as image grids and captions.
+
+`show(cfg)` (the body of show.py) reads one layer of a recorded run (`sae/features.py`), finds for every
+live feature its `TOP` = 9 highest-activating rows, fetches those rows from the run's own dataset by
+row id (run.json `dataset` + `row_ids`; nothing assumes COCO), and writes into the preview folder
+(`previews/<run>` by default):
+
+    show.json                              the folder's manifest: run, layer, features_dir (written first;
+                                           a folder holding another run or layer is refused)
+    mass{S:013.3f}_feat{i:05d}.jpg         3x3 grid of the top rows' images (tile `size` px, white
+                                           background), best row top left, row-major
+    mass{S:013.3f}_feat{i:05d}.txt         text runs only: the 9 captions, one per line
+                                           (rank, activation, dataset row id, caption; tab-separated)
+    features.json                          per shown feature: statistics, top rows, captions, histogram
+    index.html, features/f{i:05d}.html     with --html: the static browser (sae/browser.py)
+
+S is the feature's activation mass, sum_n z[n, i] over all rows (the S_i weight of wMPPC and of
+comparative sharedness), so `ls` sorts the grids by mass (`ls -r`: the heaviest features first) and
+every name still carries the feature index. Each file is written under a temporary name and renamed
+into place: a killed run leaves no half-written file, and a rerun skips the grids that exist.
+
+Top rows are computed for all features at once from the CSR codes with one sort of the non-zero
+entries by (feature, activation descending, row ascending): no dense [N, d_sae] matrix is built.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae.atomic import atomic_path, read_json, write_json
+from sae.cli import InputError
+from sae.features import FeatureRun, SparseCodes, open_run
+
+TOP = 9  # rows shown per feature (a 3x3 grid)
+GRID = 3
+HIST_BINS = 30
+SHOW_FORMAT = "show-v1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Top rows and statistics of every feature, from CSR codes
+
+
+@dataclass
+class FeatureColumns:
+    """A layer's non-zero activations regrouped by feature (CSC order), each feature's sorted descending.
+
+    ptr[i]:ptr[i+1] are the entries of feature i; `rows` are run row positions (0..N-1, not dataset
+    row ids), `values` the activations, descending within a feature (ties: lower row first).
+    """
+
+    ptr: np.ndarray  # int64 [d_sae + 1]
+    rows: np.ndarray  # int64 [nnz]
+    values: np.ndarray  # float32 [nnz]
+    n_rows: int
+    mass: np.ndarray  # float64 [d_sae]: sum over rows of the activation (S_i)
+
+    @classmethod
+    def from_codes(cls, codes: SparseCodes) -> FeatureColumns:
+        indptr = np.asarray(codes.indptr, dtype=np.int64)
+        cols = np.asarray(codes.indices, dtype=np.int64)
+        vals = np.asarray(codes.values, dtype=np.float32)
+        if len(cols) and (cols.min() < 0 or cols.max() >= codes.d_sae):
+            raise InputError(f"feature indices out of range [0, {codes.d_sae}) in the codes")
+        if not np.isfinite(vals).all():
+            raise InputError(f"the codes hold {int((~np.isfinite(vals)).sum())} non-finite values (NaN or inf)")
+        rows = np.repeat(np.arange(codes.n_rows, dtype=np.int64), np.diff(indptr))
+        order = np.lexsort((rows, -vals, cols))  # last key first: feature, then value desc, then row
+        counts = np.bincount(cols, minlength=codes.d_sae)
+        ptr = np.zeros(codes.d_sae + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        mass = np.bincount(cols, weights=vals.astype(np.float64), minlength=codes.d_sae)
+        return cls(ptr, rows[order], vals[order], codes.n_rows, mass)
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.ptr) - 1
+
+    @property
+    def support(self) -> np.ndarray:
+        """int64 [d_sae]: number of rows where each feature is > 0."""
+        return np.diff(self.ptr)
+
+    @property
+    def freq(self) -> np.ndarray:
+        """float64 [d_sae]: firing frequency, support / N."""
+        return self.support / max(self.n_rows, 1)
+
+    @property
+    def mean_active(self) -> np.ndarray:
+        """float64 [d_sae]: mean activation over the rows where the feature fires (0 for dead ones)."""
+        return self.mass / np.maximum(self.support, 1)
+
+    @property
+    def max(self) -> np.ndarray:
+        """float32 [d_sae]: the largest activation (0 for dead features)."""
+        out = np.zeros(self.d_sae, dtype=np.float32)
+        live = self.support > 0
+        out[live] = self.values[self.ptr[:-1][live]]
+        return out
+
+    def top(self, k: int = TOP) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64 [d_sae, k], values float32 [d_sae, k]): each feature's k highest rows, best first;
+        padded with row -1 and value 0 where a feature fires on fewer than k rows."""
+        j = np.arange(k)
+        valid = j[None, :] < self.support[:, None]
+        idx = np.where(valid, self.ptr[:-1, None] + j[None, :], 0)
+        if len(self.rows) == 0:
+            return np.full((self.d_sae, k), -1, np.int64), np.zeros((self.d_sae, k), np.float32)
+        return np.where(valid, self.rows[idx], -1), np.where(valid, self.values[idx], 0).astype(np.float32)
+
+    def activations(self, i: int) -> np.ndarray:
+        """float32 [support_i]: feature i's non-zero activations, descending."""
+        return self.values[self.ptr[i] : self.ptr[i + 1]]
+
+    def histogram(self, i: int, bins: int = HIST_BINS) -> dict[str, Any]:
+        """Histogram of feature i's non-zero activations on [0, max]: {lo, hi, counts, zeros}."""
+        a = self.activations(i)
+        hi = float(a[0]) if len(a) else 1.0
+        counts, _ = np.histogram(a, bins=bins, range=(0.0, hi if hi > 0 else 1.0))
+        return {"lo": 0.0, "hi": hi, "counts": counts.tolist(), "zeros": int(self.n_rows - len(a))}
+
+
+def select_features(cols: FeatureColumns, min_support: int = 16,
+                    features: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """(features to show, requested features skipped because they never fire).
+
+    Without `features`: every live feature with at least `min_support` active rows, by index.
+    With `features`: exactly those (min_support is not applied), minus the dead ones.
+    """
+    support = cols.support
+    if features:
+        bad = [i for i in features if not 0 <= i < cols.d_sae]
+        if bad:
+            raise InputError(f"--features {bad[0]} is out of range: the layer has {cols.d_sae} features (0..{cols.d_sae - 1})")
+        wanted = list(dict.fromkeys(int(i) for i in features))
+        return [i for i in wanted if support[i] > 0], [i for i in wanted if support[i] == 0]
+    if min_support < 0:
+        raise InputError(f"--min_support must be >= 0, not {min_support}")
+    return np.flatnonzero(support >= max(min_support, 1)).tolist(), []
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows of the run's dataset (the adapter that isolates sae/data.py)
+
+
+class RowSource:
+    """Images and captions of a run's rows, by run position n (dataset row `row_ids[n]`)."""
+
+    def __init__(self, pairs: Any, run_name: str):
+        self.pairs = pairs
+        self.run_name = run_name
+        self._thumbs: dict[tuple[int, int], Any] = {}  # small LRU-less cache: rows recur across features
+        self._lock = threading.Lock()
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        return np.asarray(self.pairs.row_ids, dtype=np.int64)
+
+    def image(self, n: int) -> Any | None:
+        """The n-th row's image (RGB PIL), or None when it cannot be read."""
+        from sae.data import BadRow
+
+        item = self.pairs.read(n, "image")
+        return None if isinstance(item, BadRow) else item
+
+    def thumbnail(self, n: int, size: int) -> Any | None:
+        """The n-th image shrunk to fit size x size (aspect kept), cached; None when unreadable."""
+        key = (n, size)
+        with self._lock:
+            if key in self._thumbs:
+                return self._thumbs[key]
+        from PIL import ImageOps
+
+        img = self.image(n)
+        thumb = None if img is None else ImageOps.contain(img, (size, size))
+        with self._lock:
+            if len(self._thumbs) >= 4096:
+                self._thumbs.pop(next(iter(self._thumbs)))
+            self._thumbs[key] = thumb
+        return thumb
+
+    def caption(self, n: int) -> str | None:
+        return self.pairs.texts()[n]
+
+
+def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str | None = None,
+                    image_column: str | None = None, text_column: str | None = None,
+                    data_root: str | Path = "data", n_rows: int | None = None) -> RowSource:
+    """The dataset rows of `run`, as named by its run.json (the arguments override it).
+
+    Rows are run.json's row_ids; without them, dataset rows 0..n_rows-1 (the original repo's runs).
+
+    An InputError starting with "run '<name>' has no images to show" when the run names no dataset or
+    its dataset cannot be opened with an image column.
+    """
+    from sae.data import load_pairs
+
+    info = run.info.get("dataset") or {}
+    source = dataset or info.get("name")
+    prefix = f"run '{run.name}' has no images to show"
+    if not source:
+        why = "it has no run.json (the original repo's format)" if not run.info else "its run.json names no dataset"
+        raise InputError(f"{prefix}: {why}; pass --dataset (a dataset name or folder; the original repo used "
+                         "--dataset coco)")
+    if not image_column:
+        # a run.json dataset without an image column has no images; a --dataset override defaults to "image"
+        image_column = info.get("image_column") if info else "image"
+    if not image_column:
+        raise InputError(f"{prefix}: its dataset '{source}' has no image column; pass --image_column if it has one")
+    ids = run.row_ids
+    if ids is None:  # the original repo recorded dataset rows 0..N-1 in order (shuffle=False)
+        n = run.info.get("n_rows", n_rows)
+        ids = None if n is None else list(range(int(n)))
+    try:
+        pairs = load_pairs(source, split or info.get("split") or "train", image_column,
+                           text_column or info.get("text_column") or "text", row_ids=ids, data_root=data_root)
+    except InputError as e:
+        raise InputError(f"{prefix}: {e}") from None
+    return RowSource(pairs, run.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids and file names
+
+
+def preview_stem(index: int, mass: float) -> str:
+    """'mass{mass:013.3f}_feat{index:05d}': `ls` sorts by activation mass, the index stays visible."""
+    return f"mass{mass:013.3f}_feat{index:05d}"
+
+
+def make_grid(tiles: Sequence[Any | None], size: int = 100, grid: int = GRID) -> Any:
+    """A (grid*size) x (grid*size) RGB image on white: tile t at row t // grid, column t % grid.
+
+    Each tile is an image already fitting size x size (centred in its cell), or None for an unreadable
+    image (a grey cell with a cross). Cells past len(tiles) stay white.
+    """
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (grid * size, grid * size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for t, tile in enumerate(tiles[: grid * grid]):
+        x0, y0 = (t % grid) * size, (t // grid) * size
+        if tile is None:
+            draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], fill=(200, 200, 200))
+            draw.line([x0, y0, x0 + size - 1, y0 + size - 1], fill=(120, 120, 120), width=2)
+            draw.line([x0, y0 + size - 1, x0 + size - 1, y0], fill=(120, 120, 120), width=2)
+            continue
+        canvas.paste(tile, (x0 + (size - tile.width) // 2, y0 + (size - tile.height) // 2))
+    return canvas
+
+
+def _save_jpeg(img: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=90)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# show.py
+
+
+@dataclass
+class ShowConfig:
+    """The flags of show.py."""
+
+    run: str | None = field(default=None, metadata={"help": "the run to show (a folder under --features_dir)"})
+    features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
+    layer: int | None = field(default=None, metadata={"help": "layer to show (default: the run's deepest)"})
+    out: str | None = field(default=None, metadata={"help": "preview folder (default: previews/<run>)"})
+    min_support: int = field(default=16, metadata={
+        "help": "show only features active on at least this many rows"})
+    features: list[int] | None = field(default=None, metadata={
+        "help": "show only these feature indices (min_support not applied)"})
+    size: int = field(default=100, metadata={"help": "tile size in pixels (the grid is 3 tiles square)"})
+    html: bool = field(default=False, metadata={
+        "help": "also write the static browser: index.html + features/f<index>.html (open from disk)"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "dataset of the rows (default: the one in run.json; needed for the original repo's runs)"})
+    split: str | None = field(default=None, metadata={"help": "dataset split (default: from run.json)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (default: from run.json)"})
+    text_column: str | None = field(default=None, metadata={"help": "caption column (default: from run.json)"})
+    modality: str | None = field(default=None, metadata={
+        "help": "image or text (default: from run.json; image for the original repo's runs)",
+        "choices": ["image", "text"]})
+    data_root: str = field(default="data", metadata={"help": "where generated datasets (shapes) live"})
+    workers: int = field(default=4, metadata={"help": "threads reading images and writing grids (0: none)"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+
+
+@dataclass
+class FeaturePreview:
+    """One shown feature: statistics, its top rows, and the files written for it."""
+
+    index: int
+    support: int
+    freq: float
+    mean: float  # mean activation over the rows where it fires
+    max: float
+    mass: float  # S_i
+    positions: list[int]  # run row positions of the top rows, best first
+    row_ids: list[int]  # their dataset row ids
+    acts: list[float]
+    captions: list[str | None] | None
+    grid: str  # file name of the grid JPEG, relative to the preview folder
+    captions_file: str | None
+    hist: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ShowResult:
+    out: Path
+    manifest: dict[str, Any]
+    previews: list[FeaturePreview]
+    written: int
+    skipped: int  # grids that already existed
+
+
+def _claim_folder(out: Path, manifest: dict[str, Any]) -> None:
+    """Write show.json, or refuse a folder that already holds another run's or layer's previews.
+
+    When the same run and layer was shown with another tile size, or its codes changed since (run
+    recorded again), the old grids, caption files and pages are removed so that none is reused.
+    """
+    path = out / "show.json"
+    if path.exists():
+        try:
+            old = read_json(path)
+        except (OSError, ValueError):
+            old = {}
+        if (old.get("run"), old.get("layer")) != (manifest["run"], manifest["layer"]):
+            raise InputError(f"{out} holds the previews of run '{old.get('run')}' layer {old.get('layer')}; "
+                             f"pass --out DIR for run '{manifest['run']}' layer {manifest['layer']}")
+        if (old.get("size"), old.get("codes")) != (manifest["size"], manifest["codes"]):
+            for stale in [*out.glob("mass*_feat*.jpg"), *out.glob("mass*_feat*.txt"), *out.glob("features/f*.html")]:
+                stale.unlink()
+    write_json(path, manifest)
+
+
+def _fingerprint(codes: SparseCodes) -> str:
+    """Changes when a layer is recorded again: shape, nnz and the sum of the values."""
+    return f"{codes.n_rows}x{codes.d_sae}:{codes.nnz}:{float(np.sum(codes.values, dtype=np.float64)):.9g}"
+
+
+def show(cfg: ShowConfig) -> ShowResult:
+    """Write the grids (and caption files, features.json, the browser) of one layer of a run."""
+    from tqdm import tqdm
+
+    if not cfg.run:
+        raise InputError("give --run (a run name under --features_dir)")
+    if cfg.size < 8:
+        raise InputError(f"--size must be at least 8 pixels, not {cfg.size}")
+    if cfg.workers < 0:
+        raise InputError(f"--workers must be >= 0, not {cfg.workers}")
+    run = open_run(cfg.features_dir, cfg.run)
+    layer = run.layers[-1] if cfg.layer is None else cfg.layer
+    codes = run.load(layer)
+    modality = cfg.modality or run.info.get("modality") or "image"
+    if modality not in ("image", "text"):
+        raise InputError(f"run '{run.name}' has modality '{modality}'; pass --modality image or text")
+    rows = open_row_source(run, dataset=cfg.dataset, split=cfg.split, image_column=cfg.image_column,
+                           text_column=cfg.text_column, data_root=cfg.data_root, n_rows=codes.n_rows)
+    if len(rows.row_ids) != codes.n_rows:
+        raise InputError(f"run '{run.name}' layer {layer} has {codes.n_rows} rows but its dataset selection has "
+                         f"{len(rows.row_ids)}; check run.json row_ids / --dataset")
+    cols = FeatureColumns.from_codes(codes)
+    chosen, dead = select_features(cols, cfg.min_support, cfg.features)
+    for i in dead:
+        print(f"feature {i} never fires in run '{run.name}' layer {layer}; skipped", file=sys.stderr)
+
+    out = Path(cfg.out or Path("previews") / run.name)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": SHOW_FORMAT, "run": run.name, "layer": layer, "modality": modality,
+                "features_dir": str(Path(cfg.features_dir).resolve()), "n_rows": codes.n_rows,
+                "d_sae": codes.d_sae, "codes": _fingerprint(codes), "size": cfg.size, "top": TOP,
+                "dataset": run.info.get("dataset") or {"name": cfg.dataset},
+                "file_names": "mass{S:013.3f}_feat{index:05d}.jpg (.txt: captions of text runs)"}
+    _claim_folder(out, manifest)
+
+    top_rows, top_vals = cols.top(TOP)
+    support, freq, mean, mx = cols.support, cols.freq, cols.mean_active, cols.max
+    want_captions = modality == "text" or cfg.html
+    if want_captions and chosen:
+        rows.caption(0)  # materialise the captions once, before the worker threads start
+
+    def build(i: int) -> tuple[FeaturePreview, bool]:
+        """Write feature i's files (unless they exist); (its preview, whether the grid was written)."""
+        k = int(min(TOP, support[i]))
+        pos = top_rows[i, :k].tolist()
+        acts = [float(v) for v in top_vals[i, :k]]
+        captions = [rows.caption(n) for n in pos] if want_captions else None
+        stem = preview_stem(i, float(cols.mass[i]))
+        grid, txt = f"{stem}.jpg", (f"{stem}.txt" if modality == "text" else None)
+        if txt and captions is not None and not (out / txt).exists():
+            lines = ["# rank\tactivation\trow_id\tcaption"]
+            lines += [f"{r + 1}\t{a:.6g}\t{int(rows.row_ids[n])}\t{(c or '').replace(chr(10), ' ')}"
+                      for r, (n, a, c) in enumerate(zip(pos, acts, captions))]
+            _write_text(out / txt, "\n".join(lines) + "\n")
+        done = (out / grid).exists()
+        if not done:
+            _save_jpeg(make_grid([rows.thumbnail(n, cfg.size) for n in pos], cfg.size), out / grid)
+        preview = FeaturePreview(
+            index=i, support=int(support[i]), freq=float(freq[i]), mean=float(mean[i]), max=float(mx[i]),
+            mass=float(cols.mass[i]), positions=pos, row_ids=[int(rows.row_ids[n]) for n in pos], acts=acts,
+            captions=captions, grid=grid, captions_file=txt if txt and (out / txt).exists() else None,
+            hist=cols.histogram(i))
+        return preview, not done
+
+    top_rows, top_vals = cols.top(TOP)
+    support, freq, mean, mx = cols.support, cols.freq, cols.mean_active, cols.max
+    bar = tqdm(total=len(chosen), desc=f"previews {run.name} L{layer}", unit="feature", file=sys.stderr,
+               disable=not cfg.progress)
+    previews, written = [], 0
+    with bar:
+        if cfg.workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(cfg.workers) as pool:  # image decoding and JPEG encoding release the GIL
+                done = pool.map(build, chosen)
+                for preview, wrote in done:
+                    previews.append(preview)
+                    written += wrote
+                    bar.update()
+        else:
+            for i in chosen:
+                preview, wrote = build(i)
+                previews.append(preview)
+                written += wrote
+                bar.update()
+    skipped = len(previews) - written
+    write_json(out / "features.json", {**manifest, "features": [p.to_json() for p in previews]})
+    result = ShowResult(out, manifest, previews, written, skipped)
+    if cfg.html:
+        from sae.browser import write_browser
+
+        write_browser(result, run_dir=run.path)
+    return result

@@ -1,0 +1,280 @@
+"""show.py: top rows per feature, grids fetched from the run's own dataset by row id, captions, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import show
+from sae.cli import InputError
+from sae.features import SparseCodes, write_layer, write_run_info
+from sae.previews import TOP, FeatureColumns, make_grid, preview_stem, select_features
+
+REPO = Path(__file__).resolve().parent.parent
+N_DATASET, N_ROWS, D_SAE, TILE = 50, 40, 24, 20
+# 64 colours at least 85 apart per channel: the colour of a tile tells which dataset row it shows
+PALETTE = [tuple(c) for c in itertools.product((0, 85, 170, 255), repeat=3)]
+WORDS = ["apple", "boat", "cloud", "dog", "engine", "forest", "guitar", "house", "island", "jacket"]
+
+
+def caption(row_id: int) -> str:
+    return f"row {row_id} shows a {WORDS[row_id % len(WORDS)]}"
+
+
+def make_dataset(folder: Path, n: int = N_DATASET, size: tuple[int, int] = (32, 24)) -> Path:
+    """An imagefolder of solid-colour images: dataset row r is PALETTE[r], its caption names r."""
+    folder.mkdir(parents=True)
+    lines = []
+    for r in range(n):
+        Image.new("RGB", size, PALETTE[r]).save(folder / f"{r:06d}.png")
+        lines.append(json.dumps({"file_name": f"{r:06d}.png", "text": caption(r)}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_codes(rng: np.random.Generator, n: int = N_ROWS, d: int = D_SAE) -> np.ndarray:
+    """[n, d] non-negative with varied support: some features dead, some rare, some frequent."""
+    density = np.linspace(0.05, 0.9, d)
+    x = rng.gamma(2.0, 1.0, (n, d)).astype(np.float32)
+    x[rng.random((n, d)) > density] = 0
+    x[:, 0] = 0  # dead
+    x[:, 1] = 0
+    x[[3, 17, 30], 1] = [0.5, 2.0, 1.0]  # fires on 3 rows only
+    return x
+
+
+def write_run(root: Path, name: str, layers: dict[int, np.ndarray], dataset: Path | None, row_ids,
+              modality: str = "image") -> Path:
+    for layer, x in layers.items():
+        write_layer(root / name, layer, SparseCodes.from_dense(x))
+    n = next(iter(layers.values())).shape[0]
+    info = {"name": name, "modality": modality, "model": "Fake", "model_name": "fake", "layers": sorted(layers),
+            "token": 0, "n_rows": n, "row_ids": [int(r) for r in row_ids], "architecture": "topk",
+            "d_sae": D_SAE, "k": 4, "sae_metrics": {}, "format": "csr-v1", "provenance": {}}
+    if dataset is not None:
+        info["dataset"] = {"name": str(dataset), "split": "train", "image_column": "image", "text_column": "text",
+                           "max_samples": None}
+    write_run_info(root / name, info)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 50-row dataset and an image run on 40 of its rows (shuffled), layers 3 and 7."""
+    root = tmp_path_factory.mktemp("show")
+    data = make_dataset(root / "data")
+    rng = np.random.default_rng(0)
+    row_ids = rng.permutation(N_DATASET)[:N_ROWS]
+    layers = {3: make_codes(rng), 7: make_codes(rng)}
+    write_run(root / "feats", "img", layers, data, row_ids)
+    return {"root": root, "data": data, "row_ids": row_ids, "layers": layers}
+
+
+def ref_top(x: np.ndarray, k: int = TOP) -> tuple[list[list[int]], list[list[float]]]:
+    """Directly: per column, rows by activation descending (ties: lower row first), non-zero only."""
+    rows, vals = [], []
+    for j in range(x.shape[1]):
+        order = np.lexsort((np.arange(x.shape[0]), -x[:, j]))
+        order = [int(r) for r in order if x[r, j] > 0][:k]
+        rows.append(order)
+        vals.append([float(x[r, j]) for r in order])
+    return rows, vals
+
+
+def tile_rows(img: Image.Image, size: int = TILE) -> list[int | None]:
+    """The dataset row shown in each of the 9 cells (None for a white, empty cell), by nearest colour."""
+    a = np.asarray(img.convert("RGB")).astype(int)
+    out = []
+    for t in range(9):
+        y, x = (t // 3) * size + size // 2, (t % 3) * size + size // 2
+        c = a[y, x]
+        if (c > 245).all() and (255, 255, 255) not in PALETTE[:N_DATASET]:
+            out.append(None)
+            continue
+        d = ((np.array(PALETTE[:N_DATASET]) - c) ** 2).sum(1)
+        out.append(int(np.argmin(d)))
+    return out
+
+
+def run_show(world, out: Path, *extra: str) -> int:
+    return show.main(["--run", "img", "--features_dir", str(world["root"] / "feats"), "--out", str(out),
+                      "--size", str(TILE), "--no-progress", *extra])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_rows_and_stats_match_numpy(ties):
+    rng = np.random.default_rng(1)
+    x = make_codes(rng, n=300, d=40)
+    if ties:
+        x = np.ceil(x)  # many equal activations: lower rows first
+    cols = FeatureColumns.from_codes(SparseCodes.from_dense(x))
+    rows, vals = cols.top(TOP)
+    ref_rows, ref_vals = ref_top(x)
+    for j in range(x.shape[1]):
+        k = len(ref_rows[j])
+        assert rows[j, :k].tolist() == ref_rows[j] and (rows[j, k:] == -1).all()
+        np.testing.assert_array_equal(vals[j, :k], ref_vals[j])
+    support = (x > 0).sum(0)
+    np.testing.assert_array_equal(cols.support, support)
+    np.testing.assert_allclose(cols.mass, x.astype(np.float64).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(cols.freq, support / 300)
+    np.testing.assert_allclose(cols.mean_active, x.sum(0) / np.maximum(support, 1), rtol=1e-5)
+    np.testing.assert_array_equal(cols.max, x.max(0))
+    h = cols.histogram(5)
+    assert sum(h["counts"]) == support[5] and h["zeros"] == 300 - support[5] and h["hi"] == x[:, 5].max()
+    assert select_features(cols, 16)[0] == [j for j in range(40) if support[j] >= 16]
+    assert select_features(cols, 0)[0] == [j for j in range(40) if support[j] > 0]
+
+
+def test_top_rows_of_empty_codes():
+    cols = FeatureColumns.from_codes(SparseCodes.from_dense(np.zeros((5, 3), np.float32)))
+    rows, vals = cols.top(4)
+    assert (rows == -1).all() and (vals == 0).all() and select_features(cols, 1)[0] == []
+
+
+def test_grid_layout():
+    tiles = [Image.new("RGB", (10, 5), PALETTE[t + 1]) for t in range(7)] + [None]
+    g = make_grid(tiles, size=10)
+    assert g.size == (30, 30)
+    a = np.asarray(g)
+    assert tuple(a[2 + 2, 5]) == PALETTE[1] and tuple(a[0, 5]) == (255, 255, 255)  # centred, white margin
+    assert tuple(a[10 + 5, 10 + 5]) == PALETTE[5]
+    assert tuple(a[20 + 5, 10 + 2]) == (200, 200, 200)  # unreadable: grey
+    assert tuple(a[25, 25]) == (255, 255, 255)  # missing: white
+    assert preview_stem(12, 1234.5678) == "mass000001234.568_feat00012"
+    assert sorted([preview_stem(1, 99.0), preview_stem(2, 1000.0), preview_stem(3, 5.5)]) == [
+        preview_stem(3, 5.5), preview_stem(1, 99.0), preview_stem(2, 1000.0)]
+
+
+def test_image_run_grids(world, tmp_path):
+    out = tmp_path / "prev"
+    assert run_show(world, out, "--min_support", "5") == 0
+    x, ids = world["layers"][7], world["row_ids"]  # default layer: the deepest
+    support = (x > 0).sum(0)
+    ref_rows, ref_vals = ref_top(x)
+    expected = [j for j in range(D_SAE) if support[j] >= 5]
+    grids = sorted(out.glob("*.jpg"))
+    assert len(grids) == len(expected)
+    feats = json.loads((out / "features.json").read_text())
+    assert feats["layer"] == 7 and [f["index"] for f in feats["features"]] == expected
+    for f in feats["features"]:
+        j = f["index"]
+        assert f["grid"] == preview_stem(j, float(x[:, j].astype(np.float64).sum())) + ".jpg"
+        assert f["positions"] == ref_rows[j] and f["row_ids"] == [int(ids[r]) for r in ref_rows[j]]
+        np.testing.assert_allclose(f["acts"], ref_vals[j])
+        img = Image.open(out / f["grid"])
+        assert img.size == (3 * TILE, 3 * TILE)
+        assert tile_rows(img)[: len(ref_rows[j])] == f["row_ids"]  # each tile is the right dataset row
+    assert not list(out.glob("*.txt"))  # image runs: grids only
+    assert json.loads((out / "show.json").read_text())["run"] == "img"
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    serial = tmp_path / "serial"  # no worker threads: the same files
+    assert run_show(world, serial, "--min_support", "5", "--workers", "0") == 0
+    assert json.loads((serial / "features.json").read_text())["features"] == feats["features"]
+    assert all((serial / g.name).read_bytes() == g.read_bytes() for g in grids)
+
+
+def test_default_min_support_features_flag_and_rerun(world, tmp_path, capsys):
+    out = tmp_path / "prev"
+    assert run_show(world, out, "--layer", "3") == 0
+    x = world["layers"][3]
+    support = (x > 0).sum(0)
+    feats = json.loads((out / "features.json").read_text())["features"]
+    assert [f["index"] for f in feats] == [j for j in range(D_SAE) if support[j] >= 16]
+    assert "0 already there" in capsys.readouterr().out
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.jpg")}
+    assert run_show(world, out, "--layer", "3") == 0  # a rerun skips finished grids
+    assert f"0 grids written, {len(mtimes)} already there" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.jpg")} == mtimes
+    with pytest.raises(InputError, match="holds the previews of run 'img' layer 3"):
+        run_show(world, out)  # layer 7 into layer 3's folder
+    assert run_show(world, out, "--layer", "3", "--size", "12") == 0  # another size: every grid redone
+    assert f"{len(mtimes)} grids written, 0 already there" in capsys.readouterr().out
+    assert {Image.open(p).size for p in out.glob("*.jpg")} == {(36, 36)}
+
+    few = tmp_path / "few"
+    assert run_show(world, few, "--layer", "3", "--features", "1", "0", "2", "1") == 0
+    feats = json.loads((few / "features.json").read_text())["features"]
+    assert [f["index"] for f in feats] == [1, 2]  # min_support not applied, order kept, dead 0 skipped
+    assert "feature 0 never fires" in capsys.readouterr().err
+    cells = tile_rows(Image.open(few / feats[0]["grid"]))
+    ids = world["row_ids"]
+    assert cells[:3] == [int(ids[17]), int(ids[30]), int(ids[3])] and cells[3:] == [None] * 6
+    with pytest.raises(InputError, match="--features 24 is out of range"):
+        run_show(world, tmp_path / "bad", "--features", "24")
+
+
+def test_text_run_captions_and_paired_images(world, tmp_path):
+    root = tmp_path / "feats"
+    x, ids = world["layers"][7], world["row_ids"]
+    write_run(root, "txt", {7: x}, world["data"], ids, modality="text")
+    out = tmp_path / "prev"
+    assert show.main(["--run", "txt", "--features_dir", str(root), "--out", str(out), "--size", str(TILE),
+                      "--min_support", "20", "--no-progress"]) == 0
+    ref_rows, ref_vals = ref_top(x)
+    expected = [j for j in range(D_SAE) if (x[:, j] > 0).sum() >= 20]
+    txts = sorted(out.glob("*.txt"))
+    assert len(txts) == len(expected) == len(list(out.glob("*.jpg"))) and expected
+    for j in expected:
+        stem = preview_stem(j, float(x[:, j].astype(np.float64).sum()))
+        lines = (out / f"{stem}.txt").read_text().splitlines()
+        assert lines[0].startswith("#") and len(lines) == 1 + TOP
+        for r, line in enumerate(lines[1:]):
+            rank, act, row_id, cap = line.split("\t")
+            want = int(ids[ref_rows[j][r]])
+            assert (int(rank), int(row_id), cap) == (r + 1, want, caption(want))
+            assert float(act) == pytest.approx(ref_vals[j][r], rel=1e-5)
+        assert tile_rows(Image.open(out / f"{stem}.jpg")) == [int(ids[n]) for n in ref_rows[j]]
+
+
+def test_runs_without_images(world, tmp_path):
+    import datasets
+
+    x = world["layers"][7]
+    root = tmp_path / "feats"
+    write_run(root, "nodata", {7: x}, None, world["row_ids"])
+    with pytest.raises(InputError, match=r"run 'nodata' has no images to show: its run.json names no dataset"):
+        show.main(["--run", "nodata", "--features_dir", str(root), "--out", str(tmp_path / "p1"), "--no-progress"])
+    texts = datasets.Dataset.from_dict({"text": [caption(r) for r in range(N_DATASET)]})
+    texts.save_to_disk(str(tmp_path / "textonly"))
+    write_run(root, "textonly", {7: x}, tmp_path / "textonly", world["row_ids"], modality="text")
+    with pytest.raises(InputError, match=r"run 'textonly' has no images to show: .*no column 'image'"):
+        show.main(["--run", "textonly", "--features_dir", str(root), "--out", str(tmp_path / "p2"),
+                   "--no-progress"])
+    # the script: one line on stderr, exit status 2
+    proc = subprocess.run([sys.executable, str(REPO / "show.py"), "--run", "nodata", "--features_dir", str(root),
+                           "--out", str(tmp_path / "p3")], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: run 'nodata' has no images to show: its run.json names no dataset; pass --dataset (a dataset "
+        "name or folder; the original repo used --dataset coco)"]
+    with pytest.raises(InputError, match="no run 'missing'"):
+        show.main(["--run", "missing", "--features_dir", str(root)])
+
+
+def test_original_format_run_with_dataset_flag(world, tmp_path):
+    import torch
+
+    x = world["layers"][7][:, :]
+    (tmp_path / "feats" / "orig").mkdir(parents=True)
+    torch.save(torch.from_numpy(x).half(), tmp_path / "feats" / "orig" / "layer-1.pt")
+    base = ["--run", "orig", "--features_dir", str(tmp_path / "feats"), "--out", str(tmp_path / "p"),
+            "--size", str(TILE), "--features", "5", "--no-progress"]
+    with pytest.raises(InputError, match="it has no run.json"):
+        show.main(base)
+    assert show.main([*base, "--dataset", str(world["data"])]) == 0
+    f = json.loads((tmp_path / "p" / "features.json").read_text())["features"][0]
+    ref_rows, _ = ref_top(x.astype(np.float16).astype(np.float32))
+    assert f["row_ids"] == ref_rows[5]  # no row_ids: run row n is dataset row n
+    assert tile_rows(Image.open(tmp_path / "p" / f["grid"]))[: len(ref_rows[5])] == ref_rows[5]
