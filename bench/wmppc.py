@@ -1,0 +1,282 @@
+"""Benchmark: the toolkit's wMPPC against a faithful re-implementation of the original algorithm.
+
+    uv run bench/wmppc.py                       # N=20,000 rows, d_sae=6,144, k=32, 6 layers per run
+    uv run bench/wmppc.py --n_rows 2000 --d_sae 512 --layers 3 --baseline_layers 2   # a quick look
+
+1. Builds two runs A and B in the toolkit's format (csr-v1) whose codes share planted concepts, with
+   values exactly representable in fp16, and writes the layers the baseline needs in the original
+   format (dense fp16 `layerNN.pt`).
+2. Runs each method in its own subprocess (honest peak memory), after the imports:
+   - toolkit, all L x L layer pairs;
+   - toolkit, the baseline's subset of pairs;
+   - baseline (`code/wmppc.py` of the original repo: dense fp32, every target layer reloaded from disk
+     for each source layer, unbiased std + 1e-10, product / N) on the deepest `--baseline_layers`
+     source layers x the deepest `--baseline_layers` target layers. The full L x L baseline would take
+     L^2 times one pair (about 20 minutes on 2 CPU cores), so its full time is extrapolated from the
+     measured subset as (subset time) x (L^2 / subset pairs); the report says which numbers are measured.
+3. Checks that both give the same numbers to 1e-5 on what both computed (the toolkit with
+   original_scaling, i.e. correlations x (N-1)/N like the original), per pair and per feature.
+
+Peak memory is the rise of the process's peak resident set (VmHWM) above its resident set once the
+libraries are imported (the peak is reset there through /proc/self/clear_refs): importing torch alone
+costs about 0.5 GB of RSS in both processes and says nothing about either algorithm; the absolute peaks
+are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> float:
+    """Reset VmHWM to the current RSS (Linux); return the RSS in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def make_runs(work: Path, n: int, d: int, k: int, n_layers: int, seed: int = 0) -> None:
+    """Two runs whose rows share concepts: each row holds k concepts (Zipf-like popularity) with a
+    strength; every layer of every run maps concepts to its own features, replaces a layer-dependent
+    fraction of them by random features, and jitters the values. Values are fp16-exact."""
+    from sae.features import SparseCodes, write_layer, write_run_info
+
+    rng = np.random.default_rng(seed)
+    log_pop = -1.1 * np.log(np.arange(1, d + 1))[rng.permutation(d)]
+    concepts = np.empty((n, k), dtype=np.int64)
+    for r0 in range(0, n, 1000):
+        r1 = min(r0 + 1000, n)
+        keys = log_pop + rng.gumbel(size=(r1 - r0, d))
+        concepts[r0:r1] = np.argpartition(-keys, k, axis=1)[:, :k]
+    strength = rng.gamma(2.0, 1.0, (n, k)) + 0.05
+    for run, offset in (("A", 0.0), ("B", 0.1)):
+        for layer in range(n_layers):
+            noise = 0.15 + 0.5 * abs(layer / max(n_layers - 1, 1) - 0.7) + offset
+            idx = rng.permutation(d)[concepts]
+            swap = rng.random((n, k)) < noise
+            idx[swap] = rng.integers(0, d, int(swap.sum()))
+            vals = strength * rng.lognormal(0.0, 0.3, (n, k))
+            vals[swap] = rng.gamma(2.0, 1.0, int(swap.sum())) + 0.05
+            vals = np.clip(vals, 0.01, 60000).astype(np.float16).astype(np.float32)
+            order = np.argsort(idx, axis=1, kind="stable")
+            idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+            dup = np.zeros_like(swap)
+            dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
+            vals[dup] = 0  # a feature appears once per row; from_topk drops the zeros
+            write_layer(work / "toolkit" / run, layer, SparseCodes.from_topk(vals, idx, d))
+        write_run_info(work / "toolkit" / run, {"name": run, "n_rows": n, "row_ids": list(range(n)),
+                                                "layers": list(range(n_layers)), "d_sae": d, "k": k})
+
+
+def write_original_layers(work: Path, layers: dict[str, list[int]]) -> None:
+    """The baseline's input: dense fp16 [n, d] tensors `layerNN.pt`, like the original repo's."""
+    import torch
+
+    from sae.features import open_run
+
+    for run, wanted in layers.items():
+        src = open_run(work / "toolkit", run)
+        out = work / "original" / run
+        out.mkdir(parents=True, exist_ok=True)
+        for layer in wanted:
+            dense = torch.from_numpy(src.load(layer).to_dense(np.float16))
+            torch.save(dense, out / f"layer{layer:02d}.pt")
+            del dense
+
+
+# ------------------------------------------------------------------------------------------------
+# the two methods, each run in a worker subprocess
+
+
+def baseline(work: Path, src_layers: list[int], tgt_layers: list[int]) -> dict:
+    """The original wmppc.py algorithm (CEA-LIST/SAEshareConcepts code/wmppc.py), on the given layers."""
+    import torch
+
+    def all_correlations(x, y):
+        n = x.shape[0]
+        sigma_x = torch.std(x, dim=0) + 1e-10
+        sigma_y = torch.std(y, dim=0) + 1e-10
+        x_b = (x - torch.mean(x, dim=0)) / sigma_x
+        del x
+        del sigma_x
+        y_b = (y - torch.mean(y, dim=0)) / sigma_y
+        return (x_b.T @ y_b) / n
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    files_a = [work / "original" / "A" / f"layer{l:02d}.pt" for l in src_layers]
+    files_b = [work / "original" / "B" / f"layer{l:02d}.pt" for l in tgt_layers]
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    matrix, per_layer, lengths, rho_all = [], [], [], []
+    with torch.no_grad():
+        for fa in files_a:
+            t1 = torch.load(fa, map_location=device).to(torch.float32)
+            sum_a = t1.sum(axis=0, dtype=torch.float32)
+            rho_list, row = [], []
+            for fb in files_b:
+                t2 = torch.load(fb, map_location=device).to(torch.float32)
+                res = all_correlations(t1, t2)
+                del t2
+                rho = res.max(axis=1)[0]
+                rho_list.append(rho)
+                row.append(((rho * sum_a).sum() / sum_a.sum()).item())
+                del res
+            del t1
+            best = torch.vstack(rho_list).max(axis=0)[0]
+            per_layer.append(((best * sum_a).sum() / sum_a.sum()).item())
+            lengths.append(len(best))
+            matrix.append(row)
+            rho_all.append(best.cpu().numpy().astype(np.float64))
+    seconds = time.perf_counter() - t0
+    np.save(work / "baseline_rho.npy", np.stack(rho_all))
+    all_layers = float(np.sum([w * c / np.sum(lengths) for w, c in zip(lengths, per_layer)]))
+    return {"seconds": seconds, "rss_base_mb": base, "peak_mb": _status_mb("VmHWM"), "matrix": matrix,
+            "all_layers": all_layers, "last_layer": matrix[-1][-1], "device": device}
+
+
+def toolkit(work: Path, src_layers: list[int] | None, tgt_layers: list[int] | None, tag: str) -> dict:
+    from sae.compare import wmppc
+    from sae.correlation import make_engine
+    from sae.features import open_run
+
+    engine = make_engine("auto")
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    res = wmppc(open_run(work / "toolkit", "A"), open_run(work / "toolkit", "B"), source_layers=src_layers,
+                target_layers=tgt_layers, engine=engine, original_scaling=True, progress=False)
+    seconds = time.perf_counter() - t0
+    np.save(work / f"toolkit_{tag}_rho.npy", np.stack(res.rho_all_layers))
+    return {"seconds": seconds, "rss_base_mb": base, "peak_mb": _status_mb("VmHWM"),
+            "matrix": res.matrix.tolist(), "all_layers": res.all_layers, "last_layer": res.last_layer,
+            "device": engine.device, "source_layers": res.source_layers, "target_layers": res.target_layers,
+            "dead_source_features": res.dead_source_features}
+
+
+def run_worker(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"worker {args[:2]} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n_rows", type=int, default=20_000)
+    p.add_argument("--d_sae", type=int, default=6144)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--baseline_layers", type=int, default=2,
+                   help="the baseline runs the deepest B source layers x the deepest B target layers")
+    p.add_argument("--workdir", default=None, help="where to build the runs (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--worker", nargs=3, metavar=("KIND", "SRC", "TGT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        kind, src, tgt = args.worker
+        parse = lambda s: None if s == "all" else [int(v) for v in s.split(",")]  # noqa: E731
+        work = Path(args.workdir)
+        out = baseline(work, parse(src), parse(tgt)) if kind == "baseline" else \
+            toolkit(work, parse(src), parse(tgt), kind)
+        print(json.dumps(out))
+        return
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_wmppc_"))
+    work.mkdir(parents=True, exist_ok=True)
+    L, B = args.layers, min(args.baseline_layers, args.layers)
+    subset = list(range(L - B, L))
+    sub = ",".join(map(str, subset))
+    print(f"# wMPPC benchmark: N={args.n_rows} rows, d_sae={args.d_sae}, k={args.k}, {L} layers per run, "
+          f"cpu cores={os.cpu_count()}")
+    try:
+        t = time.perf_counter()
+        make_runs(work, args.n_rows, args.d_sae, args.k, L)
+        write_original_layers(work, {"A": subset, "B": subset})
+        print(f"data: built in {time.perf_counter() - t:.1f} s under {work}")
+
+        full = run_worker(["--worker", "full", "all", "all", "--workdir", str(work)])
+        part = run_worker(["--worker", "subset", sub, sub, "--workdir", str(work)])
+        base = run_worker(["--worker", "baseline", sub, sub, "--workdir", str(work)])
+    except BaseException:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    pairs_full, pairs_sub = L * L, B * B
+    print(f"device: toolkit {full['device']}, baseline {base['device']}")
+    print(f"toolkit  all {L}x{L} pairs  (measured):     {full['seconds']:8.2f} s   "
+          f"All Layers {full['all_layers']:.6f} | Last layer {full['last_layer']:.6f}")
+    print(f"toolkit  {B}x{B} subset {subset} (measured): {part['seconds']:8.2f} s")
+    print(f"baseline {B}x{B} subset {subset} (measured): {base['seconds']:8.2f} s   "
+          f"({base['seconds'] / pairs_sub:.2f} s per pair)")
+    est = base["seconds"] * pairs_full / pairs_sub
+    print(f"baseline all {L}x{L} pairs  (extrapolated = measured x {pairs_full}/{pairs_sub}): {est:8.2f} s")
+    print(f"speed-up, same {pairs_sub} pairs, both measured:            {base['seconds'] / part['seconds']:7.1f}x")
+    print(f"speed-up, all {pairs_full} pairs (baseline extrapolated):      {est / full['seconds']:7.1f}x  "
+          f"(target >= 20x)")
+
+    inc = lambda r: r["peak_mb"] - r["rss_base_mb"]  # noqa: E731
+    print(f"peak memory above imports: toolkit all pairs {inc(full):7.1f} MB, toolkit subset {inc(part):7.1f} MB, "
+          f"baseline {inc(base):7.1f} MB")
+    print(f"peak RSS (absolute):       toolkit all pairs {full['peak_mb']:7.1f} MB, toolkit subset "
+          f"{part['peak_mb']:7.1f} MB, baseline {base['peak_mb']:7.1f} MB")
+    print(f"memory ratio toolkit(all pairs)/baseline, above imports: {inc(full) / inc(base):.3f}  (target <= 0.1); "
+          f"absolute: {full['peak_mb'] / base['peak_mb']:.3f}")
+
+    # equality, on what both computed
+    m_full = np.array(full["matrix"])[np.ix_(subset, subset)]
+    m_part, m_base = np.array(part["matrix"]), np.array(base["matrix"])
+    rho_part = np.load(work / "toolkit_subset_rho.npy")
+    rho_base = np.load(work / "baseline_rho.npy")
+    diffs = {
+        "per-pair wMPPC (subset of the full run)": np.abs(m_full - m_base).max(),
+        "per-pair wMPPC (subset run)": np.abs(m_part - m_base).max(),
+        "All Layers over the subset": abs(part["all_layers"] - base["all_layers"]),
+        "Last layer": abs(full["last_layer"] - base["last_layer"]),
+        "per-feature rho over the subset": np.abs(rho_part - rho_base).max(),
+    }
+    ok = all(v <= 1e-5 for v in diffs.values())
+    for name, v in diffs.items():
+        print(f"max |toolkit - baseline| {name:42s} {v:.2e}")
+    print(f"equal to 1e-5: {'yes' if ok else 'NO'}  (toolkit with original_scaling: correlations x (N-1)/N)")
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Generalized comparative sharedness: features of M better shared with every run of G than any of H.
+
+    uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top 0.01] [--json] [--csv FILE]
+
+Delta_i = S_i (rho_iG^2 - rho_iH^2); prints the top features by Delta. Definitions: docs/comparison.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+
+
+@dataclass
+class SharednessConfig:
+    source: str | None = field(default=None, metadata={"help": "run M whose features are scored"})
+    min_group: list[str] = field(default_factory=list, metadata={
+        "help": "runs G: a feature must be shared with every one (min of the best correlations)"})
+    max_group: list[str] = field(default_factory=list, metadata={
+        "help": "runs H: a feature must be shared with none (max of the best correlations)"})
+    features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
+    layer: int | None = field(default=None, metadata={"help": "layer of M (default: its deepest)"})
+    target_layer: str = field(default="last", metadata={
+        "help": "layer of each G/H run: 'last' (deepest), an index, or 'all' (best over every layer)"})
+    top: float = field(default=0.01, metadata={"help": "fraction of M's features to print, by Delta"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
+    csv: str | None = field(default=None, metadata={"help": "also write the selected features to this CSV"})
+    original_scaling: bool = field(default=False, metadata={
+        "help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_args(parser, SharednessConfig, skip=("min_group", "max_group"))
+    # nargs="*" so that an empty group is reported by the library's one-line error
+    parser.add_argument("--min_group", nargs="*", default=[], help=SharednessConfig.__dataclass_fields__[
+        "min_group"].metadata["help"])
+    parser.add_argument("--max_group", nargs="*", default=[], help=SharednessConfig.__dataclass_fields__[
+        "max_group"].metadata["help"])
+    cfg = dataclass_from_args(SharednessConfig, parser.parse_args(argv))
+    if not cfg.source:
+        raise InputError("give --source (the run M whose features are scored)")
+
+    from sae.compare import comparative_sharedness, dumps, format_sharedness, write_sharedness_csv
+    from sae.correlation import make_engine
+    from sae.features import open_run
+
+    source = open_run(cfg.features_dir, cfg.source)
+    groups = [[open_run(cfg.features_dir, name) for name in names] for names in (cfg.min_group, cfg.max_group)]
+    result = comparative_sharedness(source, groups[0], groups[1], layer=cfg.layer,
+                                    target_layer=cfg.target_layer, top=cfg.top,
+                                    engine=make_engine(cfg.device), original_scaling=cfg.original_scaling,
+                                    progress=cfg.progress)
+    if cfg.csv:
+        write_sharedness_csv(result, cfg.csv)
+    print(dumps(result.to_json()) if cfg.json else format_sharedness(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

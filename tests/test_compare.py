@@ -1,0 +1,375 @@
+"""wMPPC, comparative sharedness and their exact sparse correlations, against float64 numpy references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae.cli import InputError
+from sae.compare import LayerLoader, comparative_sharedness, wmppc
+from sae.correlation import Budget, NumpyEngine, TorchEngine, column_stats
+from sae.features import SparseCodes, open_run, write_layer, write_run_info
+
+# ------------------------------------------------------------------------------------------------
+# helpers: data, runs on disk, float64 references
+
+
+def sparse_matrix(rng, n: int, d: int, density: float = 0.08) -> np.ndarray:
+    """Non-negative [n, d] float32 with a per-feature density around `density`."""
+    dens = rng.uniform(0.3, 1.7, d) * density
+    x = rng.gamma(2.0, 1.0, (n, d)).astype(np.float32)
+    x[rng.random((n, d)) > dens] = 0
+    return x
+
+
+def write_run(root: Path, name: str, layers: dict[int, np.ndarray], row_ids=None) -> Path:
+    n = next(iter(layers.values())).shape[0]
+    for layer, x in layers.items():
+        write_layer(root / name, layer, SparseCodes.from_dense(x))
+    write_run_info(root / name, {"name": name, "n_rows": n, "layers": sorted(layers),
+                                 "row_ids": list(range(n)) if row_ids is None else list(row_ids)})
+    return root / name
+
+
+def write_original(root: Path, name: str, layers: dict[int, np.ndarray]) -> Path:
+    """The original repo's format: dense fp16 `layerNN.pt` / `layer-1.pt` tensors."""
+    (root / name).mkdir(parents=True)
+    for layer, x in layers.items():
+        torch.save(torch.from_numpy(x).half(), root / name / f"layer{layer:02d}.pt")
+    return root / name
+
+
+def ref_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact Pearson [d_x, d_y] in float64; a constant column correlates 0."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    sx, sy = np.sqrt((xc**2).sum(0)), np.sqrt((yc**2).sum(0))
+    dead_x = sx <= 1e-6 * np.sqrt((x**2).sum(0))
+    dead_y = sy <= 1e-6 * np.sqrt((y**2).sum(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = (xc.T @ yc) / np.outer(sx, sy)
+    c[dead_x] = 0
+    c[:, dead_y] = 0
+    return c
+
+
+def ref_wmppc(a_layers: list[np.ndarray], b_layers: list[np.ndarray]) -> dict:
+    """The issue's definitions, literally."""
+    matrix = np.zeros((len(a_layers), len(b_layers)))
+    mppc = np.zeros_like(matrix)
+    per_layer, per_layer_mppc = [], []
+    for ia, x in enumerate(a_layers):
+        s = x.astype(np.float64).sum(0)
+        rhos = [ref_corr(x, y).max(1) for y in b_layers]
+        for ib, r in enumerate(rhos):
+            matrix[ia, ib] = (s * r).sum() / s.sum()
+            mppc[ia, ib] = r.mean()
+        best = np.max(rhos, axis=0)
+        per_layer.append((s * best).sum() / s.sum())
+        per_layer_mppc.append(best.mean())
+    d = np.array([x.shape[1] for x in a_layers])
+    return {"matrix": matrix, "mppc_matrix": mppc, "all": (d * per_layer).sum() / d.sum(),
+            "mppc_all": (d * per_layer_mppc).sum() / d.sum(), "last": matrix[-1, -1]}
+
+
+def original_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The original code's all_correlations (unbiased std + 1e-10, product / N), in float64."""
+    x, y = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(y.astype(np.float64))
+    n = x.shape[0]
+    xb = (x - x.mean(0)) / (x.std(0) + 1e-10)
+    yb = (y - y.mean(0)) / (y.std(0) + 1e-10)
+    return ((xb.T @ yb) / n).max(1).values.numpy()
+
+
+ENGINES = {
+    "numpy-sparse": lambda: NumpyEngine("sparse"),
+    "numpy-sparse-ragged": lambda: NumpyEngine("sparse", Budget(block_entries=64, pair_chunk=37, pad_waste=0)),
+    "numpy-sparse-padded": lambda: NumpyEngine("sparse", Budget(block_entries=64, pair_chunk=37, pad_waste=1e9)),
+    "numpy-dense": lambda: NumpyEngine("dense", Budget(block_entries=200, dense_min=1)),
+    "torch-sparse": lambda: TorchEngine("cpu", "sparse", Budget(block_entries=64, pair_chunk=37)),
+    "torch-dense": lambda: TorchEngine("cpu", "dense", Budget(block_entries=600, dense_min=1)),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# exact correlations
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_best_match_is_exact_including_dead_constant_and_negative(engine):
+    rng = np.random.default_rng(0)
+    n = 240
+    x = sparse_matrix(rng, n, 37)
+    y = sparse_matrix(rng, n, 29, density=0.15)
+    x[:, 0] = 0  # dead (never active)
+    x[:, 1] = 2.5  # dead (constant, active everywhere)
+    y[:, 2] = 0  # dead target: offers correlation 0 to everyone
+    y[:, 3] = 1.75  # constant target: dead too
+    x[:, 4] = 0
+    x[7, 4] = 3.0  # rare feature: one row
+    eng = ENGINES[engine]()
+    m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
+    c = ref_corr(x, y)
+    expected = c.max(1)
+    np.testing.assert_allclose(m.rho, expected, rtol=0, atol=1e-12)
+    alive = np.arange(37) >= 2
+    np.testing.assert_allclose(c[alive, m.best[alive]], expected[alive], rtol=0, atol=1e-12)
+    assert m.rho[0] == m.rho[1] == 0 and m.best[0] == m.best[1] == -1
+
+
+@pytest.mark.parametrize("engine", ["numpy-sparse", "numpy-sparse-ragged", "numpy-dense", "torch-sparse",
+                                    "torch-dense"])
+def test_feature_that_cooccurs_with_nothing_has_its_negative_max(engine):
+    n = 30
+    x = np.zeros((n, 3), dtype=np.float32)
+    x[:5, 0] = [1, 2, 3, 1, 2]  # rows 0-4 only
+    x[5:, 1] = np.linspace(1, 2, n - 5)
+    x[::2, 2] = 1.0
+    y = np.zeros((n, 4), dtype=np.float32)  # every target alive, none active on rows 0-4
+    y[5:15, 0] = 1
+    y[10:30, 1] = np.linspace(1, 3, 20)
+    y[20:, 2] = 2
+    y[6::3, 3] = 1
+    eng = ENGINES[engine]()
+    m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
+    expected = ref_corr(x, y).max(1)
+    assert m.rho[0] < 0 and expected[0] < 0
+    np.testing.assert_allclose(m.rho, expected, rtol=0, atol=1e-12)
+    assert m.best[0] == ref_corr(x, y)[0].argmax()
+
+
+def test_column_stats_exact_and_dead_rule():
+    rng = np.random.default_rng(1)
+    x = sparse_matrix(rng, 100, 6)
+    x[:, 0] = 0
+    x[:, 1] = 0.1  # constant: round-off variance only
+    x[:, 2] = 1000.0
+    x[3, 2] = 1000.5  # nearly constant but real: alive
+    st = column_stats(SparseCodes.from_dense(x))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(st.sums, x64.sum(0), rtol=1e-14)
+    np.testing.assert_allclose(st.css, ((x64 - x64.mean(0)) ** 2).sum(0), rtol=1e-9, atol=1e-12)
+    assert st.dead.tolist() == [True, True, False, False, False, False]
+
+
+def test_original_scaling_reproduces_the_original_formula():
+    rng = np.random.default_rng(2)
+    x, y = sparse_matrix(rng, 150, 20), sparse_matrix(rng, 150, 25)
+    x[:, 3] = 0
+    eng = NumpyEngine()
+    m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
+    np.testing.assert_allclose(m.rho * 149 / 150, original_rho(x, y), rtol=0, atol=1e-9)
+    # exact Pearson and the original differ by (N-1)/N, not more
+    np.testing.assert_allclose(m.rho, ref_corr(x, y).max(1), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# wMPPC
+
+
+def test_wmppc_matches_reference_and_orders_layers_by_index(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 200
+    a = {3: sparse_matrix(rng, n, 30), 20: sparse_matrix(rng, n, 30), 100: sparse_matrix(rng, n, 30)}
+    b = {7: sparse_matrix(rng, n, 24), 100: sparse_matrix(rng, n, 24)}
+    a[100][:, :10] = b[100][:, :10] * 2  # the deepest layers share features
+    a[20][:, 5] = 0
+    a[20][:, 6] = 3.0  # constant: dead, still weighted by its mass
+    write_run(tmp_path, "A", a)
+    write_run(tmp_path, "B", b)
+    res = wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "B"), engine=NumpyEngine())
+    ref = ref_wmppc([a[3], a[20], a[100]], [b[7], b[100]])
+    assert res.source_layers == [3, 20, 100] and res.target_layers == [7, 100]
+    np.testing.assert_allclose(res.matrix, ref["matrix"], atol=1e-12)
+    np.testing.assert_allclose(res.mppc_matrix, ref["mppc_matrix"], atol=1e-12)
+    assert res.all_layers == pytest.approx(ref["all"], abs=1e-12)
+    assert res.mppc_all_layers == pytest.approx(ref["mppc_all"], abs=1e-12)
+    assert res.last_layer == pytest.approx(ref["last"], abs=1e-12)  # layer 100 vs 100, not "layer20"
+    assert res.dead_source_features == [0, 2, 0]
+    j = res.to_json()
+    for key in ("source", "target", "all_layers", "last_layer", "source_layers", "target_layers", "matrix",
+                "mppc_all_layers", "mppc_last_layer", "n_samples", "dead_source_features"):
+        assert key in j
+    assert j["n_samples"] == n and np.shape(j["matrix"]) == (3, 2)
+
+
+def test_wmppc_reads_each_layer_once_and_engines_agree(tmp_path):
+    rng = np.random.default_rng(4)
+    a = {l: sparse_matrix(rng, 120, 16) for l in (0, 1, 2)}
+    write_run(tmp_path, "A", a)
+    results = []
+    for make in (lambda: NumpyEngine(), ENGINES["torch-sparse"], ENGINES["numpy-dense"]):
+        loader = LayerLoader(make())
+        results.append(wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "A"), engine=loader.engine,
+                             loader=loader, null=2))
+        assert sorted(loader.reads) == sorted(set(loader.reads)) and len(loader.reads) == 3
+    assert results[0].all_layers == pytest.approx(1.0)  # every feature finds itself
+    for r in results[1:]:
+        np.testing.assert_allclose(r.matrix, results[0].matrix, atol=1e-12)
+        assert r.null.all_layers == pytest.approx(results[0].null.all_layers, abs=1e-12)
+
+
+def concept_runs(rng, n: int, d: int, shared: np.ndarray, noise: float = 0.1):
+    """A [n, d]; B [n, d] whose feature perm[j] copies (with noise) A's feature j when shared[j]."""
+    a = sparse_matrix(rng, n, d, density=0.1)
+    b = sparse_matrix(rng, n, d, density=0.1)
+    perm = rng.permutation(d)
+    for j in np.flatnonzero(shared):
+        b[:, perm[j]] = a[:, j] * (1 + noise * rng.random(n)).astype(np.float32)
+    return a, b
+
+
+def test_wmppc_tracks_the_shared_activation_mass(tmp_path):
+    rng = np.random.default_rng(5)
+    n, d = 1500, 40
+    scores, masses = [], []
+    for k, n_shared in enumerate((0, 10, 20, 30, 40)):
+        shared = np.zeros(d, bool)
+        shared[rng.permutation(d)[:n_shared]] = True
+        a, b = concept_runs(rng, n, d, shared)
+        write_run(tmp_path, f"A{k}", {0: a})
+        write_run(tmp_path, f"B{k}", {0: b})
+        res = wmppc(open_run(tmp_path, f"A{k}"), open_run(tmp_path, f"B{k}"), engine=NumpyEngine(), null=3)
+        mass = a.sum(0)[shared].sum() / a.sum()
+        # shared features match at ~0.99, the others at chance level (the null baseline)
+        chance = res.null.to_json()["all_layers_mean"]
+        assert chance < 0.2
+        assert res.all_layers == pytest.approx(0.99 * mass + chance * (1 - mass), abs=0.05)
+        scores.append(res.all_layers)
+        masses.append(mass)
+    assert np.all(np.diff(scores) > 0)
+
+
+def test_null_is_seeded(tmp_path):
+    rng = np.random.default_rng(6)
+    write_run(tmp_path, "A", {0: sparse_matrix(rng, 100, 10)})
+    write_run(tmp_path, "B", {0: sparse_matrix(rng, 100, 10)})
+    runs = open_run(tmp_path, "A"), open_run(tmp_path, "B")
+    r1, r2 = (wmppc(*runs, engine=NumpyEngine(), null=3, seed=9) for _ in range(2))
+    r3 = wmppc(*runs, engine=NumpyEngine(), null=3, seed=10)
+    assert r1.null.all_layers == r2.null.all_layers != r3.null.all_layers
+    assert r1.matrix[0, 0] == r3.matrix[0, 0]
+
+
+def test_original_format_reads_like_the_toolkit_format(tmp_path):
+    rng = np.random.default_rng(7)
+    n = 150
+    layers = {l: sparse_matrix(rng, n, 20).astype(np.float16).astype(np.float32) for l in (0, 5, -1)}
+    other = {l: sparse_matrix(rng, n, 18).astype(np.float16).astype(np.float32) for l in (0, 5, -1)}
+    write_original(tmp_path / "orig", "A", layers)
+    write_original(tmp_path / "orig", "B", other)
+    res = wmppc(open_run(tmp_path / "orig", "A"), open_run(tmp_path / "orig", "B"), engine=NumpyEngine())
+    assert res.source_layers == [0, 5, -1]  # -1 is the deepest
+    ref = ref_wmppc([layers[0], layers[5], layers[-1]], [other[0], other[5], other[-1]])
+    np.testing.assert_allclose(res.matrix, ref["matrix"], atol=1e-12)
+    assert res.last_layer == pytest.approx(ref["last"], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# comparative sharedness
+
+
+def sharedness_runs(tmp_path, rng, n=1200, d=60):
+    """M's features by design: 0-5 shared with G1 and G2 but not H1/H2; 6-20 shared with everyone;
+    21-30 with G1 only; 31-40 with H1 only; the rest with no one."""
+    m = sparse_matrix(rng, n, d, density=0.1)
+    plan = {"G1": list(range(0, 31)), "G2": list(range(0, 21)),
+            "H1": list(range(6, 21)) + list(range(31, 41)), "H2": list(range(6, 21))}
+    write_run(tmp_path, "M", {11: m})
+    for name, feats in plan.items():
+        x = sparse_matrix(rng, n, d, density=0.1)
+        perm = rng.permutation(d)
+        for j in feats:
+            x[:, perm[j]] = m[:, j] * (1 + 0.1 * rng.random(n)).astype(np.float32)
+        write_run(tmp_path, name, {3: sparse_matrix(rng, n, d), 11: x})
+    return m
+
+
+def test_sharedness_selects_features_shared_with_all_of_g_and_none_of_h(tmp_path):
+    rng = np.random.default_rng(8)
+    m = sharedness_runs(tmp_path, rng)
+    run = lambda name: open_run(tmp_path, name)  # noqa: E731
+    loader = LayerLoader(NumpyEngine())
+    res = comparative_sharedness(run("M"), [run("G1"), run("G2")], [run("H1"), run("H2")],
+                                 top=0.1, engine=loader.engine, loader=loader)
+    assert sorted(res.selected.tolist()) == [0, 1, 2, 3, 4, 5]
+    assert np.all(np.diff(res.delta[res.selected]) <= 0)
+    assert len(loader.reads) == 5 and res.layer == 11
+    # the pieces are what the definition says
+    x = m.astype(np.float64)
+    rho = {g: ref_corr(m, np.asarray(run(g).load(11).to_dense())).max(1) for g in ("G1", "G2", "H1", "H2")}
+    np.testing.assert_allclose(res.rho_min_group, np.minimum(rho["G1"], rho["G2"]), atol=1e-12)
+    np.testing.assert_allclose(res.rho_max_group, np.maximum(rho["H1"], rho["H2"]), atol=1e-12)
+    np.testing.assert_allclose(res.delta, x.sum(0) * (res.rho_min_group**2 - res.rho_max_group**2), atol=1e-9)
+    # the original code started the min at 0, which ignores G: its top features are not these
+    buggy = -x.sum(0) * res.rho_max_group**2
+    assert set(np.argsort(-buggy)[:6]) != set(range(6))
+    feats = res.to_json()["features"]
+    assert [f["index"] for f in feats] == res.selected.tolist()
+    assert set(feats[0]) >= {"index", "delta", "weight", "rho_min_group", "rho_max_group"}
+    assert feats[0]["best_match"]["G1"]["layer"] == 11
+
+
+def test_sharedness_layer_choices(tmp_path):
+    rng = np.random.default_rng(9)
+    sharedness_runs(tmp_path, rng, n=300, d=60)
+    run = lambda name: open_run(tmp_path, name)  # noqa: E731
+    last = comparative_sharedness(run("M"), [run("G1")], [run("H1")], engine=NumpyEngine())
+    assert len(last.selected) == 1  # 1% of 60 features, at least one
+    every = comparative_sharedness(run("M"), [run("G1")], [run("H1")], target_layer="all", engine=NumpyEngine())
+    assert np.all(every.matches["G1"].rho >= last.matches["G1"].rho - 1e-15)
+    assert every.matches["G1"].layers == [3, 11]
+    three = comparative_sharedness(run("M"), [run("G1")], [run("H1")], target_layer="3", engine=NumpyEngine())
+    assert set(three.matches["H1"].layer.tolist()) == {3}
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_errors(tmp_path):
+    rng = np.random.default_rng(10)
+    x = sparse_matrix(rng, 50, 8)
+    write_run(tmp_path, "A", {0: x})
+    write_run(tmp_path, "short", {0: x[:40]})
+    write_run(tmp_path, "shuffled", {0: x}, row_ids=list(range(49, -1, -1)))
+    bad = x.copy()
+    rows, cols = np.nonzero(bad)
+    bad[rows[0], cols[0]] = np.nan
+    write_run(tmp_path, "nan", {0: bad})
+    write_run(tmp_path, "zero", {0: np.zeros_like(x)})
+    inf = x.copy()
+    inf[0, 0] = 1e6  # above fp16's 65504: stored as inf, like the original's overflow
+    write_original(tmp_path, "orig_inf", {-1: inf})
+    write_original(tmp_path, "orig_short", {-1: x[:45]})
+    run = lambda name: open_run(tmp_path, name)  # noqa: E731
+    eng = NumpyEngine()
+    with pytest.raises(InputError, match=r"no run 'nope' .*available: A, nan, orig_inf"):
+        run("nope")
+    with pytest.raises(InputError, match=r"'A' \(N=50\) and 'short' \(N=40\)"):
+        wmppc(run("A"), run("short"), engine=eng)
+    with pytest.raises(InputError, match=r"'orig_short' \(N=45, layer -1\) and 'A' \(N=50, layer 0\)"):
+        wmppc(run("A"), run("orig_short"), engine=eng)
+    with pytest.raises(InputError, match=r"different rows: row_ids differ first at row 0"):
+        wmppc(run("A"), run("shuffled"), engine=eng)
+    with pytest.raises(InputError, match=r"run 'nan' layer 0 holds 1 non-finite"):
+        wmppc(run("A"), run("nan"), engine=eng)
+    with pytest.raises(InputError, match=r"run 'orig_inf' layer -1 holds 1 non-finite"):
+        wmppc(run("orig_inf"), run("A"), engine=eng)
+    with pytest.raises(InputError, match=r"no activation mass"):
+        wmppc(run("zero"), run("A"), engine=eng)
+    with pytest.raises(InputError, match=r"has no layer 3; it has \[0\]"):
+        wmppc(run("A"), run("A"), source_layers=[3], engine=eng)
+    with pytest.raises(InputError, match=r"min group is empty"):
+        comparative_sharedness(run("A"), [], [run("A")], engine=eng)
+    with pytest.raises(InputError, match=r"max group is empty"):
+        comparative_sharedness(run("A"), [run("A")], [], engine=eng)
+    with pytest.raises(InputError, match=r"in both --min_group and --max_group"):
+        comparative_sharedness(run("zero"), [run("A")], [run("A")], engine=eng)
+    with pytest.raises(InputError, match=r"--top"):
+        comparative_sharedness(run("zero"), [run("A")], [run("short")], top=2, engine=eng)
+    with pytest.raises(InputError, match=r"--target_layer"):
+        comparative_sharedness(run("zero"), [run("A")], [run("short")], target_layer="deep", engine=eng)

@@ -1,0 +1,57 @@
+"""wMPPC of a source run against a target run, from their recorded SAE features.
+
+    uv run wmppc.py --source A --target B [--json] [--plot matrix.png] [--null 10]
+
+Prints `All Layers : x | Last layer : y` and the per-layer-pair matrix. Definitions: docs/comparison.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+
+
+@dataclass
+class WMPPCConfig:
+    source: str | None = field(default=None, metadata={"help": "source run A (a folder under --features_dir)"})
+    target: str | None = field(default=None, metadata={"help": "target run B"})
+    features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of the text report"})
+    plot: str | None = field(default=None, metadata={"help": "save the per-layer matrix as a heatmap (.png)"})
+    null: int = field(default=0, metadata={"help": "K random row permutations of the target for a null baseline"})
+    seed: int = field(default=0, metadata={"help": "seed of the --null permutations"})
+    source_layers: list[int] | None = field(default=None, metadata={"help": "only these layers of A"})
+    target_layers: list[int] | None = field(default=None, metadata={"help": "only these layers of B"})
+    original_scaling: bool = field(default=False, metadata={
+        "help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_args(parser, WMPPCConfig)
+    cfg = dataclass_from_args(WMPPCConfig, parser.parse_args(argv))
+    if not cfg.source or not cfg.target:
+        raise InputError("give both --source and --target (run names under --features_dir)")
+
+    from sae.compare import dumps, format_wmppc, plot_matrix, wmppc
+    from sae.correlation import make_engine
+    from sae.features import open_run
+
+    source = open_run(cfg.features_dir, cfg.source)
+    target = open_run(cfg.features_dir, cfg.target)
+    result = wmppc(source, target, source_layers=cfg.source_layers, target_layers=cfg.target_layers,
+                   engine=make_engine(cfg.device), original_scaling=cfg.original_scaling,
+                   null=cfg.null, seed=cfg.seed, progress=cfg.progress)
+    if cfg.plot:
+        plot_matrix(result, cfg.plot)
+    print(dumps(result.to_json()) if cfg.json else format_wmppc(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
