@@ -1,8 +1,13 @@
 """Generalized comparative sharedness: features of M better shared with every run of G than any of H.
 
     uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top 0.01] [--json] [--csv FILE]
+                              [--plot delta.png] [--no-save]
 
 Delta_i = S_i (rho_iG^2 - rho_iH^2); prints the top features by Delta. Definitions: docs/comparison.md.
+Unless --no-save, the results are also saved next to M for the feature browser (sae/browser.py):
+<features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json, the best match of every feature
+in each compared run, and comparisons/sharedness_L{layer:02d}.json, the full result. Only runs recorded
+by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ class SharednessConfig:
     top: float = field(default=0.01, metadata={"help": "fraction of M's features to print, by Delta"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
     csv: str | None = field(default=None, metadata={"help": "also write the selected features to this CSV"})
+    plot: str | None = field(default=None, metadata={
+        "help": "save the Delta-against-S scatter of every feature (.png; see sae/plots.py)"})
+    save: bool = field(default=True, metadata={
+        "help": "save the best matches and the result in M's comparisons/ folder"})
     original_scaling: bool = field(default=False, metadata={
         "help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
@@ -46,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.source:
         raise InputError("give --source (the run M whose features are scored)")
 
-    from sae.compare import comparative_sharedness, dumps, format_sharedness, write_sharedness_csv
+    import sys
+
+    from sae.compare import (comparative_sharedness, dumps, format_sharedness, save_sharedness, saved_message,
+                             write_sharedness_csv)
     from sae.correlation import make_engine
     from sae.features import open_run
 
@@ -58,7 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     progress=cfg.progress)
     if cfg.csv:
         write_sharedness_csv(result, cfg.csv)
+    if cfg.plot:
+        from sae.plots import plot_sharedness
+
+        plot_sharedness(result, cfg.plot)
     print(dumps(result.to_json()) if cfg.json else format_sharedness(result))
+    if cfg.save:
+        print(saved_message(*save_sharedness(result, source)), file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,12 @@
 """wMPPC of a source run against a target run, from their recorded SAE features.
 
-    uv run wmppc.py --source A --target B [--json] [--plot matrix.png] [--null 10]
+    uv run wmppc.py --source A --target B [--json] [--plot matrix.png] [--null 10] [--no-save]
 
 Prints `All Layers : x | Last layer : y` and the per-layer-pair matrix. Definitions: docs/comparison.md.
+Unless --no-save, the results are also saved next to the source run for the feature browser
+(sae/browser.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json, per source layer a, the best
+match of every feature over all of B's layers, and comparisons/wmppc__B.json, the full result. Only runs
+recorded by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ class WMPPCConfig:
     features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the text report"})
     plot: str | None = field(default=None, metadata={"help": "save the per-layer matrix as a heatmap (.png)"})
+    plot_autoscale: bool = field(default=False, metadata={
+        "help": "fit the heatmap's colour scale to the matrix (default: fixed 0..1, comparable across pairs)"})
+    save: bool = field(default=True, metadata={
+        "help": "save the best matches and the result in the source run's comparisons/ folder"})
     null: int = field(default=0, metadata={"help": "K random row permutations of the target for a null baseline"})
     seed: int = field(default=0, metadata={"help": "seed of the --null permutations"})
     source_layers: list[int] | None = field(default=None, metadata={"help": "only these layers of A"})
@@ -38,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.source or not cfg.target:
         raise InputError("give both --source and --target (run names under --features_dir)")
 
-    from sae.compare import dumps, format_wmppc, plot_matrix, wmppc
+    import sys
+
+    from sae.compare import dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
     from sae.correlation import make_engine
     from sae.features import open_run
 
@@ -48,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    engine=make_engine(cfg.device), original_scaling=cfg.original_scaling,
                    null=cfg.null, seed=cfg.seed, progress=cfg.progress)
     if cfg.plot:
-        plot_matrix(result, cfg.plot)
+        plot_matrix(result, cfg.plot, **({"vmin": None, "vmax": None} if cfg.plot_autoscale else {}))
     print(dumps(result.to_json()) if cfg.json else format_wmppc(result))
+    if cfg.save:
+        print(saved_message(*save_wmppc(result, source)), file=sys.stderr)
     return 0
 
 

@@ -173,6 +173,9 @@ class WMPPCResult:
     original_scaling: bool = False
     rho_all_layers: list[np.ndarray] = field(default_factory=list, repr=False)  # [L_A] of [d_a]
     null: NullBaseline | None = None
+    # the best match over every target layer of each source feature ([L_A] of [d_a]; rho: rho_all_layers)
+    best_feature: list[np.ndarray] = field(default_factory=list, repr=False)  # target feature, -1 for dead
+    best_layer: list[np.ndarray] = field(default_factory=list, repr=False)  # target layer holding it
 
     @property
     def all_layers(self) -> float:
@@ -252,14 +255,16 @@ def wmppc(
         layer_scores, layer_mppc = np.zeros(L_A), np.zeros(L_A)
         null_scores = np.zeros((null, L_A))
         null_last = np.zeros(null)
-        d_src, dead_src, rho_all = [], [], []
+        d_src, dead_src, rho_all, feat_all, layer_all = [], [], [], [], []
         for ia, a in enumerate(src_layers):
             src = targets[tgt_layers.index(a)] if same_run and a in tgt_layers else loader.load(source, a)
             weights = src.stats.sums
             where = f"run '{source.name}' layer {a}"
             rhos = np.zeros((L_B, src.d))
+            bests = np.zeros((L_B, src.d), dtype=np.int64)
             for ib, tgt in enumerate(targets):
-                rhos[ib] = engine.best_match(src, tgt).rho * scale
+                m = engine.best_match(src, tgt)
+                rhos[ib], bests[ib] = m.rho * scale, m.best
                 matrix[ia, ib] = weighted_mean(rhos[ib], weights, where)
                 mppc_matrix[ia, ib] = float(rhos[ib].mean())
                 bar.update()
@@ -269,6 +274,11 @@ def wmppc(
             d_src.append(src.d)
             dead_src.append(src.stats.n_dead)
             rho_all.append(best)
+            ib_best = rhos.argmax(axis=0)  # first (shallowest) target layer among ties
+            feat = bests[ib_best, np.arange(src.d)]
+            feat[src.stats.dead] = -1
+            feat_all.append(feat)
+            layer_all.append(np.asarray(tgt_layers, dtype=np.int64)[ib_best])
             for ip, perm in enumerate(perms):
                 shuffled = src.permuted(perm)
                 null_rhos = np.stack([engine.best_match(shuffled, tgt).rho * scale for tgt in targets])
@@ -282,7 +292,7 @@ def wmppc(
         n_samples=n, matrix=matrix, mppc_matrix=mppc_matrix, layer_scores=layer_scores,
         layer_mppc=layer_mppc, source_features=d_src, dead_source_features=dead_src,
         dead_target_features=[t.stats.n_dead for t in targets], original_scaling=original_scaling,
-        rho_all_layers=rho_all,
+        rho_all_layers=rho_all, best_feature=feat_all, best_layer=layer_all,
     )
     if null:
         result.null = NullBaseline(null, seed, [float(np.dot(d_src, s) / np.sum(d_src)) for s in null_scores],
@@ -312,8 +322,13 @@ def format_wmppc(result: WMPPCResult) -> str:
     return "\n".join(lines)
 
 
-def plot_matrix(result: WMPPCResult, path: str | Path) -> None:
-    """Save the per-layer wMPPC matrix as a heatmap (PNG or any format matplotlib infers from `path`)."""
+def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0.0,
+                vmax: float | None = 1.0) -> None:
+    """Save the per-layer wMPPC matrix as a heatmap (PNG or any format matplotlib infers from `path`).
+
+    The colour scale is fixed to [vmin, vmax] = [0, 1] by default so heatmaps of different pairs compare;
+    vmin = vmax = None fits it to this matrix.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,7 +336,7 @@ def plot_matrix(result: WMPPCResult, path: str | Path) -> None:
 
     L_A, L_B = result.matrix.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * L_B + 2), max(3.5, 0.45 * L_A + 1.5)))
-    im = ax.imshow(result.matrix, cmap="viridis", aspect="auto", origin="upper")
+    im = ax.imshow(result.matrix, cmap="viridis", aspect="auto", origin="upper", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(L_B), [str(b) for b in result.target_layers])
     ax.set_yticks(range(L_A), [str(a) for a in result.source_layers])
     ax.set_xlabel(f"{result.target} layer")
@@ -329,13 +344,14 @@ def plot_matrix(result: WMPPCResult, path: str | Path) -> None:
     ax.set_title(f"wMPPC {result.source} -> {result.target}\n"
                  f"all layers {result.all_layers:.3f}, last layer {result.last_layer:.3f}")
     if L_A * L_B <= 144:
-        lo, hi = float(result.matrix.min()), float(result.matrix.max())
+        lo, hi = im.get_clim()
         for ia in range(L_A):
             for ib in range(L_B):
                 v = result.matrix[ia, ib]
                 color = "k" if hi > lo and v > (lo + hi) / 2 else "w"
                 ax.text(ib, ia, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
-    fig.colorbar(im, ax=ax)
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("wMPPC")
     fig.tight_layout()
     try:
         fig.savefig(path)
@@ -343,6 +359,50 @@ def plot_matrix(result: WMPPCResult, path: str | Path) -> None:
         raise InputError(f"cannot write plot {path}: {e}") from None
     finally:
         plt.close(fig)
+
+
+def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
+    """The run's comparisons/ folder, or None and why results cannot be saved there."""
+    from sae.browser import COMPARISONS
+    from sae.features import FORMAT
+
+    if run.format != FORMAT or not (run.path / "run.json").exists():
+        return None, (f"run '{run.name}' is in the {run.format} format (no run.json); "
+                      "comparison results are saved only next to runs recorded by this toolkit")
+    return run.path / COMPARISONS, ""
+
+
+def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str]:
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/browser.py):
+
+    L{a:02d}__{target}__wmppc.json   per source layer a, every feature's best match over all target layers
+                                     (best-matches-v1: target feature, -1 for dead; its layer; rho)
+    wmppc__{target}.json             the full result (`result.to_json()`)
+
+    Returns the paths written and, when nothing could be written, why.
+    """
+    from sae.atomic import write_json
+    from sae.browser import save_best_matches
+
+    folder, why = _comparisons_dir(source)
+    if folder is None:
+        return [], why
+    paths = []
+    for ia, a in enumerate(result.source_layers):
+        paths.append(save_best_matches(
+            source.path, source=result.source, source_layer=a, target=result.target,
+            target_layers=result.target_layers, feature=result.best_feature[ia], layer=result.best_layer[ia],
+            rho=result.rho_all_layers[ia], method="wmppc", n_samples=result.n_samples))
+    full = folder / f"wmppc__{result.target}.json"
+    write_json(full, result.to_json())
+    return [*paths, full], ""
+
+
+def saved_message(paths: Sequence[Path], why: str) -> str:
+    """One line: where comparison results were saved, or why not."""
+    if not paths:
+        return f"comparison results not saved: {why}"
+    return f"comparison results saved in {paths[0].parent} ({len(paths)} files: {', '.join(p.name for p in paths)})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,3 +599,28 @@ def write_sharedness_csv(result: SharednessResult, path: str | Path) -> None:
 
 def dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2)
+
+
+def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[Path], str]:
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/browser.py):
+
+    L{layer:02d}__{run}__comp_sharedness.json   per compared run (G and H), the best match of every feature
+                                                of the source layer (best-matches-v1)
+    sharedness_L{layer:02d}.json                the full result (`result.to_json()`: Delta of the selected)
+
+    Returns the paths written and, when nothing could be written, why.
+    """
+    from sae.atomic import write_json
+    from sae.browser import save_best_matches
+
+    folder, why = _comparisons_dir(source)
+    if folder is None:
+        return [], why
+    paths = []
+    for name, m in result.matches.items():
+        paths.append(save_best_matches(
+            source.path, source=result.source, source_layer=result.layer, target=name, target_layers=m.layers,
+            feature=m.feature, layer=m.layer, rho=m.rho, method="comp_sharedness", n_samples=result.n_samples))
+    full = folder / f"sharedness_L{result.layer:02d}.json"
+    write_json(full, result.to_json())
+    return [*paths, full], ""
