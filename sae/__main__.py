@@ -1,4 +1,4 @@
-"""`python -m sae <command>`: train an SAE on an activation array, or run the embedded demo.
+"""`python -m sae <command>`: train an SAE on an activation array, or run the embedded demo (sae/demo.py).
 
     python -m sae train --activations X.npy --sae topk --k 32 --expansion_factor 8 --epochs 5 --out DIR
     python -m sae demo
@@ -31,27 +31,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Planted concepts -> TopK SAE -> metrics and how many planted directions were recovered."""
-    import numpy as np
+    from sae.demo import run_demo
 
-    from sae.sources import ActivationSource
-    from sae.synthetic import planted_activations, recovery
-    from sae.trainer import train_saes, SAESpec
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = planted_activations(n=16384, d=64, n_concepts=128, active_per_row=4, seed=args.seed)
-    np.save(out / "activations.npy", data.x)
-    print(f"generated {data.x.shape[0]} rows of planted activations (d=64, 128 concepts, 4 per row) "
-          f"in {out / 'activations.npy'}")
-    source = ActivationSource.from_npy(str(out / "activations.npy"))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=256, k=8, seed=args.seed)
-    tcfg = TrainConfig(epochs=8, batch_size=512, lr=3e-3, seed=args.seed)
-    result = train_saes(source, [SAESpec("sae", "x", cfg)], tcfg, out, progress=not args.quiet)["sae"]
-    score = recovery(data.dictionary, result.sae.W_dec.detach().cpu().numpy())
-    m = result.metrics
-    print(f"SAE written to {result.path}: FVU {m['fvu']:.3f}, cosine {m['cosine']:.3f}, L0 {m['l0']:.1f}, "
-          f"dead {m['dead_fraction']:.1%}; planted-concept recovery (mean max cosine) {score:.3f}")
+    run_demo(args.out, n_rows=args.rows, quiet=args.quiet)
     return 0
 
 
@@ -65,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sae_args(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
-    demo = sub.add_parser("demo", help="the embedded default: planted concepts, no network, no GPU")
+    demo = sub.add_parser("demo", help="the embedded default: the whole pipeline on generated data, offline, CPU")
     demo.add_argument("--out", default="demo_out", help="output directory")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rows", type=int, default=400, help="rows of the generated captioned dataset")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
