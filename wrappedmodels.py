@@ -19,7 +19,7 @@ private exception from that block's hook: deeper blocks, final norms and heads n
 
 Families (the `--model` values) and the recorded position of `--token pooled`:
 
-    ClipVision     open_clip visual tower       CLS (position 0)
+    ClipVision     open_clip visual tower       CLS (position 0); CLIP ResNets (RN50, ...): see below
     SigLIP2Vision  transformers SigLIP/SigLIP2  mean of the patch tokens (there is no CLS)
     ViT            transformers ViTModel        CLS
     DinoV2         transformers Dinov2Model     CLS
@@ -28,8 +28,15 @@ Families (the `--model` values) and the recorded position of `--token pooled`:
     Bert           transformers BertModel       [CLS]
     Deberta        transformers DebertaModel    [CLS]
 
-CLIP ResNet towers (open_clip `RN50`, ...) are not supported yet: `_open_clip_vision_tower` is the
-extension point (it must return the block list and the token layout of the tower).
+CLIP ResNet towers (open_clip `RN50`, `RN101`, ... : ModifiedResNet) are hooked after each residual
+stage and at the attention pool: 5 "blocks" = [layer1, layer2, layer3, layer4, attnpool]. A stage output
+[B, C, H, W] is presented as H*W spatial tokens [B, H*W, C] (row-major positions: an SAE trains on every
+spatial position, like patches); the attnpool output [B, D] is one token [B, 1, D]. The widths differ
+per block (RN50: 256, 512, 1024, 2048, then embed_dim 1024): `ModelInfo.widths` / `Adapter.widths` hold
+them and `d_of(layer)` returns one (`d_model` is the last block's). `--token pooled` records the mean over
+the spatial positions for a stage and the attnpool output itself for the attention pool (the mean of
+its single token); `first`/`last` are the top-left/bottom-right positions. Since the token counts differ
+per block, `EncoderOutput.masks` holds one mask per layer.
 """
 
 from __future__ import annotations
@@ -79,15 +86,22 @@ class EncoderOutput:
     """Hooked activations of one batch.
 
     hidden: {layer: [B, T, d]} residual stream after each requested block (model dtype/autocast dtype)
-    mask: [B, T] bool, True on real tokens (all image tokens; text tokens that are not padding)
+    mask: [B, T] bool, True on real tokens (all image tokens; text tokens that are not padding), for the
+        deepest requested layer
     pooled: {layer: [B, d]} the vector at the recorded position (`--token`)
     pooled_index: [B] long position of the recorded token, or None when it is a mean
+    masks: {layer: [B, T_layer]} the mask of each layer (T and d differ per layer for CLIP ResNets; for
+        the other families every layer has `mask`)
     """
 
     hidden: dict[int, Tensor]
     mask: Tensor
     pooled: dict[int, Tensor]
     pooled_index: Tensor | None
+    masks: dict[int, Tensor] | None = None
+
+    def mask_of(self, layer: int) -> Tensor:
+        return self.masks[layer] if self.masks is not None else self.mask
 
 
 def pool_tokens(hidden: Tensor, mask: Tensor, rule: str, n_prefix: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -127,9 +141,20 @@ class ModelInfo:
 
     n_blocks: int
     d_model: int
+    widths: Sequence[int] | None = None  # width of each block when they differ (CLIP ResNets)
 
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
         return resolve_layers(layers, self.n_blocks)
+
+    def d_of(self, layer: int) -> int:
+        """Width of the output of block `layer` (negatives count from the end)."""
+        return _width(self.widths, self.d_model, layer, self.n_blocks)
+
+
+def _width(widths: Sequence[int] | None, d_model: int, layer: int, n_blocks: int) -> int:
+    if widths is None:
+        return int(d_model)
+    return int(widths[resolve_layers([layer], n_blocks)[0]])
 
 
 def resolve_layers(layers: Sequence[int] | None, n_blocks: int) -> list[int]:
@@ -160,6 +185,9 @@ class Adapter:
     pooled_rule: rule of `pool_tokens` used by --token pooled.
     n_prefix: number of CLS/register tokens at the start of an image sequence (0 for text and SigLIP).
     seq_first: the blocks see [T, B, d] (old open_clip); hooked tensors are transposed to [B, T, d].
+    widths: width of each block's output when they differ (CLIP ResNets); d_model is the last one's.
+    to_tokens: turns a hooked block output into [B, T, d] (CLIP ResNets: feature maps [B, C, H, W] to
+        [B, H*W, C], the attnpool output [B, D] to [B, 1, D]); None: it already is (after seq_first).
     """
 
     model: str
@@ -177,9 +205,15 @@ class Adapter:
     n_prefix: int = 0
     seq_first: bool = False
     autocast: bool = True
+    widths: Sequence[int] | None = None
+    to_tokens: Callable[[Tensor], Tensor] | None = None
 
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
         return resolve_layers(layers, self.n_blocks)
+
+    def d_of(self, layer: int) -> int:
+        """Width of the output of block `layer` (negatives count from the end)."""
+        return _width(self.widths, self.d_model, layer, self.n_blocks)
 
     def token_rule(self, token: str) -> str:
         """The `pool_tokens` rule of a --token choice for this model."""
@@ -203,7 +237,8 @@ class Adapter:
         def make_hook(layer: int) -> Callable:
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:
                 h = output[0] if isinstance(output, (tuple, list)) else output
-                captured[layer] = h.transpose(0, 1) if self.seq_first else h
+                h = h.transpose(0, 1) if self.seq_first else h
+                captured[layer] = self.to_tokens(h) if self.to_tokens is not None else h
                 if layer == deepest:
                     raise _StopForward
 
@@ -224,13 +259,15 @@ class Adapter:
         missing = [layer for layer in layers if layer not in captured]
         if missing:
             raise RuntimeError(f"{self.model}: blocks {missing} were not run by the forward")
-        T = captured[deepest].shape[1]
         with torch.inference_mode():
-            mask = self.real_mask(batch, T).to(torch.bool)
+            masks: dict[int, Tensor] = {}
+            for T in {captured[layer].shape[1] for layer in layers}:
+                m = self.real_mask(batch, T).to(torch.bool)
+                masks.update({layer: m for layer in layers if captured[layer].shape[1] == T})
             pooled, index = {}, None
             for layer in layers:
-                pooled[layer], index = pool_tokens(captured[layer], mask, rule, self.n_prefix)
-        return EncoderOutput(captured, mask, pooled, index)
+                pooled[layer], index = pool_tokens(captured[layer], masks[layer], rule, self.n_prefix)
+        return EncoderOutput(captured, masks[deepest], pooled, index, masks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,9 +402,12 @@ def _open_clip_info(modality: str) -> Callable[[str, str | None], ModelInfo]:
     def info(name: str, _pretrained: str | None) -> ModelInfo:
         cfg = _open_clip_config(name)
         tower = cfg.get("vision_cfg" if modality == IMAGE else "text_cfg", {})
-        if modality == IMAGE and (not isinstance(tower.get("layers"), int) or "timm_model_name" in tower):
-            raise InputError(f"open_clip model '{name}' has a ResNet or timm image tower: only ViT towers are "
-                             f"supported so far (CLIP ResNets such as RN50 are a planned extension)")
+        if modality == IMAGE and "timm_model_name" in tower:
+            raise InputError(f"open_clip model '{name}' has a timm image tower: only ViT towers and CLIP "
+                             f"ResNets (RN50, ...) are supported")
+        if modality == IMAGE and isinstance(tower.get("layers"), (list, tuple)):  # ModifiedResNet
+            widths = _resnet_widths(int(tower.get("width", 64)), int(cfg["embed_dim"]))
+            return ModelInfo(n_blocks=len(widths), d_model=widths[-1], widths=widths)
         if modality == TEXT and "hf_model_name" in tower:
             raise InputError(f"open_clip model '{name}' has a Hugging Face text tower: not supported by ClipText")
         return ModelInfo(n_blocks=int(tower.get("layers", 12)), d_model=int(tower.get("width", 512)))
@@ -395,17 +435,36 @@ def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> 
     return model, preprocess
 
 
-def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[nn.ModuleList, bool, int, str]:
+def _resnet_widths(width: int, embed_dim: int) -> list[int]:
+    """Output widths of a CLIP ModifiedResNet's [layer1..layer4, attnpool] (Bottleneck expansion 4)."""
+    return [width * 4 * 2**i for i in range(4)] + [embed_dim]
+
+
+def _spatial_tokens(h: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, H*W, C] (row-major positions); [B, D] -> [B, 1, D]."""
+    if h.ndim == 4:
+        return h.flatten(2).transpose(1, 2)
+    if h.ndim == 2:
+        return h.unsqueeze(1)
+    return h
+
+
+def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[Sequence[nn.Module], bool, int, str]:
     """(blocks, seq_first, n_prefix, pooled_rule) of an open_clip image tower.
 
-    Extension point: a CLIP ResNet (open_clip ModifiedResNet) would return its stages here, with a
-    spatial token layout; it is not implemented yet.
+    ViT: the residual blocks, CLS first. CLIP ResNet (ModifiedResNet): [layer1..layer4, attnpool], no
+    prefix token, pooled = mean over the spatial positions (the attnpool output for the attention pool).
     """
+    from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
 
+    if isinstance(visual, ModifiedResNet):
+        if visual.attnpool is None:
+            raise InputError(f"open_clip model '{name}' has a ResNet tower without attention pool")
+        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4, visual.attnpool], False, 0, "mean"
     if not isinstance(visual, VisionTransformer):
         raise InputError(f"open_clip model '{name}' has a {type(visual).__name__} image tower: only ViT "
-                         f"towers are supported so far (CLIP ResNets such as RN50 are a planned extension)")
+                         f"towers and CLIP ResNets (RN50, ...) are supported")
     transformer = visual.transformer
     rule = "mean" if getattr(visual, "pool_type", "tok") == "avg" else "first"
     return transformer.resblocks, not getattr(transformer, "batch_first", True), 1, rule
@@ -434,11 +493,13 @@ def _load_clip_vision(name: str, pretrained: str | None, device: torch.device) -
     visual = model.visual
     blocks, seq_first, n_prefix, rule = _open_clip_vision_tower(visual, name)
     del model
+    resnet = info.widths is not None
     return Adapter(
         model="ClipVision", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=info.d_model,
         module=_eval(visual, device), blocks=blocks, preprocess=TorchvisionImages(preprocess),
         run=_run_visual, real_mask=_all_tokens, pooled_rule=rule, device=device,
-        n_prefix=n_prefix, seq_first=seq_first)
+        n_prefix=n_prefix, seq_first=seq_first, widths=info.widths,
+        to_tokens=_spatial_tokens if resnet else None)
 
 
 def _run_clip_text(module: nn.Module, batch: dict[str, Tensor]) -> Any:

@@ -303,8 +303,9 @@ def test_unavailable_models_fail_in_one_line(tmp_path):
         assert "\n" not in msg and len(msg) < 600
         name = spec.name if spec.model != "DinoV2" else "facebook/dinov2-base"
         assert name in msg and ("local directory" in msg)
-    with pytest.raises(InputError, match="ResNet"):
-        wm.ModelSpec("ClipVision", "RN50").info()
+    rn50 = wm.ModelSpec("ClipVision", "RN50").info()  # builtin config: no download
+    assert rn50 == wm.ModelInfo(5, 1024, [256, 512, 1024, 2048, 1024])
+    assert [rn50.d_of(l) for l in (0, 3, -1)] == [256, 2048, 1024]
     with pytest.raises(InputError, match="unknown open_clip model"):
         wm.ModelSpec("ClipVision", "no-such-arch").info()
 
@@ -322,3 +323,59 @@ def test_open_clip_builtin_name_with_checkpoint_file(tiny, tmp_path):
     b = wm.ModelSpec("ClipVision", str(tiny["open_clip"])).load("cpu")
     x = a.preprocess(_images()[:2])
     torch.testing.assert_close(a.forward(x, [2]).hidden[2], b.forward(x, [2]).hidden[2])
+
+
+# ------------------------------------------------------------------------------------ CLIP ResNet
+
+
+def build_open_clip_resnet(root: Path) -> Path:
+    """A tiny open_clip CLIP with a ModifiedResNet image tower (stages 32, 64, 128, 256 wide; embed 16)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    d = root / "tiny-open-clip-rn"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
+    return d
+
+
+def test_clip_resnet_stages_and_attnpool(tmp_path):
+    spec = wm.ModelSpec("ClipVision", str(build_open_clip_resnet(tmp_path)))
+    info = spec.info()
+    assert info == wm.ModelInfo(5, 16, [32, 64, 128, 256, 16])
+    adapter = spec.load("cpu")
+    assert adapter.n_blocks == 5 and adapter.widths == [32, 64, 128, 256, 16]
+    batch = adapter.preprocess(_images()[:3])
+    visual = adapter.module
+    with torch.inference_mode():  # open_clip's own intermediates
+        x = visual.stem(batch["pixel_values"])
+        maps = []
+        for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = stage(x)
+            maps.append(x)
+        final = visual.attnpool(x)
+        assert torch.equal(final, visual(batch["pixel_values"]))
+    calls = _calls(adapter.blocks)
+    out = adapter.forward(batch, [0, 2])
+    assert calls == [1, 1, 1, 0, 0], "stages after the deepest requested one must not run"
+    for layer, side in ((0, 8), (2, 2)):
+        h = out.hidden[layer]
+        assert h.shape == (3, side * side, adapter.d_of(layer))
+        torch.testing.assert_close(h, maps[layer].flatten(2).transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(h[:, side + 1], maps[layer][:, :, 1, 1])  # row-major positions
+        assert out.mask_of(layer).shape == (3, side * side) and out.mask_of(layer).all()
+        torch.testing.assert_close(out.pooled[layer], maps[layer].float().mean((2, 3)))
+    assert out.mask.shape == (3, 4) and out.pooled_index is None
+    out = adapter.forward(batch, [-1, 3], token="pooled")
+    assert out.hidden[4].shape == (3, 1, 16) and out.hidden[3].shape == (3, 1, 256)
+    torch.testing.assert_close(out.hidden[4][:, 0], final, rtol=0, atol=0)
+    torch.testing.assert_close(out.pooled[4], final)
+    first = adapter.forward(batch, [1], token="first")
+    torch.testing.assert_close(first.pooled[1], maps[1][:, :, 0, 0])
