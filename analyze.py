@@ -1,0 +1,387 @@
+"""Analyses of trained SAEs and recorded features: stability, joint image+text SAEs, overlap, names.
+
+    uv run analyze.py stability --sae_a A/ --sae_b B/ [--activations X.npy] [--out S.npz] [--json]
+    uv run analyze.py bridge --sae J/ --image_embeddings I.npy --text_embeddings T.npy [--top 20] [--json]
+    uv run analyze.py joint --image_embeddings I.npy --text_embeddings T.npy --out J/ [--seeds 0 1] [SAE flags]
+    uv run analyze.py overlap --run_a RN50 --run_b ViT [--k 9] [--null 5] [--json]
+    uv run analyze.py names --sae J/ --vocab_embeddings V.npy [--run R] [--top 5] [--json]
+
+Definitions and output fields: docs/analyses.md. Bad input is one line `error: ...` (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json as jsonlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+
+PER_FEATURE_JSON_LIMIT = 1024  # stability: per-feature arrays go into --json up to this many features
+
+
+def _h(text: str, **extra: Any) -> Any:
+    return {"help": text, **extra}
+
+
+@dataclass
+class Common:
+    json: bool = field(default=False, metadata=_h("print one JSON object instead of the text report"))
+    device: str = field(default="auto", metadata=_h("auto (CUDA if present), cpu or cuda[:i]"))
+    progress: bool = field(default=True, metadata=_h("progress bars on stderr"))
+
+
+@dataclass
+class StabilityArgs(Common):
+    sae_a: str | None = field(default=None, metadata=_h("SAE checkpoint folder A (cfg.json + sae.safetensors)"))
+    sae_b: str | None = field(default=None, metadata=_h("SAE checkpoint folder B (same d_in as A)"))
+    use: str = field(default="decoder", metadata=_h(
+        "match decoder rows (the paper) or encoder columns (MSAE's default)", choices=("decoder", "encoder")))
+    activations: str | None = field(default=None, metadata=_h(
+        "optional .npy [rows, d_in] of A's inputs: energy / frequency of A's features for the binned report"))
+    features_dir: str = field(default="sae_features", metadata=_h("folder of feature runs (with --run)"))
+    run: str | None = field(default=None, metadata=_h(
+        "optional feature run recorded with SAE A (instead of --activations) for energy / frequency"))
+    layer: int | None = field(default=None, metadata=_h("layer of --run (default: its deepest)"))
+    threshold: float = field(default=0.7, metadata=_h("a feature is shared when its matched cosine >= this"))
+    bins: int = field(default=10, metadata=_h("equal-count energy / frequency bins"))
+    null: bool = field(default=False, metadata=_h("also match A against a random dictionary of B's shape"))
+    seed: int = field(default=0, metadata=_h("seed of --null"))
+    batch_size: int = field(default=1024, metadata=_h("rows encoded at a time"))
+    out: str | None = field(default=None, metadata=_h(
+        "save per-feature arrays (stability, partner, energy, energy_sq, frequency) to this .npz"))
+
+
+@dataclass
+class BridgeArgs(Common):
+    sae: str | None = field(default=None, metadata=_h("joint SAE checkpoint folder"))
+    image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
+    text_embeddings: str | None = field(default=None, metadata=_h(
+        ".npy [N, d]: text embeddings, row n pairs with image n"))
+    top: int = field(default=20, metadata=_h("bridge pairs listed"))
+    eps: float = field(default=0.05, metadata=_h("modality buckets: text-only mu < eps, image-only mu > 1 - eps"))
+    batch_size: int = field(default=1024, metadata=_h("rows encoded at a time"))
+    out: str | None = field(default=None, metadata=_h("save per-concept arrays (modality, energy, ...) to this .npz"))
+
+
+@dataclass
+class JointArgs(Common):
+    image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
+    text_embeddings: str | None = field(default=None, metadata=_h(
+        ".npy [N, d]: text embeddings, row n pairs with image n"))
+    out: str | None = field(default=None, metadata=_h("output folder (one SAE, or seed<S>/ per --seeds)"))
+    seeds: list[int] | None = field(default=None, metadata=_h(
+        "train one SAE per initialisation seed in the same pass (folders seed<S>/); stability of the first "
+        "against each other is reported"))
+    image_fraction: float | None = field(default=None, metadata=_h(
+        "data diet: train on image:text rows in this proportion (default: all rows of both)"))
+    top: int = field(default=20, metadata=_h("bridge pairs listed"))
+    eps: float = field(default=0.05, metadata=_h("modality buckets: text-only mu < eps, image-only mu > 1 - eps"))
+    threshold: float = field(default=0.7, metadata=_h("stability: shared when matched cosine >= this"))
+
+
+@dataclass
+class OverlapArgs(Common):
+    run_a: str | None = field(default=None, metadata=_h("feature run A (a folder under --features_dir)"))
+    run_b: str | None = field(default=None, metadata=_h("feature run B, recorded on the same rows"))
+    features_dir: str = field(default="sae_features", metadata=_h("folder holding the runs"))
+    layer_a: int | None = field(default=None, metadata=_h("layer of A (default: its deepest)"))
+    layer_b: int | None = field(default=None, metadata=_h("layer of B (default: its deepest)"))
+    k: int = field(default=9, metadata=_h("top rows per feature (the report's top-9 grid; 16 for Fry's 4x4)"))
+    min_rows: int = field(default=1, metadata=_h("a feature is live when it fires on at least this many rows"))
+    null: int = field(default=5, metadata=_h("random row permutations of B for the null baseline (0: none)"))
+    seed: int = field(default=0, metadata=_h("seed of the null permutations"))
+    pairing: str = field(default="hungarian", metadata=_h(
+        "pairing listed in the text report (all three are in --json)", choices=("argmax", "mutual", "hungarian")))
+    top: int = field(default=20, metadata=_h("pairs listed per pairing"))
+    out: str | None = field(default=None, metadata=_h("save best matches and all pairs to this .npz"))
+
+
+@dataclass
+class NamesArgs(Common):
+    sae: str | None = field(default=None, metadata=_h("SAE checkpoint folder (trained on embeddings)"))
+    vocab: str | None = field(default=None, metadata=_h(
+        "word list, one word or phrase per line (default: vocab/default.txt of this repository)"))
+    vocab_embeddings: str | None = field(default=None, metadata=_h(
+        ".npy [V, d]: the --vocab words embedded by the text tower of the SAE's model, rows in file order"))
+    top: int = field(default=5, metadata=_h("words per feature"))
+    offset: str = field(default="none", metadata=_h(
+        "feature direction: decoder row (none) or decoder row + b_dec (MSAE's '+ mean')", choices=("none", "b_dec")))
+    center_vocab: bool = field(default=False, metadata=_h("subtract the vocabulary's mean embedding first"))
+    features_dir: str = field(default="sae_features", metadata=_h("folder of feature runs (with --run)"))
+    run: str | None = field(default=None, metadata=_h(
+        "write <features_dir>/<run>/names_layerNN.json for show.py (the run's features come from --sae)"))
+    layer: int | None = field(default=None, metadata=_h("layer of --run (default: its deepest)"))
+    out: str | None = field(default=None, metadata=_h("write the names JSON here (instead of / besides --run)"))
+    show: int = field(default=20, metadata=_h("features listed in the text report"))
+
+
+def _require(**flags: Any) -> None:
+    missing = [f"--{k}" for k, v in flags.items() if v is None]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}")
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the output is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return jsonlib.dumps(_clean(obj), indent=2, allow_nan=False)
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_stability(a: StabilityArgs) -> int:
+    from sae.checkpoint import load_sae
+    from sae.stability import code_stats, dictionary_of, format_stability, iter_codes, stability
+
+    _require(sae_a=a.sae_a, sae_b=a.sae_b)
+    if a.activations and a.run:
+        raise InputError("give --activations or --run for the feature statistics, not both")
+    sae_a, sae_b = load_sae(a.sae_a), load_sae(a.sae_b)
+    if sae_a.cfg.d_in != sae_b.cfg.d_in:
+        raise InputError(f"the SAEs have different d_in ({a.sae_a}: {sae_a.cfg.d_in}, {a.sae_b}: "
+                         f"{sae_b.cfg.d_in}); stability compares SAEs trained on the same activations")
+    stats = None
+    if a.activations:
+        from sae.bridge import load_embeddings
+
+        x = load_embeddings(a.activations, "activation")
+        stats = code_stats(iter_codes(sae_a, x, batch_size=a.batch_size, device=a.device, progress=a.progress))
+    elif a.run:
+        from sae.features import open_run
+        from sae.overlap import load_layer
+
+        layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
+        if codes.d_sae != sae_a.cfg.d_sae:
+            raise InputError(f"run '{a.run}' layer {layer} has {codes.d_sae} features, SAE A {sae_a.cfg.d_sae}")
+        stats = code_stats(codes)
+    res = stability(dictionary_of(sae_a, a.use), dictionary_of(sae_b, a.use), stats=stats, threshold=a.threshold,
+                    n_bins=a.bins, null=a.null, seed=a.seed, device=a.device, progress=a.progress)
+    summary = {"sae_a": a.sae_a, "sae_b": a.sae_b, "use": a.use, **res.summary()}
+    if a.out:
+        _save_npz(a.out, res.per_feature())
+        summary["out"] = a.out
+    if a.json:
+        if res.c_a <= PER_FEATURE_JSON_LIMIT:
+            summary["per_feature"] = {k: v for k, v in res.per_feature().items()}
+        print(dumps(summary))
+    else:
+        print(format_stability(summary))
+    return 0
+
+
+def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray]:
+    from sae.bridge import check_embeddings, load_embeddings
+
+    img = load_embeddings(a.image_embeddings, "image embeddings")
+    txt = load_embeddings(a.text_embeddings, "text embeddings")
+    check_embeddings(img, txt, paired=True)
+    return img, txt
+
+
+def cmd_bridge(a: BridgeArgs) -> int:
+    from sae.bridge import analyze_joint, format_report
+    from sae.checkpoint import load_sae
+
+    _require(sae=a.sae, image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings)
+    sae = load_sae(a.sae)
+    img, txt = _embeddings(a)
+    report = analyze_joint(sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device,
+                           progress=a.progress)
+    js = {"sae": a.sae, **report.to_json()}
+    if a.out:
+        _save_npz(a.out, report.per_concept())
+        js["out"] = a.out
+    print(dumps(js) if a.json else format_report(_clean(js), top=a.top))
+    return 0
+
+
+def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
+    from sae.bridge import analyze_joint, format_report, train_joint_saes
+    from sae.config import TrainConfig
+    from sae.stability import CodeStats, format_stability, stability
+
+    _require(image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings, out=a.out)
+    img, txt = _embeddings(a)
+    tcfg = dataclass_from_args(TrainConfig, args)
+    seeds = a.seeds if a.seeds else [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds repeats a seed: {seeds}")
+    cfgs = {}
+    for s in seeds:
+        cfg = _sae_config(args, img.shape[1], s)
+        cfg.validate()
+        cfgs[f"seed{s}" if a.seeds else ""] = cfg
+    trained = train_joint_saes(img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, progress=a.progress)
+    out: dict[str, Any] = {"out": a.out, "saes": {}}
+    reports = {}
+    for name, t in trained.items():
+        rep = analyze_joint(t.sae, img, txt, top=a.top, eps=a.eps, device=a.device, progress=a.progress)
+        reports[name] = rep
+        out["saes"][name or "sae"] = {"path": str(t.path), "metrics": t.metrics, **rep.to_json()}
+    if len(trained) > 1:
+        names = list(trained)
+        first = reports[names[0]].stats
+        stats = CodeStats(first.n_image + first.n_text, first.energy, first.energy_sq, first.frequency)
+        out["stability"] = {}
+        for other in names[1:]:
+            res = stability(trained[names[0]].sae.W_dec, trained[other].sae.W_dec, stats=stats,
+                            threshold=a.threshold, device=a.device, progress=a.progress)
+            out["stability"][f"{names[0]}_vs_{other}"] = res.summary()
+    if a.json:
+        print(dumps(out))
+    else:
+        js = _clean(out)
+        for name, rep in js["saes"].items():
+            print(f"== {name}: {rep['path']} (FVU {rep['metrics']['fvu']:.3f}, L0 {rep['metrics']['l0']:.1f})")
+            print(format_report(rep, top=min(a.top, 10)))
+        for pair, summary in out.get("stability", {}).items():
+            print(f"== stability {pair}")
+            print(format_stability(summary))
+    return 0
+
+
+def _sae_config(args: argparse.Namespace, d_in: int, seed: int):
+    try:
+        from sae.config import sae_config_from_args
+    except ImportError:  # older layout: the helpers live in sae/__main__.py
+        from sae.__main__ import sae_config_from_args
+    return sae_config_from_args(args, d_in, seed=seed)
+
+
+def _add_sae_args(parser: argparse.ArgumentParser) -> None:
+    try:
+        from sae.config import add_sae_args
+    except ImportError:
+        from sae.__main__ import add_sae_args
+    add_sae_args(parser)
+
+
+def cmd_overlap(a: OverlapArgs) -> int:
+    from sae.features import open_run
+    from sae.overlap import check_same_rows, format_overlap, load_layer, overlap_analysis
+
+    _require(run_a=a.run_a, run_b=a.run_b)
+    if a.null < 0:
+        raise InputError(f"--null must be >= 0 (got {a.null})")
+    run_a, run_b = open_run(a.features_dir, a.run_a), open_run(a.features_dir, a.run_b)
+    la, ca = load_layer(run_a, a.layer_a)
+    lb, cb = load_layer(run_b, a.layer_b)
+    check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows)
+    res = overlap_analysis(ca, cb, k=a.k, null=a.null, seed=a.seed, min_rows=a.min_rows, progress=a.progress)
+    res.extra.update(run_a=a.run_a, layer_a=la, run_b=a.run_b, layer_b=lb)
+    js = res.to_json(top=a.top)
+    if a.out:
+        _save_npz(a.out, res.arrays())
+        js["out"] = a.out
+    print(dumps(js) if a.json else format_overlap(_clean(js), method=a.pairing, top=a.top))
+    return 0
+
+
+def cmd_names(a: NamesArgs) -> int:
+    from sae.checkpoint import load_sae
+    from sae.naming import DEFAULT_VOCAB, feature_directions, load_vocab, name_features, names_path, write_names
+
+    _require(sae=a.sae)
+    if a.vocab_embeddings is None:
+        raise InputError("give --vocab_embeddings V.npy: the --vocab words embedded by the text tower of the SAE's "
+                         "model, one row per word in file order (sae.naming.embed_vocab makes it from any "
+                         "text-tower function)")
+    if a.top < 1:
+        raise InputError(f"--top must be at least 1 (got {a.top})")
+    sae = load_sae(a.sae)
+    words = load_vocab(a.vocab or DEFAULT_VOCAB)
+    from sae.bridge import load_embeddings
+
+    V = np.asarray(load_embeddings(a.vocab_embeddings, "vocabulary embeddings"))
+    targets = []
+    if a.run:
+        from sae.features import open_run
+
+        run = open_run(a.features_dir, a.run)
+        layer = run.layers[-1] if a.layer is None else a.layer
+        if layer not in run.layers:
+            raise InputError(f"run '{a.run}' has no layer {layer}; it has {run.layers}")
+        d = run.load(layer).d_sae
+        if d != sae.cfg.d_sae:
+            raise InputError(f"run '{a.run}' layer {layer} has {d} features, the SAE {sae.cfg.d_sae}")
+        targets.append(names_path(a.features_dir, a.run, layer))
+    if a.out:
+        targets.append(Path(a.out))
+    names = name_features(feature_directions(sae, a.offset), V, words, a.top, center_vocab=a.center_vocab,
+                          device=a.device, progress=a.progress)
+    mapping = names.to_json()
+    for path in targets:
+        try:
+            write_names(path, mapping)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e}") from None
+    if a.json:
+        print(dumps({"sae": a.sae, "vocab": str(a.vocab or DEFAULT_VOCAB), "n_words": len(words), "offset": a.offset,
+                     "written": [str(p) for p in targets], "names": mapping}))
+    else:
+        for p in targets:
+            print(f"names of {len(mapping)} features written to {p}")
+        for f in range(min(a.show, len(mapping))):
+            print(f"{f:>6}  " + ", ".join(f"{w} ({c:.2f})" for w, c in mapping[str(f)]))
+    return 0
+
+
+COMMANDS = {
+    "stability": (StabilityArgs, "match the features of two SAEs (Hungarian on cosine); stability vs energy"),
+    "bridge": (BridgeArgs, "modality scores, energy and the Bridge Score of a joint image+text SAE"),
+    "joint": (JointArgs, "train a joint image+text SAE (or one per seed), then the bridge report"),
+    "overlap": (OverlapArgs, "top-k row overlap between the features of two runs, with a null and pairings"),
+    "names": (NamesArgs, "name the features of an embedding-space SAE by their nearest vocabulary words"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "joint":
+            add_dataclass_args(p, cls, skip=("device",))  # --device comes with the training flags
+            _add_sae_args(p)
+        else:
+            add_dataclass_args(p, cls)
+    args = parser.parse_args(argv)
+    cls = COMMANDS[args.command][0]
+    cfg = dataclass_from_args(cls, args)
+    if args.command == "joint":
+        return cmd_joint(cfg, args)
+    return {"stability": cmd_stability, "bridge": cmd_bridge, "overlap": cmd_overlap,
+            "names": cmd_names}[args.command](cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
