@@ -2,23 +2,28 @@
 
 Pages, in the preview folder show.py writes (sae/previews.py):
 
-    index.html              one table row per shown feature: grid thumbnail, support, firing frequency,
-                            mean activation (over the rows where it fires), max, mass S, comparative
-                            sharedness Delta (where a sharedness file exists), the best-matching feature
-                            in each compared run with its correlation, the top row's caption.
+    index.html              one table row per shown feature: grid thumbnail (hover: full size), concept
+                            names (where the run has a names file, sae/naming.py), support, firing
+                            frequency, mean activation (over the rows where it fires), max, mass S,
+                            comparative sharedness Delta (where a sharedness result exists), the
+                            best-matching feature in each compared run ("L1 #142 ρ=0.166": target layer,
+                            feature, correlation), the top row's caption.
                             Click a header to sort (numbers: descending first; click again to flip);
-                            type in the box to filter rows by text (feature index, captions, run names).
-                            The URL hash keeps the state: index.html#sort=freq:desc&filter=red
-    features/f{i:05d}.html  the grid, the top rows with activations and captions, a histogram of the
-                            feature's activations (inline SVG), and links to its matches in other runs
+                            type in the box to filter rows by text (feature index, names, captions, run
+                            names). The URL hash keeps the state: index.html#sort=freq:desc&filter=red
+    features/f{i:05d}.html  the names with their cosines, the grid, the top rows with activations and
+                            captions, a histogram of the feature's activations (inline SVG), and a table
+                            of its matches in other runs, linked to their pages
 
 Everything is inline (CSS, JS, SVG); images are relative links to the grid JPEGs.
 
-Comparison results live next to the run, in `<features_dir>/<run>/comparisons/*.json`. Two layouts are
-read (files with another `source`, or another source layer than the one shown, are ignored):
+Comparison results live next to the run, in `<features_dir>/<run>/comparisons/*.json`. Read (files for
+another source layer are skipped quietly; files for another source run, or not recognised, are listed
+as ignored on the index page):
 
-1. best matches, one file per (source layer, target run); `save_best_matches` writes it, as
-   `comparisons/L{source_layer:02d}__{target}__{method}.json`:
+1. best matches, one file per (source layer, target run, method); `save_best_matches` writes it, as
+   `comparisons/L{source_layer:02d}__{target}__{method}.json` (wmppc.py: the best over every target
+   layer; comp_sharedness.py: over its compared layers, by default the target's last):
 
        {"format": "best-matches-v1", "method": "wmppc" | "comp_sharedness" | ...,
         "source": "<run>", "source_layer": 11, "target": "<other run>", "target_layers": [11],
@@ -27,12 +32,18 @@ read (files with another `source`, or another source layer than the one shown, a
         "layer":   [d_source ints],    target layer holding it
         "rho":     [d_source floats]}  its Pearson correlation
 
-2. the JSON that `comp_sharedness.py --json` prints, saved as is (e.g. `comparisons/sharedness.json`):
+2. the JSON that `comp_sharedness.py --json` prints (also saved as `comparisons/sharedness_L{layer:02d}.json`):
    its `features` list gives Delta and the best match in every G and H run, for the selected features.
 
-When both give a match for the same target and layers, the full best-matches file wins. Matches link to
-the other run's feature page when that run's previews sit beside this one (`<out>/../<target>/`, with
-the same layer in its show.json); otherwise they are plain text.
+3. wmppc.py's full result, `comparisons/wmppc__{target}.json`: its run-level scores (all layers, last
+   layer) are shown above the table.
+
+One index column per (target run, target layers): the best match over the same layers is the same
+whatever the method, so such files merge into one column (a full best-matches file beats the selected
+features of a sharedness file); a target compared over different layers (wMPPC over all, sharedness
+over the last) gets one column each, labelled with the method and the layers. Matches link to the other
+run's feature page when that run's previews sit beside this one (`<out>/../<target>/`, with the same
+layer in its show.json); otherwise they are plain text.
 """
 
 from __future__ import annotations
@@ -88,9 +99,13 @@ def save_best_matches(run_dir: str | Path, *, source: str, source_layer: int, ta
     return path
 
 
+METHOD_NAMES = {"wmppc": "wMPPC", "comp_sharedness": "sharedness"}
+
+
 @dataclass
 class MatchColumn:
-    """Best matches of the source features in one target run: {source feature: (layer, feature, rho)}."""
+    """Best matches of the source features in one target run, over `target_layers`:
+    {source feature: (target layer, target feature, rho)}."""
 
     target: str
     target_layers: list[int]
@@ -98,8 +113,11 @@ class MatchColumn:
     matches: dict[int, tuple[int, int, float]]
     full: bool  # every source feature covered (a best-matches file), not just selected ones
     origin: str  # file name
-    label: str = ""
-    key: str = ""
+    label: str = ""  # "<target> · <methods> · <layers>"
+    key: str = ""  # data-key of the index column
+    methods: list[str] = field(default_factory=list)  # every method whose file gave these matches
+    origins: list[str] = field(default_factory=list)  # and those files
+    layers_text: str = ""  # "all layers (0, 1, 2)" or "L2"
 
 
 @dataclass
@@ -115,18 +133,68 @@ class DeltaColumn:
 
 
 @dataclass
+class WmppcScore:
+    """The run-level scores of a full wMPPC result (`comparisons/wmppc__<target>.json`)."""
+
+    target: str
+    all_layers: float
+    last_layer: float
+    origin: str
+
+
+@dataclass
 class Comparisons:
     matches: list[MatchColumn] = field(default_factory=list)
     deltas: list[DeltaColumn] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)  # "file: why"
+    scores: list[WmppcScore] = field(default_factory=list)
+    read: list[str] = field(default_factory=list)  # files used (for the shown layer)
+    ignored: list[str] = field(default_factory=list)  # "file: why", only for files not recognised
+
+    @property
+    def any(self) -> bool:
+        return bool(self.matches or self.deltas or self.scores)
 
 
 def _key(prefix: str, name: str) -> str:
     return prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def _is_wmppc_result(obj: dict[str, Any]) -> bool:
+    """The full result wmppc.py saves as comparisons/wmppc__<target>.json (`WMPPCResult.to_json()`)."""
+    return all(k in obj for k in ("target", "matrix", "all_layers", "last_layer", "source_layers"))
+
+
+def _is_sharedness_result(obj: dict[str, Any]) -> bool:
+    """comp_sharedness.py --json output, also saved as comparisons/sharedness_L{layer:02d}.json."""
+    return all(k in obj for k in ("features", "min_group", "max_group"))
+
+
+def _run_layers(features_dir: Path, run: str) -> list[int] | None:
+    """The layers recorded for `run` beside the source run, None when it is not there."""
+    from sae.features import FeatureRun
+
+    path = features_dir / run
+    try:
+        return FeatureRun(path).layers if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _layers_text(layers: list[int], run_layers: list[int] | None) -> str:
+    if not layers:
+        return "layers ?"
+    listed = ", ".join(map(str, layers))
+    if len(layers) > 1:
+        return f"all layers ({listed})" if run_layers is not None and layers == run_layers else f"layers {listed}"
+    return f"L{layers[0]}" + (" (last)" if run_layers and layers[0] == run_layers[-1] and len(run_layers) > 1 else "")
+
+
 def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
-    """Read <run_dir>/comparisons/*.json for source `run` at `layer` (see the module docstring)."""
+    """Read <run_dir>/comparisons/*.json for source `run` at `layer` (see the module docstring).
+
+    Files of this toolkit for another source layer are skipped quietly; files it does not recognise, or
+    written for another source run, are listed in `ignored`.
+    """
     out = Comparisons()
     folder = Path(run_dir) / COMPARISONS
     if not folder.is_dir():
@@ -151,7 +219,13 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
                  and r is not None}
             out.matches.append(MatchColumn(obj["target"], list(obj.get("target_layers") or []),
                                            obj.get("method", "?"), m, True, path.name))
-        elif "features" in obj and "min_group" in obj and "max_group" in obj:  # comp_sharedness --json
+        elif _is_wmppc_result(obj):  # run-level scores; its per-feature matches are in the L..__wmppc files
+            if layer in obj.get("source_layers", []):
+                out.scores.append(WmppcScore(str(obj["target"]), float(obj["all_layers"]), float(obj["last_layer"]),
+                                             path.name))
+            else:
+                continue
+        elif _is_sharedness_result(obj):
             if obj.get("layer") is not None and int(obj["layer"]) != layer:
                 continue
             feats = obj["features"]
@@ -169,19 +243,31 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
                 out.matches.append(MatchColumn(target, lay if isinstance(lay, list) else [], "comp_sharedness",
                                                per_run.get(target, {}), False, path.name))
         else:
-            out.ignored.append(f"{path.name}: neither a {MATCH_FORMAT} file nor comp_sharedness --json output")
-    # one column per (target, layers): a full best-matches file beats the selected features of a sharedness file
-    best: dict[tuple[str, tuple[int, ...]], MatchColumn] = {}
+            out.ignored.append(f"{path.name}: not a comparison result of this toolkit ({MATCH_FORMAT}, "
+                               "wmppc.py or comp_sharedness.py output)")
+            continue
+        out.read.append(path.name)
+    # one column per (target, layers): the best match over the same layers is the same whatever the method,
+    # so such columns merge; a full best-matches file beats the selected features of a sharedness file
+    groups: dict[tuple[str, tuple[int, ...]], list[MatchColumn]] = {}
     for col in out.matches:
-        k = (col.target, tuple(col.target_layers))
-        if k not in best or (col.full, len(col.matches)) > (best[k].full, len(best[k].matches)):
-            best[k] = col
-    out.matches = sorted(best.values(), key=lambda c: (c.target, c.target_layers))
-    targets = [c.target for c in out.matches]
-    for c in out.matches:
-        where = f" L{','.join(map(str, c.target_layers))}" if targets.count(c.target) > 1 else ""
-        c.label = f"{c.target}{where}"
-        c.key = _key("rho_", c.label)
+        groups.setdefault((col.target, tuple(col.target_layers)), []).append(col)
+    merged = []
+    for cols in groups.values():
+        best = max(cols, key=lambda c: (c.full, len(c.matches)))
+        best.methods = sorted({c.method for c in cols}, key=lambda m: (m != best.method, m))
+        best.origins = [best.origin, *sorted({c.origin for c in cols} - {best.origin})]
+        merged.append(best)
+    features_dir = Path(run_dir).parent
+    merged.sort(key=lambda c: (c.target, -len(c.target_layers), c.target_layers))
+    per_target = [c.target for c in merged]
+    for c in merged:
+        c.layers_text = _layers_text(c.target_layers, _run_layers(features_dir, c.target))
+        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
+        c.label = f"{c.target} · {methods} · {c.layers_text}"
+        c.key = (_key("rho_", c.target) if per_target.count(c.target) == 1 else
+                 _key("rho_", f"{c.target}_{'+'.join(c.methods)}_L{'-'.join(map(str, c.target_layers))}"))
+    out.matches = merged
     for n, d in enumerate(out.deltas):
         d.label = "Δ" if len(out.deltas) == 1 else f"Δ{n + 1}"
         d.key = "delta" if len(out.deltas) == 1 else f"delta{n + 1}"
@@ -191,18 +277,26 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
 # ------------------------------------------------------------------------------------------------
 # HTML
 
+THUMB = 120  # px: index thumbnails; hovering one shows the grid at its full size
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
 table{border-collapse:collapse;font-size:13px}
 th,td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:middle}
 td.t,th.t{text-align:left;max-width:32em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-th{background:#f3f3f3;position:sticky;top:0;cursor:pointer;user-select:none}
+td.names{max-width:16em}
+th{background:#f3f3f3;position:sticky;top:0;z-index:1;cursor:pointer;user-select:none}
+th small{display:block;font-weight:normal;color:#555}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
-tr:hover td{background:#fafaf0} img.thumb{width:60px;height:60px;display:block}
+tr:hover td{background:#fafaf0} img.thumb{width:THUMBpx;height:THUMBpx;display:block}
+.tablewrap{overflow:auto;max-height:calc(100vh - 2em);border:1px solid #ddd}
+#zoom{position:fixed;pointer-events:none;border:1px solid #888;background:#fff;box-shadow:0 2px 8px #0004;z-index:5}
 #filter{font-size:15px;padding:4px;width:24em} .muted{color:#888} .sel{font-weight:bold}
 nav a{margin-right:1em} .stats td:first-child{text-align:left;color:#555}
-"""
+table.matches td,table.names td,table.matches th,table.names th{text-align:left}
+td.m{white-space:nowrap}
+details{margin:.5em 0} summary{cursor:pointer}
+""".replace("THUMB", str(THUMB))
 
 INDEX_JS = r"""
 (function(){
@@ -250,6 +344,18 @@ INDEX_JS = r"""
   }
   heads.forEach(th => { if (th.dataset.key) th.addEventListener('click', () => sortBy(th)); });
   input.addEventListener('input', () => { applyFilter(); saveHash(); });
+  // hovering a thumbnail shows its grid at full size beside the pointer
+  const zoom = document.getElementById('zoom');
+  table.addEventListener('mousemove', e => {
+    const t = e.target.closest && e.target.closest('img.thumb');
+    if (!t) { zoom.hidden = true; return; }
+    if (zoom.getAttribute('src') !== t.getAttribute('src')) zoom.src = t.src;
+    zoom.hidden = false;
+    const w = zoom.offsetWidth || 300, h = zoom.offsetHeight || 300;
+    zoom.style.left = Math.min(e.clientX + 24, innerWidth - w - 8) + 'px';
+    zoom.style.top = Math.max(8, Math.min(e.clientY - h / 2, innerHeight - h - 8)) + 'px';
+  });
+  table.addEventListener('mouseleave', () => { zoom.hidden = true; });
   const h = new URLSearchParams(location.hash.slice(1));
   if (h.get('filter') !== null) input.value = h.get('filter');
   applyFilter();
@@ -295,25 +401,38 @@ def feature_page_name(index: int) -> str:
     return f"f{index:05d}.html"
 
 
-def histogram_svg(hist: dict[str, Any], width: int = 420, height: int = 140) -> str:
-    """Inline SVG bar chart of hist {lo, hi, counts, zeros} (non-zero activations only)."""
+def histogram_svg(hist: dict[str, Any], width: int = 640, height: int = 260) -> str:
+    """Inline SVG bar chart of hist {lo, hi, counts, zeros}: the non-zero activations, from the feature's
+    smallest to its largest, one bar per non-empty bin; axes with ticks and labels."""
     counts = hist["counts"]
+    lo, hi = float(hist["lo"]), float(hist["hi"])
     top = max(max(counts, default=0), 1)
-    left, bottom, plot_w, plot_h = 44, 28, width - 54, height - 40
+    left, right, above, below = 56, 16, 12, 46
+    plot_w, plot_h = width - left - right, height - above - below
+    base = above + plot_h
     bw = plot_w / max(len(counts), 1)
+    step = (hi - lo) / max(len(counts), 1)
     bars = "".join(
-        f'<rect x="{left + k * bw:.1f}" y="{10 + plot_h - c / top * plot_h:.1f}" width="{max(bw - 1, 1):.1f}" '
-        f'height="{c / top * plot_h:.1f}" fill="#4a78c2"><title>{c} rows</title></rect>'
+        f'<rect x="{left + k * bw:.1f}" y="{base - c / top * plot_h:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{c / top * plot_h:.1f}" fill="#4a78c2"><title>{_num(lo + k * step)} to '
+        f'{_num(lo + (k + 1) * step)}: {c} rows</title></rect>'
         for k, c in enumerate(counts) if c)
-    axis = (f'<line x1="{left}" y1="{10 + plot_h}" x2="{left + plot_w}" y2="{10 + plot_h}" stroke="#333"/>'
-            f'<line x1="{left}" y1="10" x2="{left}" y2="{10 + plot_h}" stroke="#333"/>'
-            f'<text x="{left - 4}" y="16" text-anchor="end" font-size="10">{top}</text>'
-            f'<text x="{left - 4}" y="{10 + plot_h}" text-anchor="end" font-size="10">0</text>'
-            f'<text x="{left}" y="{height - 14}" font-size="10">{_num(hist["lo"])}</text>'
-            f'<text x="{left + plot_w}" y="{height - 14}" text-anchor="end" font-size="10">{_num(hist["hi"])}</text>'
-            f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="11">activation</text>'
-            f'<text x="10" y="{10 + plot_h / 2}" font-size="11" transform="rotate(-90 10 {10 + plot_h / 2})" '
-            f'text-anchor="middle">rows</text>')
+    ticks = []
+    for t in range(5):  # x: 5 ticks from lo to hi
+        x = left + t * plot_w / 4
+        ticks.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#333"/>'
+                     f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle" font-size="11">'
+                     f'{_num(lo + t * (hi - lo) / 4)}</text>')
+    for v in sorted({0, (top + 1) // 2, top}):  # y: 0, half, max count
+        y = base - v / top * plot_h
+        ticks.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+                     f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v}</text>')
+    axis = (f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>'
+            f'<line x1="{left}" y1="{above}" x2="{left}" y2="{base}" stroke="#333"/>' + "".join(ticks)
+            + f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="12">'
+              f'activation (rows where the feature fires)</text>'
+              f'<text x="14" y="{above + plot_h / 2}" font-size="12" transform="rotate(-90 14 {above + plot_h / 2})" '
+              f'text-anchor="middle">rows</text>')
     return (f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'role="img" aria-label="histogram of activations">{axis}{bars}</svg>')
 
@@ -343,15 +462,24 @@ class _Links:
         return "../" * (depth + 1) + f"{run}/features/{feature_page_name(feature)}"
 
 
+def match_text(layer: int, feature: int, rho: float) -> str:
+    """'L1 #142 ρ=0.166': the target layer, the feature and its correlation."""
+    return f"L{layer} #{feature} ρ={rho:.3f}"
+
+
 def _match_cell(col: MatchColumn, i: int, links: _Links, depth: int) -> tuple[str, str]:
     """(data-v, inner html) of a match cell."""
     if i not in col.matches:
         return "", '<span class="muted">–</span>'
     b, j, r = col.matches[i]
-    label = f"#{j} ρ={r:.3f}"
+    label = match_text(b, j, r)
     href = links.page(col.target, b, j, depth)
     inner = f'<a href="{_e(href)}">{_e(label)}</a>' if href else _e(label)
     return f"{r:.6f}", inner
+
+
+def _names_text(names: list[Any] | None, k: int = 3) -> str:
+    return ", ".join(str(w) for w, _ in (names or [])[:k])
 
 
 def write_browser(result: ShowResult, run_dir: str | Path | None = None,
@@ -377,44 +505,73 @@ def _header(man: dict[str, Any]) -> str:
             f'd_sae {man["d_sae"]}')
 
 
+def _comparisons_note(comps: Comparisons) -> str:
+    """wMPPC scores in one line, then the files read (and those not recognised) folded away."""
+    if not comps.any and not comps.ignored:
+        return '<p class="muted">No comparison results next to this run (see docs/show.md).</p>'
+    parts = []
+    if comps.scores:
+        parts.append("<p>wMPPC of this run against " + "; ".join(
+            f"<b>{_e(s.target)}</b>: all layers {s.all_layers:.3f}, last layer {s.last_layer:.3f}"
+            for s in sorted(comps.scores, key=lambda s: s.target)) + "</p>")
+    items = "".join(f"<li><code>{_e(f)}</code></li>" for f in comps.read)
+    items += "".join(f'<li class="muted">ignored {_e(x)}</li>' for x in comps.ignored)
+    n_ign = f", {len(comps.ignored)} ignored" if comps.ignored else ""
+    parts.append(f"<details class=\"comps\"><summary>Comparison results: {len(comps.read)} files read from "
+                 f"<code>comparisons/</code>{n_ign}</summary><ul>{items}</ul></details>")
+    return "".join(parts)
+
+
 def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview], comps: Comparisons,
                  links: _Links) -> None:
-    heads = [("index", "num", "feature", ""), ("", "", "top rows", ""),
-             ("support", "num", "support", "rows where the feature fires"),
-             ("freq", "num", "freq", "firing frequency: support / rows"),
-             ("mean", "num", "mean act", "mean activation over the rows where it fires"),
-             ("max", "num", "max act", "largest activation"),
-             ("mass", "num", "mass S", "sum of the activations over all rows")]
+    has_names = any(p.names for p in previews)
+    # (data-key, type, label, small second line, tooltip)
+    heads = [("index", "num", "feature", "", ""), ("", "", "top rows", "", "hover: full size")]
+    if has_names:
+        heads.append(("names", "txt", "names", "", ("concept names: the vocabulary words nearest the feature's "
+                                                   "decoder direction (sae/naming.py), best first")))
+    heads += [("support", "num", "support", "", "rows where the feature fires"),
+              ("freq", "num", "freq", "", "firing frequency: support / rows"),
+              ("mean", "num", "mean act", "", "mean activation over the rows where it fires"),
+              ("max", "num", "max act", "", "largest activation"),
+              ("mass", "num", "mass S", "", "sum of the activations over all rows")]
     for d in comps.deltas:
-        heads.append((d.key, "num", d.label, f"comparative sharedness Delta, G = {' '.join(d.min_group)}, "
-                                              f"H = {' '.join(d.max_group)} ({d.origin}); blank: not selected"))
+        heads.append((d.key, "num", d.label, "sharedness", (f"comparative sharedness Delta, G = {' '.join(d.min_group)}"
+                      f", H = {' '.join(d.max_group)} ({d.origin}); blank: not selected")))
     for c in comps.matches:
-        heads.append((c.key, "num", f"best in {c.label}", f"best-matching feature of {c.target} (layers "
-                                                           f"{c.target_layers or '?'}) and its correlation, "
-                                                           f"from {c.origin}"))
-    heads.append(("caption", "txt", "top caption", "caption of the top row"))
-    th = "".join(f'<th data-key="{_e(k)}" data-type="{t}" title="{_e(tip)}"'
-                 + (' class="t"' if t == "txt" else "") + f">{_e(label)}</th>" if k else f"<th>{_e(label)}</th>"
-                 for k, t, label, tip in heads)
+        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
+        heads.append((c.key, "num", f"best in {c.target}", f"{methods} · {c.layers_text}",
+                      (f"best-matching feature of {c.target} over its layers {c.target_layers or '?'}: target layer, "
+                       f"feature and correlation; from {', '.join(c.origins)}")))
+    heads.append(("caption", "txt", "top caption", "", "caption of the top row"))
+    th = "".join(
+        (f'<th data-key="{_e(k)}" data-type="{t}" title="{_e(tip)}"' + (' class="t"' if t == "txt" else "") + ">"
+         if k else f'<th title="{_e(tip)}">') + _e(label) + (f"<small>{_e(sub)}</small>" if sub else "") + "</th>"
+        for k, t, label, sub, tip in heads)
     body_rows = []
     for p in previews:
         page = f"features/{feature_page_name(p.index)}"
         cells = [f'<td data-v="{p.index}"><a href="{page}">{p.index}</a></td>',
-                 f'<td><a href="{page}"><img class="thumb" loading="lazy" src="{_e(p.grid)}" alt="feature {p.index}">'
-                 f"</a></td>",
-                 f'<td data-v="{p.support}">{p.support}</td>',
-                 f'<td data-v="{p.freq:.9g}">{p.freq:.2%}</td>' if p.freq >= 1e-4 else
-                 f'<td data-v="{p.freq:.9g}">{p.freq:.2e}</td>',
-                 f'<td data-v="{p.mean:.9g}">{_num(p.mean)}</td>',
-                 f'<td data-v="{p.max:.9g}">{_num(p.max)}</td>',
-                 f'<td data-v="{p.mass:.9g}">{_num(p.mass)}</td>']
+                 (f'<td><a href="{page}"><img class="thumb" loading="lazy" src="{_e(p.grid)}" '
+                  f'alt="feature {p.index}"></a></td>')]
         words = [str(p.index)]
+        if has_names:
+            names = _names_text(p.names)
+            tip = ", ".join(f"{w} ({c:.3f})" for w, c in (p.names or []))
+            cells.append(f'<td class="t names" data-v="{_e(names)}" title="{_e(tip)}">{_e(names)}</td>')
+            words += [str(w) for w, _ in (p.names or [])]
+        cells += [f'<td data-v="{p.support}">{p.support}</td>',
+                  f'<td data-v="{p.freq:.9g}">{p.freq:.2%}</td>' if p.freq >= 1e-4 else
+                  f'<td data-v="{p.freq:.9g}">{p.freq:.2e}</td>',
+                  f'<td data-v="{p.mean:.9g}">{_num(p.mean)}</td>',
+                  f'<td data-v="{p.max:.9g}">{_num(p.max)}</td>',
+                  f'<td data-v="{p.mass:.9g}">{_num(p.mass)}</td>']
         for d in comps.deltas:
             v = d.delta.get(p.index)
             cells.append(f'<td data-v="{v:.9g}" class="sel">{_num(v)}</td>' if v is not None else '<td data-v=""></td>')
         for c in comps.matches:
             v, inner = _match_cell(c, p.index, links, 0)
-            cells.append(f'<td data-v="{v}">{inner}</td>')
+            cells.append(f'<td class="m" data-v="{v}">{inner}</td>')
             if p.index in c.matches:
                 words.append(c.target)
         cap = next((c for c in (p.captions or []) if c), "")
@@ -422,18 +579,34 @@ def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview],
         words += [c for c in (p.captions or []) if c]
         text = " ".join(words).lower()
         body_rows.append(f'<tr data-index="{p.index}" data-text="{_e(text)}">{"".join(cells)}</tr>')
-    notes = "".join(f'<li class="muted">ignored {_e(x)}</li>' for x in comps.ignored)
-    comp_note = (f"<p>Comparisons from <code>comparisons/</code>: "
-                 f"{_e(', '.join(sorted({c.origin for c in comps.matches} | {d.origin for d in comps.deltas})))}</p>"
-                 if comps.matches or comps.deltas else
-                 '<p class="muted">No comparison results next to this run (see docs/show.md).</p>')
-    body = (f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{comp_note}"
-            + (f"<ul>{notes}</ul>" if notes else "")
-            + '<p><input id="filter" type="search" placeholder="filter: feature index, caption words, run names" '
-              'autofocus> <span id="count"></span></p>'
-            + f'<table id="features"><thead><tr>{th}</tr></thead><tbody>\n'
-            + "\n".join(body_rows) + "\n</tbody></table>")
+    body = (f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{_comparisons_note(comps)}"
+            + '<p><input id="filter" type="search" placeholder="filter: feature index, '
+            + ("names, " if has_names else "") + 'caption words, run names" autofocus> <span id="count"></span></p>'
+            + f'<div class="tablewrap"><table id="features"><thead><tr>{th}</tr></thead><tbody>\n'
+            + "\n".join(body_rows) + "\n</tbody></table></div>"
+            + '<img id="zoom" hidden alt="">')
     _write(out / "index.html", _page(f"{man['run']} layer {man['layer']}: features", body, INDEX_JS))
+
+
+def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
+    """One row per compared run and set of layers: where the feature's best match is, and its correlation."""
+    rows = []
+    for c in comps.matches:
+        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
+        if p.index in c.matches:
+            b, j, r = c.matches[p.index]
+            href = links.page(c.target, b, j, 1)
+            label = f"layer {b}, feature {j}"
+            match = f'<a href="{_e(href)}">{_e(label)}</a>' if href else _e(label)
+            rho = f"{r:.3f}"
+        else:
+            match, rho = '<span class="muted">–</span>', ""
+        rows.append(f"<tr><td>{_e(c.target)}</td><td>{_e(methods)} · {_e(c.layers_text)}</td><td>{match}</td>"
+                    f"<td>{rho}</td><td class=\"muted\">{_e(', '.join(c.origins))}</td></tr>")
+    if not any(p.index in c.matches for c in comps.matches):
+        return "<p class='muted'>No comparison results for this feature.</p>"
+    return ("<table class='matches'><tr><th>run</th><th>compared (method · layers)</th><th>best match</th>"
+            f"<th>ρ</th><th>from</th></tr>{''.join(rows)}</table>")
 
 
 def _feature_page(man: dict[str, Any], p: FeaturePreview, comps: Comparisons, links: _Links,
@@ -450,6 +623,12 @@ def _feature_page(man: dict[str, Any], p: FeaturePreview, comps: Comparisons, li
             stats.append((f"{d.label} (G = {' '.join(d.min_group)}, H = {' '.join(d.max_group)})",
                           _num(d.delta[p.index])))
     stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
+    names = ""
+    if p.names:
+        names = ("<h2>Concept names</h2><table class='names'><tr><th>name</th><th>cosine</th></tr>"
+                 + "".join(f"<tr><td>{_e(w)}</td><td>{c:.3f}</td></tr>" for w, c in p.names)
+                 + "</table><p class='muted'>vocabulary words nearest the feature's decoder direction "
+                   "(sae/naming.py)</p>")
     has_caps = p.captions is not None
     rows = "".join(
         f"<tr><td>{r + 1}</td><td>{rid}</td><td>{_num(a)}</td>"
@@ -457,24 +636,16 @@ def _feature_page(man: dict[str, Any], p: FeaturePreview, comps: Comparisons, li
         + "</tr>" for r, (rid, a) in enumerate(zip(p.row_ids, p.acts)))
     rows_head = "<tr><th>rank</th><th>dataset row</th><th>activation</th>" + (
         '<th class="t">caption</th>' if has_caps else "") + "</tr>"
-    match_items = []
-    for c in comps.matches:
-        if p.index in c.matches:
-            b, j, r = c.matches[p.index]
-            href = links.page(c.target, b, j, 1)
-            label = f"feature {j} (layer {b}), ρ = {r:.3f}"
-            link = f'<a href="{_e(href)}">{_e(label)}</a>' if href else _e(label)
-            match_items.append(f"<li>{_e(c.label)}: {link} <span class='muted'>({_e(c.origin)})</span></li>")
-    matches = (f"<ul class='matches'>{''.join(match_items)}</ul>" if match_items
-               else "<p class='muted'>No comparison results for this feature.</p>")
     caps_link = (f' · <a href="../{_e(p.captions_file)}">captions (.txt)</a>' if p.captions_file else "")
     zeros = p.hist["zeros"]
-    body = (f"<nav>{' '.join(nav)}</nav><h1>Feature {p.index}</h1><p>{_header(man)}</p>"
-            f'<table class="stats">{stats_html}</table>'
+    title = f"Feature {p.index}" + (f": {_names_text(p.names)}" if p.names else "")
+    body = (f"<nav>{' '.join(nav)}</nav><h1>{_e(title)}</h1><p>{_header(man)}</p>"
+            f'<table class="stats">{stats_html}</table>{names}'
             f'<h2>Top {len(p.acts)} rows</h2><p><img class="grid" src="../{_e(p.grid)}" alt="top rows of feature '
             f'{p.index}"></p><p class="muted">best row top left, then row by row{caps_link}</p>'
             f'<table class="rows">{rows_head}{rows}</table>'
             f"<h2>Activations</h2>{histogram_svg(p.hist)}"
-            f'<p class="muted">{p.support} rows where it fires; {zeros} rows at 0 not shown</p>'
-            f"<h2>Matches in other runs</h2>{matches}")
+            f'<p class="muted">{p.support} rows where it fires, in {len(p.hist["counts"])} equal bins from its '
+            f'smallest to its largest activation; {zeros} rows at 0 not shown</p>'
+            f"<h2>Matches in other runs</h2>{_matches_table(p, comps, links)}")
     return _page(f"{man['run']} feature {p.index}", body)

@@ -7,17 +7,20 @@ row id (run.json `dataset` + `row_ids`; nothing assumes COCO), and writes into t
 
     show.json                              the folder's manifest: run, layer, features_dir (written first;
                                            a folder holding another run or layer is refused)
-    mass{S:013.3f}_feat{i:05d}.jpg         3x3 grid of the top rows' images (tile `size` px, white
+    mass{K}_feat{i:05d}.jpg                3x3 grid of the top rows' images (tile `size` px, white
                                            background), best row top left, row-major
-    mass{S:013.3f}_feat{i:05d}.txt         text runs only: the 9 captions, one per line
+    mass{K}_feat{i:05d}.txt                text runs only: the 9 captions, one per line
                                            (rank, activation, dataset row id, caption; tab-separated)
-    features.json                          per shown feature: statistics, top rows, captions, histogram
+    features.json                          per shown feature: statistics, top rows, captions, names,
+                                           histogram
     index.html, features/f{i:05d}.html     with --html: the static browser (sae/browser.py)
 
-S is the feature's activation mass, sum_n z[n, i] over all rows (the S_i weight of wMPPC and of
-comparative sharedness), so `ls` sorts the grids by mass (`ls -r`: the heaviest features first) and
-every name still carries the feature index. Each file is written under a temporary name and renamed
-into place: a killed run leaves no half-written file, and a rerun skips the grids that exist.
+K = mass_key(S) encodes the feature's activation mass S = sum_n z[n, i] over all rows (the S_i weight
+of wMPPC and of comparative sharedness) as fixed-width text that sorts like the number, for any finite
+S (`mass_key`): `ls` sorts the grids by mass (`ls -r`: the heaviest first) and every name still carries
+the feature index. Each file is written under a temporary name and renamed into place: a killed run
+leaves no half-written file, and a rerun skips the grids that exist. A rerun with another selection
+removes the grids, caption files and pages of the features no longer shown (only files named as above).
 
 Top rows are computed for all features at once from the CSR codes with one sort of the non-zero
 entries by (feature, activation descending, row ascending): no dense [N, d_sae] matrix is built.
@@ -25,6 +28,8 @@ entries by (feature, activation descending, row ascending): no dense [N, d_sae] 
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -37,6 +42,7 @@ import numpy as np
 from sae.atomic import atomic_path, read_json, write_json
 from sae.cli import InputError
 from sae.features import FeatureRun, SparseCodes, open_run
+from sae.naming import load_names, names_path
 
 TOP = 9  # rows shown per feature (a 3x3 grid)
 GRID = 3
@@ -121,11 +127,14 @@ class FeatureColumns:
         return self.values[self.ptr[i] : self.ptr[i + 1]]
 
     def histogram(self, i: int, bins: int = HIST_BINS) -> dict[str, Any]:
-        """Histogram of feature i's non-zero activations on [0, max]: {lo, hi, counts, zeros}."""
+        """Histogram of feature i's non-zero activations, `bins` equal bins from its smallest to its largest
+        activation: {lo, hi (the outer bin edges), counts [bins], zeros (rows at 0, not counted)}.
+        A feature with a single distinct value gets the bins numpy puts around it (value +- 0.5)."""
         a = self.activations(i)
-        hi = float(a[0]) if len(a) else 1.0
-        counts, _ = np.histogram(a, bins=bins, range=(0.0, hi if hi > 0 else 1.0))
-        return {"lo": 0.0, "hi": hi, "counts": counts.tolist(), "zeros": int(self.n_rows - len(a))}
+        lo, hi = (float(a[-1]), float(a[0])) if len(a) else (0.0, 1.0)
+        counts, edges = np.histogram(a, bins=bins, range=(lo, hi))
+        return {"lo": float(edges[0]), "hi": float(edges[-1]), "counts": counts.tolist(),
+                "zeros": int(self.n_rows - len(a))}
 
 
 def select_features(cols: FeatureColumns, min_support: int = 16,
@@ -152,11 +161,15 @@ def select_features(cols: FeatureColumns, min_support: int = 16,
 
 
 class RowSource:
-    """Images and captions of a run's rows, by run position n (dataset row `row_ids[n]`)."""
+    """Images and captions of a run's rows, by run position n (dataset row `row_ids[n]`).
 
-    def __init__(self, pairs: Any, run_name: str):
+    `has_captions` is False when the dataset has no caption column (image runs only): captions are None.
+    """
+
+    def __init__(self, pairs: Any, run_name: str, has_captions: bool = True):
         self.pairs = pairs
         self.run_name = run_name
+        self.has_captions = has_captions
         self._thumbs: dict[tuple[int, int], Any] = {}  # small LRU-less cache: rows recur across features
         self._lock = threading.Lock()
 
@@ -188,19 +201,25 @@ class RowSource:
         return thumb
 
     def caption(self, n: int) -> str | None:
-        return self.pairs.texts()[n]
+        return self.pairs.texts()[n] if self.has_captions else None
 
 
 def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str | None = None,
                     image_column: str | None = None, text_column: str | None = None,
-                    data_root: str | Path = "data", n_rows: int | None = None) -> RowSource:
+                    data_root: str | Path = "data", n_rows: int | None = None,
+                    need_captions: bool = False) -> RowSource:
     """The dataset rows of `run`, as named by its run.json (the arguments override it).
 
     Rows are run.json's row_ids; without them, dataset rows 0..n_rows-1 (the original repo's runs).
+    The caption column (default "text") is optional unless `need_captions` (text runs): without it the
+    source has no captions.
 
     An InputError starting with "run '<name>' has no images to show" when the run names no dataset or
-    its dataset cannot be opened with an image column.
+    its dataset cannot be opened with an image column; one naming the caption column when captions are
+    needed and the dataset lacks it.
     """
+    from dataclasses import replace
+
     from sae.data import load_pairs
 
     info = run.info.get("dataset") or {}
@@ -215,25 +234,79 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
         image_column = info.get("image_column") if info else "image"
     if not image_column:
         raise InputError(f"{prefix}: its dataset '{source}' has no image column; pass --image_column if it has one")
+    caption_column = text_column or info.get("text_column") or "text"
     ids = run.row_ids
     if ids is None:  # the original repo recorded dataset rows 0..N-1 in order (shuffle=False)
         n = run.info.get("n_rows", n_rows)
         ids = None if n is None else list(range(int(n)))
-    try:
-        pairs = load_pairs(source, split or info.get("split") or "train", image_column,
-                           text_column or info.get("text_column") or "text", row_ids=ids, data_root=data_root)
+    try:  # the caption column is checked below: load_pairs would insist on it
+        pairs = load_pairs(source, split or info.get("split") or "train", image_column, image_column,
+                           row_ids=ids, data_root=data_root)
     except InputError as e:
         raise InputError(f"{prefix}: {e}") from None
-    return RowSource(pairs, run.name)
+    columns = list(pairs.dataset.column_names)
+    if caption_column in columns:
+        return RowSource(replace(pairs, text_column=caption_column), run.name)
+    if need_captions or text_column:
+        raise InputError(f"run '{run.name}' has no captions to show: its dataset '{source}' has no caption column "
+                         f"'{caption_column}' (columns: {', '.join(columns)}); pass --text_column")
+    return RowSource(pairs, run.name, has_captions=False)
 
 
 # ------------------------------------------------------------------------------------------------
 # Grids and file names
 
 
+MASS_BIAS = 400  # added to the decimal exponent (-324..308 for float64) to keep it 3 digits and >= 0
+
+
+def mass_key(mass: float) -> str:
+    """Fixed-width text (13 characters) that sorts as text like `mass` sorts as a number, any finite mass.
+
+    mass = m * 10**e with 1 <= m < 10 (7 significant digits), E = e + 400:
+        mass > 0:  'p' + E (3 digits) + '_' + m            654.171  -> 'p402_6.541710'
+        mass = 0:  'o000_0.000000'
+        mass < 0:  'n' + (999 - E) + '_' + m with each digit d replaced by 9 - d
+                                                           -654.171 -> 'n597_3.458289'
+    'n' < 'o' < 'p' and every field has a fixed width, so byte order and `ls`'s locale order agree.
+    """
+    if not math.isfinite(mass):
+        raise ValueError(f"mass must be finite, not {mass}")
+    if mass == 0:
+        return "o000_0.000000"
+    digits, exp = f"{abs(mass):.6e}".split("e")
+    e = int(exp) + MASS_BIAS
+    if mass > 0:
+        return f"p{e:03d}_{digits}"
+    return f"n{999 - e:03d}_" + "".join(str(9 - int(c)) if c.isdigit() else c for c in digits)
+
+
 def preview_stem(index: int, mass: float) -> str:
-    """'mass{mass:013.3f}_feat{index:05d}': `ls` sorts by activation mass, the index stays visible."""
-    return f"mass{mass:013.3f}_feat{index:05d}"
+    """'mass{mass_key(mass)}_feat{index:05d}': `ls` sorts by activation mass, the index stays visible."""
+    return f"mass{mass_key(mass)}_feat{index:05d}"
+
+
+# every grid / caption file this tool writes (also the older 'mass{S:013.3f}' names), and its pages
+_PREVIEW_FILE = re.compile(r"mass(?:[nop]\d{3}_\d\.\d{6}|-?\d+\.\d{3})_feat(\d{5,})\.(?:jpg|txt)")
+_PAGE_FILE = re.compile(r"f(\d{5,})\.html")
+
+
+def written_files(out: Path) -> list[Path]:
+    """The grids, caption files and feature pages show.py wrote in the preview folder `out` (by name)."""
+    files = [p for p in out.glob("mass*_feat*.*") if _PREVIEW_FILE.fullmatch(p.name) and p.is_file()]
+    files += [p for p in (out / "features").glob("f*.html") if _PAGE_FILE.fullmatch(p.name) and p.is_file()]
+    return sorted(files)
+
+
+def remove_stale(out: Path, keep: set[str]) -> list[str]:
+    """Delete the files of `written_files(out)` whose path relative to `out` is not in `keep`; their names."""
+    gone = []
+    for path in written_files(out):
+        rel = path.relative_to(out).as_posix()
+        if rel not in keep:
+            path.unlink(missing_ok=True)
+            gone.append(rel)
+    return gone
 
 
 def make_grid(tiles: Sequence[Any | None], size: int = 100, grid: int = GRID) -> Any:
@@ -316,6 +389,7 @@ class FeaturePreview:
     grid: str  # file name of the grid JPEG, relative to the preview folder
     captions_file: str | None
     hist: dict[str, Any]
+    names: list[tuple[str, float]] | None = None  # concept names (word, cosine), best first (sae/naming.py)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -328,13 +402,18 @@ class ShowResult:
     previews: list[FeaturePreview]
     written: int
     skipped: int  # grids that already existed
+    removed: list[str] = field(default_factory=list)  # files of features no longer shown, deleted
+    browser: Path | None = None  # index.html, when the browser was written
+
+
+FILE_NAMES = "mass{mass_key(S)}_feat{index:05d}.jpg (.txt: captions of text runs); see docs/show.md"
 
 
 def _claim_folder(out: Path, manifest: dict[str, Any]) -> None:
     """Write show.json, or refuse a folder that already holds another run's or layer's previews.
 
-    When the same run and layer was shown with another tile size, or its codes changed since (run
-    recorded again), the old grids, caption files and pages are removed so that none is reused.
+    When the same run and layer was shown with another tile size or file naming, or its codes changed
+    since (run recorded again), every grid, caption file and page is removed so that none is reused.
     """
     path = out / "show.json"
     if path.exists():
@@ -345,15 +424,24 @@ def _claim_folder(out: Path, manifest: dict[str, Any]) -> None:
         if (old.get("run"), old.get("layer")) != (manifest["run"], manifest["layer"]):
             raise InputError(f"{out} holds the previews of run '{old.get('run')}' layer {old.get('layer')}; "
                              f"pass --out DIR for run '{manifest['run']}' layer {manifest['layer']}")
-        if (old.get("size"), old.get("codes")) != (manifest["size"], manifest["codes"]):
-            for stale in [*out.glob("mass*_feat*.jpg"), *out.glob("mass*_feat*.txt"), *out.glob("features/f*.html")]:
-                stale.unlink()
+        same = ("size", "codes", "file_names")
+        if any(old.get(k) != manifest[k] for k in same):
+            remove_stale(out, set())
     write_json(path, manifest)
 
 
 def _fingerprint(codes: SparseCodes) -> str:
     """Changes when a layer is recorded again: shape, nnz and the sum of the values."""
     return f"{codes.n_rows}x{codes.d_sae}:{codes.nnz}:{float(np.sum(codes.values, dtype=np.float64)):.9g}"
+
+
+def _load_names(run: FeatureRun, layer: int) -> dict[int, list[tuple[str, float]]]:
+    """The run's concept names for `layer` (sae/naming.py), {} when it has none; a broken file is reported."""
+    try:
+        return load_names(names_path(run.path.parent, run.name, layer)) or {}
+    except (InputError, OSError) as e:
+        print(f"warning: concept names not shown: {e}", file=sys.stderr)
+        return {}
 
 
 def show(cfg: ShowConfig) -> ShowResult:
@@ -373,7 +461,8 @@ def show(cfg: ShowConfig) -> ShowResult:
     if modality not in ("image", "text"):
         raise InputError(f"run '{run.name}' has modality '{modality}'; pass --modality image or text")
     rows = open_row_source(run, dataset=cfg.dataset, split=cfg.split, image_column=cfg.image_column,
-                           text_column=cfg.text_column, data_root=cfg.data_root, n_rows=codes.n_rows)
+                           text_column=cfg.text_column, data_root=cfg.data_root, n_rows=codes.n_rows,
+                           need_captions=modality == "text")
     if len(rows.row_ids) != codes.n_rows:
         raise InputError(f"run '{run.name}' layer {layer} has {codes.n_rows} rows but its dataset selection has "
                          f"{len(rows.row_ids)}; check run.json row_ids / --dataset")
@@ -381,19 +470,21 @@ def show(cfg: ShowConfig) -> ShowResult:
     chosen, dead = select_features(cols, cfg.min_support, cfg.features)
     for i in dead:
         print(f"feature {i} never fires in run '{run.name}' layer {layer}; skipped", file=sys.stderr)
+    names = _load_names(run, layer)
 
     out = Path(cfg.out or Path("previews") / run.name)
     out.mkdir(parents=True, exist_ok=True)
+    html = cfg.html or (out / "index.html").exists()  # a browser written before is kept in step
     manifest = {"format": SHOW_FORMAT, "run": run.name, "layer": layer, "modality": modality,
                 "features_dir": str(Path(cfg.features_dir).resolve()), "n_rows": codes.n_rows,
                 "d_sae": codes.d_sae, "codes": _fingerprint(codes), "size": cfg.size, "top": TOP,
-                "dataset": run.info.get("dataset") or {"name": cfg.dataset},
-                "file_names": "mass{S:013.3f}_feat{index:05d}.jpg (.txt: captions of text runs)"}
+                "dataset": run.info.get("dataset") or {"name": cfg.dataset}, "file_names": FILE_NAMES,
+                "captions": rows.has_captions, "names": bool(names)}
     _claim_folder(out, manifest)
 
     top_rows, top_vals = cols.top(TOP)
     support, freq, mean, mx = cols.support, cols.freq, cols.mean_active, cols.max
-    want_captions = modality == "text" or cfg.html
+    want_captions = (modality == "text" or html) and rows.has_captions
     if want_captions and chosen:
         rows.caption(0)  # materialise the captions once, before the worker threads start
 
@@ -417,11 +508,9 @@ def show(cfg: ShowConfig) -> ShowResult:
             index=i, support=int(support[i]), freq=float(freq[i]), mean=float(mean[i]), max=float(mx[i]),
             mass=float(cols.mass[i]), positions=pos, row_ids=[int(rows.row_ids[n]) for n in pos], acts=acts,
             captions=captions, grid=grid, captions_file=txt if txt and (out / txt).exists() else None,
-            hist=cols.histogram(i))
+            hist=cols.histogram(i), names=names.get(i))
         return preview, not done
 
-    top_rows, top_vals = cols.top(TOP)
-    support, freq, mean, mx = cols.support, cols.freq, cols.mean_active, cols.max
     bar = tqdm(total=len(chosen), desc=f"previews {run.name} L{layer}", unit="feature", file=sys.stderr,
                disable=not cfg.progress)
     previews, written = [], 0
@@ -444,8 +533,12 @@ def show(cfg: ShowConfig) -> ShowResult:
     skipped = len(previews) - written
     write_json(out / "features.json", {**manifest, "features": [p.to_json() for p in previews]})
     result = ShowResult(out, manifest, previews, written, skipped)
-    if cfg.html:
-        from sae.browser import write_browser
+    keep = {p.grid for p in previews} | {p.captions_file for p in previews if p.captions_file}
+    if html:
+        from sae.browser import feature_page_name, write_browser
 
-        write_browser(result, run_dir=run.path)
+        result.browser = write_browser(result, run_dir=run.path)
+        keep |= {f"features/{feature_page_name(p.index)}" for p in previews}
+    # last, once the new listing is complete: the files of features no longer selected
+    result.removed = remove_stale(out, keep)
     return result

@@ -15,7 +15,7 @@ from PIL import Image
 import show
 from sae.cli import InputError
 from sae.features import SparseCodes, write_layer, write_run_info
-from sae.previews import TOP, FeatureColumns, make_grid, preview_stem, select_features
+from sae.previews import TOP, FeatureColumns, make_grid, mass_key, preview_stem, select_features
 
 REPO = Path(__file__).resolve().parent.parent
 N_DATASET, N_ROWS, D_SAE, TILE = 50, 40, 24, 20
@@ -131,7 +131,10 @@ def test_top_rows_and_stats_match_numpy(ties):
     np.testing.assert_allclose(cols.mean_active, x.sum(0) / np.maximum(support, 1), rtol=1e-5)
     np.testing.assert_array_equal(cols.max, x.max(0))
     h = cols.histogram(5)
-    assert sum(h["counts"]) == support[5] and h["zeros"] == 300 - support[5] and h["hi"] == x[:, 5].max()
+    acts = x[:, 5][x[:, 5] > 0]
+    assert sum(h["counts"]) == support[5] and h["zeros"] == 300 - support[5]
+    assert (h["lo"], h["hi"]) == (acts.min(), acts.max())  # from the smallest to the largest activation
+    assert h["counts"] == np.histogram(acts, bins=30, range=(acts.min(), acts.max()))[0].tolist()
     assert select_features(cols, 16)[0] == [j for j in range(40) if support[j] >= 16]
     assert select_features(cols, 0)[0] == [j for j in range(40) if support[j] > 0]
 
@@ -151,9 +154,28 @@ def test_grid_layout():
     assert tuple(a[10 + 5, 10 + 5]) == PALETTE[5]
     assert tuple(a[20 + 5, 10 + 2]) == (200, 200, 200)  # unreadable: grey
     assert tuple(a[25, 25]) == (255, 255, 255)  # missing: white
-    assert preview_stem(12, 1234.5678) == "mass000001234.568_feat00012"
-    assert sorted([preview_stem(1, 99.0), preview_stem(2, 1000.0), preview_stem(3, 5.5)]) == [
-        preview_stem(3, 5.5), preview_stem(1, 99.0), preview_stem(2, 1000.0)]
+
+
+def test_file_names_sort_by_mass_for_any_finite_mass():
+    assert preview_stem(12, 1234.5678) == "massp403_1.234568_feat00012"
+    assert (mass_key(654.171), mass_key(-654.171), mass_key(0.0)) == ("p402_6.541710", "n597_3.458289",
+                                                                       "o000_0.000000")
+    rng = np.random.default_rng(3)
+    values = [0.0, -0.0, 5e-324, -5e-324, 1e-300, 0.5, 1.0, 9.9999996, 10.0, 999.9999, 1e9, 1e9 + 1, 2.5e9, 1e12,
+              1.7976931348623157e308, -1.7976931348623157e308, -1e9, -2.5e9, -1.0, -0.5, -1e-7, 99.0, 1000.0, 5.5]
+    values += (rng.standard_normal(300) * 10.0 ** rng.integers(-12, 15, 300)).tolist()
+    keys = [mass_key(v) for v in values]
+    assert {len(k) for k in keys} == {13}  # fixed width: `ls` in any locale compares them field by field
+    by_key = sorted(range(len(values)), key=lambda n: keys[n])
+    for a, b in itertools.pairwise(by_key):  # text order is numeric order (equal keys: equal to 7 digits)
+        assert values[a] <= values[b] or keys[a] == keys[b], (values[a], values[b], keys[a], keys[b])
+    for v, k in zip(values, keys):  # and the key reads back as the number, to 7 significant digits
+        if k[0] == "p":
+            assert float(f"{k[5:]}e{int(k[1:4]) - 400}") == pytest.approx(v, rel=1e-6)
+    names = sorted(preview_stem(i, v) for i, v in enumerate([3.0, -2.0, 2e9, 7.5, -1e10, 0.0]))
+    assert [int(n[-5:]) for n in names] == [4, 1, 5, 0, 3, 2]
+    with pytest.raises(ValueError):
+        mass_key(float("nan"))
 
 
 def test_image_run_grids(world, tmp_path):
@@ -278,3 +300,76 @@ def test_original_format_run_with_dataset_flag(world, tmp_path):
     ref_rows, _ = ref_top(x.astype(np.float16).astype(np.float32))
     assert f["row_ids"] == ref_rows[5]  # no row_ids: run row n is dataset row n
     assert tile_rows(Image.open(tmp_path / "p" / f["grid"]))[: len(ref_rows[5])] == ref_rows[5]
+
+
+def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, tmp_path, capsys):
+    out = tmp_path / "prev"
+    x = world["layers"][3]
+    support = (x > 0).sum(0)
+    many = [j for j in range(D_SAE) if support[j] >= 5]
+    assert run_show(world, out, "--layer", "3", "--min_support", "5", "--html") == 0
+    mine = ["notes.txt", "mass_of_notes.jpg", "features/my.html", "features/f1.html"]  # not named like ours
+    for name in mine:
+        (out / name).write_text("mine")
+    old_style = out / "mass000000012.345_feat00003.jpg"  # a grid named by an earlier version of show.py
+    old_style.write_bytes(b"jpeg")
+    capsys.readouterr()
+
+    few = [many[2], many[0]]
+    assert run_show(world, out, "--layer", "3", "--features", *map(str, few), "--html") == 0
+    assert "files of features no longer shown removed" in capsys.readouterr().out
+
+    def stem(j: int) -> str:
+        return preview_stem(j, float(x[:, j].astype(np.float64).sum()))
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {"show.json", "features.json", "index.html", *mine,
+                     *(f"{stem(j)}.jpg" for j in few), *(f"features/f{j:05d}.html" for j in few)}
+    from tests.test_browser import dom
+
+    rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
+    assert [int(r.attrs["data-index"]) for r in rows] == few
+
+    # without --html: the browser written before is kept in step with the grids
+    assert run_show(world, out, "--layer", "3", "--min_support", "5") == 0
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {"show.json", "features.json", "index.html", *mine,
+                     *(f"{stem(j)}.jpg" for j in many), *(f"features/f{j:05d}.html" for j in many)}
+    rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
+    assert [int(r.attrs["data-index"]) for r in rows] == many
+
+
+def make_uncaptioned_dataset(folder: Path, n: int = N_DATASET) -> Path:
+    """An imagefolder with an image and a 'kind' column, and no caption column."""
+    folder.mkdir(parents=True)
+    lines = []
+    for r in range(n):
+        Image.new("RGB", (16, 16), PALETTE[r]).save(folder / f"{r:06d}.png")
+        lines.append(json.dumps({"file_name": f"{r:06d}.png", "kind": f"k{r % 3}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_captions_are_optional_for_image_runs_only(world, tmp_path):
+    data = make_uncaptioned_dataset(tmp_path / "nocap")
+    root = tmp_path / "feats"
+    x, ids = world["layers"][7], world["row_ids"]
+    write_run(root, "img", {7: x}, data, ids)
+    out = tmp_path / "prev"
+    base = ["--features_dir", str(root), "--size", str(TILE), "--min_support", "20", "--no-progress"]
+    assert show.main(["--run", "img", "--out", str(out), "--html", *base]) == 0
+    feats = json.loads((out / "features.json").read_text())
+    assert feats["captions"] is False and feats["features"]
+    ref_rows, _ = ref_top(x)
+    for f in feats["features"]:
+        assert f["captions"] is None
+        assert tile_rows(Image.open(out / f["grid"])) == [int(ids[n]) for n in ref_rows[f["index"]]]
+    page = (out / "features" / f"f{feats['features'][0]['index']:05d}.html").read_text()
+    assert "<th>activation</th></tr>" in page and "caption</th>" not in page
+
+    write_run(root, "txt", {7: x}, data, ids, modality="text")
+    with pytest.raises(InputError, match=r"^run 'txt' has no captions to show: its dataset '.*nocap' has no caption "
+                                         r"column 'text' \(columns: image, kind\); pass --text_column$"):
+        show.main(["--run", "txt", "--out", str(tmp_path / "p2"), *base])
+    with pytest.raises(InputError, match=r"has no caption column 'caption'"):  # asked for: it must exist
+        show.main(["--run", "img", "--out", str(tmp_path / "p3"), "--text_column", "caption", *base])
