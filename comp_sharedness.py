@@ -3,7 +3,8 @@
     uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top 0.01] [--json] [--csv FILE]
                               [--plot delta.png] [--no-save]
 
-Delta_i = S_i (rho_iG^2 - rho_iH^2); prints the top features by Delta. Definitions: docs/comparison.md.
+Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2), rho^+ = max(rho, 0); prints the top features by Delta.
+Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to M for the feature browser (sae/browser.py):
 <features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json, the best match of every feature
 in each compared run, and comparisons/sharedness_L{layer:02d}.json, the full result. Only runs recorded

@@ -2,7 +2,9 @@
 
     uv run wmppc.py --source A --target B [--json] [--plot matrix.png] [--null 10] [--no-save]
 
-Prints `All Layers : x | Last layer : y` and the per-layer-pair matrix. Definitions: docs/comparison.md.
+Prints `All Layers : x | Last layer : y` (the only line with `All Layers :`), MPPC, the null baseline and the
+per-layer-pair matrix. Reads this toolkit's runs and the original repo's dense `layerNN.pt` runs.
+Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to the source run for the feature browser
 (sae/browser.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json, per source layer a, the best
 match of every feature over all of B's layers, and comparisons/wmppc__B.json, the full result. Only runs

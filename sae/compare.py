@@ -12,9 +12,11 @@ correlations (see sae/correlation.py):
     Last layer  : wMPPC(A_deepest -> B_deepest)
 
     Generalized comparative sharedness of feature i of M against groups G and H:
-    Delta_i = S_i (rho_iG^2 - rho_iH^2),  rho_iG = min_{g in G} rho_i(M->g),  rho_iH = max_{h in H} rho_i(M->h)
+    Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2),  rho^+ = max(rho, 0),
+    rho_iG = min_{g in G} rho_i(M->g),  rho_iH = max_{h in H} rho_i(M->h)
 
-Each (run, layer) is read from disk once per call. Dead features (constant over the rows) get rho = 0.
+Each (run, layer) is read from disk once per call (the original format's dense tensors are memory-mapped).
+Dead features (constant over the rows up to float32 round-off) get rho = 0.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from sae.cli import InputError
-from sae.correlation import DEAD_RTOL, NumpyEngine, PreparedLayer, column_stats, make_engine
-from sae.features import FeatureRun
+from sae.correlation import (DEAD_RANGE, LayerData, NonFiniteError, NumpyEngine, PreparedLayer, column_stats,
+                             make_engine)
+from sae.features import FORMAT, FeatureRun, SparseCodes
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -49,12 +52,14 @@ class LayerLoader:
     """Reads (run, layer) pairs, checks them, and prepares them for an engine.
 
     Every layer of every run must have the same number of rows; runs that both list `row_ids` in
-    run.json must list the same ids in the same order. Values must be finite.
+    run.json must list the same ids in the same order. Values must be finite. A layer of the original
+    repo's format (a dense [N, d_sae] tensor in a .pt file) is memory-mapped and kept dense, not copied
+    into RAM: the correlations read it by row chunks.
     """
 
-    def __init__(self, engine: NumpyEngine, dead_rtol: float = DEAD_RTOL):
+    def __init__(self, engine: NumpyEngine, dead_range: float = DEAD_RANGE):
         self.engine = engine
-        self.dead_rtol = dead_rtol
+        self.dead_range = dead_range
         self.n_rows: int | None = None
         self._first: tuple[str, int] = ("", 0)
         self.reads: list[tuple[str, int]] = []  # every layer read, in order (tests check "once")
@@ -82,22 +87,45 @@ class LayerLoader:
 
     def load(self, run: FeatureRun, layer: int) -> PreparedLayer:
         """Read one layer (once: the caller keeps what it needs), check it, and prepare it."""
-        codes = run.load(layer)
-        self.reads.append((str(run.path), layer))
         where = f"run '{run.name}' layer {layer}"
-        if codes.n_rows < 2:
-            raise InputError(f"{where} has {codes.n_rows} row(s); correlations need at least 2")
+        data = _read_layer(run, layer, where)
+        self.reads.append((str(run.path), layer))
+        n_rows = data.n_rows if isinstance(data, SparseCodes) else data.shape[0]
+        if n_rows < 2:
+            raise InputError(f"{where} has {n_rows} row(s); correlations need at least 2")
         if self.n_rows is None:
-            self.n_rows, self._first = codes.n_rows, (run.name, layer)
-        elif codes.n_rows != self.n_rows:
+            self.n_rows, self._first = n_rows, (run.name, layer)
+        elif n_rows != self.n_rows:
             (name, first) = self._first
             raise InputError(f"runs '{name}' (N={self.n_rows}, layer {first}) and '{run.name}' "
-                             f"(N={codes.n_rows}, layer {layer}) have different numbers of rows; "
+                             f"(N={n_rows}, layer {layer}) have different numbers of rows; "
                              "compare runs recorded on the same data")
-        if not np.isfinite(codes.values).all():
-            bad = int((~np.isfinite(codes.values)).sum())
-            raise InputError(f"{where} holds {bad} non-finite values (NaN or inf, e.g. fp16 overflow)")
-        return self.engine.prepare(codes, column_stats(codes, self.dead_rtol))
+        try:
+            stats = column_stats(data, self.dead_range)
+        except NonFiniteError as e:
+            raise InputError(f"{where} holds {e.count} non-finite values (NaN or inf, e.g. fp16 overflow)") from None
+        return self.engine.prepare(data, stats)
+
+
+def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
+    """This toolkit's CSR codes (memory-mapped), or the original format's dense tensor as a numpy array
+    (memory-mapped with torch.load(mmap=True) where the file allows it, fp16 kept as fp16)."""
+    path = getattr(run, "_files", {}).get(layer)  # FeatureRun has no public accessor for the file
+    if run.format == FORMAT or path is None:
+        return run.load(layer)
+    import torch
+
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # saved without the zip format: cannot be memory-mapped
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tensor, torch.Tensor) or tensor.is_sparse:
+        return run.load(layer)
+    if tensor.dim() != 2:
+        raise InputError(f"{where}: {path.name} holds a tensor of shape {list(tensor.shape)}, not [N, d_sae]")
+    if tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _declared_rows(run: FeatureRun) -> int | None:
@@ -301,15 +329,16 @@ def wmppc(
 
 
 def format_wmppc(result: WMPPCResult) -> str:
-    """The original's two lines, then the per-layer matrix (rows: source layers, columns: target)."""
+    """The original's two lines (only the second contains `All Layers :`), MPPC, the null baseline, then the
+    per-layer matrix (rows: source layers, columns: target)."""
     lines = [f"wMPPC : {result.source} -> {result.target}",
              f"All Layers : {result.all_layers:.6f} | Last layer : {result.last_layer:.6f}",
-             f"MPPC  All Layers : {result.mppc_all_layers:.6f} | Last layer : {result.mppc_last_layer:.6f}"]
+             f"MPPC (unweighted): all layers {result.mppc_all_layers:.6f} | last layer {result.mppc_last_layer:.6f}"]
     if result.null is not None:
         nj = result.null.to_json()
-        lines.append(f"Null ({result.null.k} row permutations of the target): "
-                     f"All Layers : {nj['all_layers_mean']:.6f} +- {nj['all_layers_std']:.6f} | "
-                     f"Last layer : {nj['last_layer_mean']:.6f} +- {nj['last_layer_std']:.6f}")
+        lines.append(f"Null wMPPC ({result.null.k} row permutations of the target): "
+                     f"all layers {nj['all_layers_mean']:.6f} +- {nj['all_layers_std']:.6f} | "
+                     f"last layer {nj['last_layer_mean']:.6f} +- {nj['last_layer_std']:.6f}")
     lines.append(f"N = {result.n_samples} rows; dead source features per layer: {result.dead_source_features}"
                  + (" (correlations scaled by (N-1)/N as in the original)" if result.original_scaling else ""))
     lines.append("")
@@ -349,12 +378,12 @@ def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0
             for ib in range(L_B):
                 v = result.matrix[ia, ib]
                 color = "k" if hi > lo and v > (lo + hi) / 2 else "w"
-                ax.text(ib, ia, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+                ax.text(ib, ia, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("wMPPC")
     fig.tight_layout()
     try:
-        fig.savefig(path)
+        fig.savefig(path, dpi=150)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot write plot {path}: {e}") from None
     finally:
@@ -364,7 +393,6 @@ def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0
 def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
     """The run's comparisons/ folder, or None and why results cannot be saved there."""
     from sae.browser import COMPARISONS
-    from sae.features import FORMAT
 
     if run.format != FORMAT or not (run.path / "run.json").exists():
         return None, (f"run '{run.name}' is in the {run.format} format (no run.json); "
@@ -422,7 +450,7 @@ class ModelMatch:
 
 @dataclass
 class SharednessResult:
-    """Delta_i = S_i (rho_iG^2 - rho_iH^2) for every feature i of the source layer, and the top ones."""
+    """Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2) for every feature i of the source layer, and the top ones."""
 
     source: str
     layer: int
@@ -496,7 +524,8 @@ def comparative_sharedness(
 
     rho_i(M->g) is the best match of feature i in run g's deepest layer (`target_layer`: 'last', an
     index, or 'all' for the best over every layer). rho_G is the minimum over the min group (shared
-    with every model of G), rho_H the maximum over the max group (shared with some model of H).
+    with every model of G), rho_H the maximum over the max group (shared with some model of H), and
+    Delta = S ((rho_G^+)^2 - (rho_H^+)^2) (`sharedness_delta`); the raw rho_G and rho_H are kept.
     The top `top` fraction of features by Delta (at least one) is selected.
     """
     if not min_group:
@@ -534,7 +563,7 @@ def comparative_sharedness(
     weight = src.stats.sums
     rho_g = np.min([matches[r.name].rho for r in min_group], axis=0)
     rho_h = np.max([matches[r.name].rho for r in max_group], axis=0)
-    delta = weight * (rho_g**2 - rho_h**2)
+    delta = sharedness_delta(weight, rho_g, rho_h)
     n_top = max(1, int(math.floor(top * src.d + 1e-9)))
     order = np.lexsort((np.arange(src.d), -delta))[:n_top]
     return SharednessResult(
@@ -543,6 +572,12 @@ def comparative_sharedness(
         weight=weight, rho_min_group=rho_g, rho_max_group=rho_h, delta=delta, matches=matches,
         selected=order, top=top, dead_features=src.stats.n_dead, original_scaling=original_scaling,
     )
+
+
+def sharedness_delta(weight: np.ndarray, rho_g: np.ndarray, rho_h: np.ndarray) -> np.ndarray:
+    """Delta = S ((rho_G^+)^2 - (rho_H^+)^2) [d] with rho^+ = max(rho, 0): a best match that anti-correlates
+    is no match (squaring a negative rho_G would reward it)."""
+    return weight * (np.maximum(rho_g, 0.0) ** 2 - np.maximum(rho_h, 0.0) ** 2)
 
 
 def _table_columns(result: SharednessResult) -> list[str]:
@@ -567,8 +602,8 @@ def format_sharedness(result: SharednessResult) -> str:
     """A header, then one line per selected feature: index, Delta, S, rho_G, rho_H, best matches."""
     head = (f"Comparative sharedness of {result.source} (layer {result.layer}, N={result.n_samples}): "
             f"G = {' '.join(result.min_group)} (min), H = {' '.join(result.max_group)} (max)\n"
-            f"top {len(result.selected)} of {len(result.delta)} features by Delta = S (rho_G^2 - rho_H^2)"
-            f"; {result.dead_features} dead; best match shown as feature (rho) in each run's layer "
+            f"top {len(result.selected)} of {len(result.delta)} features by Delta = S (rho_G+^2 - rho_H+^2), "
+            f"rho+ = max(rho, 0); {result.dead_features} dead; best match shown as feature (rho) in each run's layer "
             + ", ".join(f"{run}:{m.layers if len(m.layers) > 1 else m.layers[0]}"
                         for run, m in result.matches.items()))
     cols = _table_columns(result)

@@ -10,7 +10,7 @@ import torch
 
 from sae.cli import InputError
 from sae.compare import LayerLoader, comparative_sharedness, wmppc
-from sae.correlation import Budget, NumpyEngine, TorchEngine, column_stats
+from sae.correlation import DEAD_RANGE, Budget, NumpyEngine, TorchEngine, column_stats
 from sae.features import SparseCodes, open_run, write_layer, write_run_info
 
 # ------------------------------------------------------------------------------------------------
@@ -42,13 +42,18 @@ def write_original(root: Path, name: str, layers: dict[int, np.ndarray]) -> Path
     return root / name
 
 
+def ref_dead(x: np.ndarray) -> np.ndarray:
+    """The dead rule, literally: max - min <= 2^-20 max |x| over the rows."""
+    x = x.astype(np.float64)
+    return x.max(0) - x.min(0) <= 2.0**-20 * np.abs(x).max(0)
+
+
 def ref_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Exact Pearson [d_x, d_y] in float64; a constant column correlates 0."""
+    """Exact Pearson [d_x, d_y] in float64, two-pass; a dead column correlates 0."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     xc, yc = x - x.mean(0), y - y.mean(0)
     sx, sy = np.sqrt((xc**2).sum(0)), np.sqrt((yc**2).sum(0))
-    dead_x = sx <= 1e-6 * np.sqrt((x**2).sum(0))
-    dead_y = sy <= 1e-6 * np.sqrt((y**2).sum(0))
+    dead_x, dead_y = ref_dead(x), ref_dead(y)
     with np.errstate(divide="ignore", invalid="ignore"):
         c = (xc.T @ yc) / np.outer(sx, sy)
     c[dead_x] = 0
@@ -84,14 +89,23 @@ def original_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return ((xb.T @ yb) / n).max(1).values.numpy()
 
 
+# tiny budgets: several blocks, super-blocks and row chunks even on small data
+SMALL_DENSE = Budget(dense_acc_entries=200, dense_row_entries=300, dense_min=1)
 ENGINES = {
     "numpy-sparse": lambda: NumpyEngine("sparse"),
     "numpy-sparse-ragged": lambda: NumpyEngine("sparse", Budget(block_entries=64, pair_chunk=37, pad_waste=0)),
     "numpy-sparse-padded": lambda: NumpyEngine("sparse", Budget(block_entries=64, pair_chunk=37, pad_waste=1e9)),
-    "numpy-dense": lambda: NumpyEngine("dense", Budget(block_entries=200, dense_min=1)),
+    "numpy-dense": lambda: NumpyEngine("dense", SMALL_DENSE, dense_dtype="float64"),
+    "numpy-dense-f32": lambda: NumpyEngine("dense", SMALL_DENSE),
+    "numpy-dense-f32-1chunk": lambda: NumpyEngine("dense"),
     "torch-sparse": lambda: TorchEngine("cpu", "sparse", Budget(block_entries=64, pair_chunk=37)),
-    "torch-dense": lambda: TorchEngine("cpu", "dense", Budget(block_entries=600, dense_min=1)),
+    "torch-dense": lambda: TorchEngine("cpu", "dense", Budget(dense_acc_entries=600, dense_row_entries=500,
+                                                              dense_min=1)),
 }
+# float64 dense products; the default float32 ones find the argmax, then its correlation is redone in
+# float64, so both are exact to 1e-12 (up to near-ties, which random data does not have)
+exact_engine = lambda: NumpyEngine(dense_dtype="float64")  # noqa: E731
+TOL = 1e-12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,17 +125,48 @@ def test_best_match_is_exact_including_dead_constant_and_negative(engine):
     x[:, 4] = 0
     x[7, 4] = 3.0  # rare feature: one row
     eng = ENGINES[engine]()
-    m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
-    c = ref_corr(x, y)
-    expected = c.max(1)
-    np.testing.assert_allclose(m.rho, expected, rtol=0, atol=1e-12)
     alive = np.arange(37) >= 2
-    np.testing.assert_allclose(c[alive, m.best[alive]], expected[alive], rtol=0, atol=1e-12)
-    assert m.rho[0] == m.rho[1] == 0 and m.best[0] == m.best[1] == -1
+    fp16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    for data in (SparseCodes.from_dense, fp16, np.asarray):  # CSR codes, then dense arrays
+        m = eng.best_match(eng.prepare(data(x)), eng.prepare(data(y)))
+        c = ref_corr(fp16(x), fp16(y)) if data is fp16 else ref_corr(x, y)
+        expected = c.max(1)
+        np.testing.assert_allclose(m.rho, expected, rtol=0, atol=TOL)
+        np.testing.assert_allclose(c[alive, m.best[alive]], expected[alive], rtol=0, atol=TOL)
+        assert m.rho[0] == m.rho[1] == 0 and m.best[0] == m.best[1] == -1
 
 
-@pytest.mark.parametrize("engine", ["numpy-sparse", "numpy-sparse-ragged", "numpy-dense", "torch-sparse",
-                                    "torch-dense"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nearly_constant_features_are_exact(engine):
+    """x = c + rel * u: the float64 G - s s / n formula loses (mean / sd)^2 * eps; shifted columns do not."""
+    rng = np.random.default_rng(11)
+    n = 20000
+    xs, ys = [], []
+    for rel in (1e-3, 1e-4, 1e-5, 5e-6):
+        u = rng.random(n)
+        xs.append(1.0 + rel * u)
+        ys.append(2.0 + 2 * rel * (u + 0.3 * rng.random(n)))  # correlated with x at ~0.96
+    xs.append(rng.gamma(2.0, 1.0, n) * (rng.random(n) < 0.05))  # an ordinary sparse feature
+    ys.append(xs[-1] * (rng.random(n) < 0.8))
+    x, y = np.stack(xs, 1).astype(np.float32), np.stack(ys, 1).astype(np.float32)
+    eng = TorchEngine("cpu", "sparse") if engine == "torch-sparse" else ENGINES[engine]()  # (tiny chunks: slow)
+    px, py = eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y))
+    assert px.stats.shifted.tolist() == [True] * 4 + [False] and not px.stats.dead.any()
+    tol = 1e-9
+    m = eng.best_match(px, py)
+    c = ref_corr(x, y)  # float64 two-pass
+    np.testing.assert_allclose(m.rho, c.max(1), rtol=0, atol=tol)
+    assert m.best.tolist() == c.argmax(1).tolist() == [0, 1, 2, 3, 4]
+    same = eng.best_match(px, px)  # a feature against itself: exactly 1, never above
+    assert np.all(np.abs(same.rho - 1.0) <= tol) and np.all(same.rho <= 1.0)
+    assert same.best.tolist() == [0, 1, 2, 3, 4]
+    dense = eng.prepare(x)  # the same from a dense array
+    np.testing.assert_allclose(eng.best_match(dense, eng.prepare(y)).rho, c.max(1), rtol=0, atol=tol)
+    assert np.all(np.abs(eng.best_match(dense, dense).rho - 1.0) <= tol)
+
+
+@pytest.mark.parametrize("engine", ["numpy-sparse", "numpy-sparse-ragged", "numpy-dense", "numpy-dense-f32",
+                                    "torch-sparse", "torch-dense"])
 def test_feature_that_cooccurs_with_nothing_has_its_negative_max(engine):
     n = 30
     x = np.zeros((n, 3), dtype=np.float32)
@@ -137,33 +182,48 @@ def test_feature_that_cooccurs_with_nothing_has_its_negative_max(engine):
     m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
     expected = ref_corr(x, y).max(1)
     assert m.rho[0] < 0 and expected[0] < 0
-    np.testing.assert_allclose(m.rho, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(m.rho, expected, rtol=0, atol=TOL)
     assert m.best[0] == ref_corr(x, y)[0].argmax()
 
 
 def test_column_stats_exact_and_dead_rule():
     rng = np.random.default_rng(1)
-    x = sparse_matrix(rng, 100, 6)
+    n = 400
+    x = sparse_matrix(rng, n, 12)
     x[:, 0] = 0
-    x[:, 1] = 0.1  # constant: round-off variance only
+    x[:, 1] = 0.1  # constant: its float64 mean is not exactly 0.1, still dead
     x[:, 2] = 1000.0
     x[3, 2] = 1000.5  # nearly constant but real: alive
-    st = column_stats(SparseCodes.from_dense(x))
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(st.sums, x64.sum(0), rtol=1e-14)
-    np.testing.assert_allclose(st.css, ((x64 - x64.mean(0)) ** 2).sum(0), rtol=1e-9, atol=1e-12)
-    assert st.dead.tolist() == [True, True, False, False, False, False]
+    x[:, 3] = np.float16(0.1)  # an fp16-rounded constant: dead
+    x[:, 4] = np.float32(3.7) * (1 + rng.integers(0, 4, n) * 2.0**-23)  # float32 round-off noise: dead
+    x[:, 5] = 1.0
+    x[7, 5] = 1.0 + 1e-5  # varies on one row only (sd / rms = 5e-7): alive, and exact below
+    x[:, 6] = 2.0 + 1e-4 * rng.random(n)  # nearly constant: alive, shifted
+    x[:, 7] = 5.0
+    x[::50, 7] = 0  # active on 98% of the rows, kappa = 50: shifted
+    for data in (SparseCodes.from_dense(x), x, x.astype(np.float64)):
+        st = column_stats(data)
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose(st.sums, x64.sum(0), rtol=1e-14)
+        alive = ~st.dead  # (a dead column's css is not used)
+        np.testing.assert_allclose(st.css[alive], ((x64 - x64.mean(0)) ** 2).sum(0)[alive], rtol=1e-12)
+        assert st.dead.tolist() == [True, True, False, True, True] + [False] * 7
+        assert st.dead.tolist() == ref_dead(x).tolist()
+        assert st.shifted.tolist() == [False] * 2 + [True] + [False] * 2 + [True] * 3 + [False] * 4
+        np.testing.assert_array_equal(st.center[st.shifted], x64.mean(0)[st.shifted].astype(np.float32))
+        np.testing.assert_allclose(st.csums, (x64 - st.center).sum(0), rtol=1e-12)
+    assert DEAD_RANGE == 2.0**-20
 
 
 def test_original_scaling_reproduces_the_original_formula():
     rng = np.random.default_rng(2)
     x, y = sparse_matrix(rng, 150, 20), sparse_matrix(rng, 150, 25)
     x[:, 3] = 0
-    eng = NumpyEngine()
-    m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
-    np.testing.assert_allclose(m.rho * 149 / 150, original_rho(x, y), rtol=0, atol=1e-9)
-    # exact Pearson and the original differ by (N-1)/N, not more
-    np.testing.assert_allclose(m.rho, ref_corr(x, y).max(1), atol=1e-12)
+    for eng in (exact_engine(), NumpyEngine()):  # the default: float32 dense products
+        m = eng.best_match(eng.prepare(SparseCodes.from_dense(x)), eng.prepare(SparseCodes.from_dense(y)))
+        np.testing.assert_allclose(m.rho * 149 / 150, original_rho(x, y), rtol=0, atol=1e-9)
+        # exact Pearson and the original differ by (N-1)/N, not more
+        np.testing.assert_allclose(m.rho, ref_corr(x, y).max(1), atol=TOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,15 +240,16 @@ def test_wmppc_matches_reference_and_orders_layers_by_index(tmp_path):
     a[20][:, 6] = 3.0  # constant: dead, still weighted by its mass
     write_run(tmp_path, "A", a)
     write_run(tmp_path, "B", b)
-    res = wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "B"), engine=NumpyEngine())
     ref = ref_wmppc([a[3], a[20], a[100]], [b[7], b[100]])
-    assert res.source_layers == [3, 20, 100] and res.target_layers == [7, 100]
-    np.testing.assert_allclose(res.matrix, ref["matrix"], atol=1e-12)
-    np.testing.assert_allclose(res.mppc_matrix, ref["mppc_matrix"], atol=1e-12)
-    assert res.all_layers == pytest.approx(ref["all"], abs=1e-12)
-    assert res.mppc_all_layers == pytest.approx(ref["mppc_all"], abs=1e-12)
-    assert res.last_layer == pytest.approx(ref["last"], abs=1e-12)  # layer 100 vs 100, not "layer20"
-    assert res.dead_source_features == [0, 2, 0]
+    for eng in (exact_engine(), NumpyEngine()):
+        res = wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "B"), engine=eng)
+        assert res.source_layers == [3, 20, 100] and res.target_layers == [7, 100]
+        np.testing.assert_allclose(res.matrix, ref["matrix"], atol=TOL)
+        np.testing.assert_allclose(res.mppc_matrix, ref["mppc_matrix"], atol=TOL)
+        assert res.all_layers == pytest.approx(ref["all"], abs=TOL)
+        assert res.mppc_all_layers == pytest.approx(ref["mppc_all"], abs=TOL)
+        assert res.last_layer == pytest.approx(ref["last"], abs=TOL)  # layer 100 vs 100, not "layer20"
+        assert res.dead_source_features == [0, 2, 0]
     j = res.to_json()
     for key in ("source", "target", "all_layers", "last_layer", "source_layers", "target_layers", "matrix",
                 "mppc_all_layers", "mppc_last_layer", "n_samples", "dead_source_features"):
@@ -201,15 +262,34 @@ def test_wmppc_reads_each_layer_once_and_engines_agree(tmp_path):
     a = {l: sparse_matrix(rng, 120, 16) for l in (0, 1, 2)}
     write_run(tmp_path, "A", a)
     results = []
-    for make in (lambda: NumpyEngine(), ENGINES["torch-sparse"], ENGINES["numpy-dense"]):
+    makers = (exact_engine, ENGINES["numpy-sparse"], ENGINES["torch-sparse"], ENGINES["numpy-dense"], NumpyEngine)
+    for make in makers:
         loader = LayerLoader(make())
         results.append(wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "A"), engine=loader.engine,
                              loader=loader, null=2))
         assert sorted(loader.reads) == sorted(set(loader.reads)) and len(loader.reads) == 3
-    assert results[0].all_layers == pytest.approx(1.0)  # every feature finds itself
+    assert results[0].all_layers == 1.0  # every feature finds itself, and rho is clipped to 1
     for r in results[1:]:
-        np.testing.assert_allclose(r.matrix, results[0].matrix, atol=1e-12)
-        assert r.null.all_layers == pytest.approx(results[0].null.all_layers, abs=1e-12)
+        np.testing.assert_allclose(r.matrix, results[0].matrix, atol=TOL)
+        assert r.null.all_layers == pytest.approx(results[0].null.all_layers, abs=TOL)
+
+
+@pytest.mark.parametrize("fmt", ["toolkit", "original"])
+def test_wmppc_between_two_runs_reads_each_layer_once(tmp_path, fmt):
+    rng = np.random.default_rng(14)
+    a = {l: sparse_matrix(rng, 120, 16).astype(np.float16).astype(np.float32) for l in (0, 1, 2)}
+    b = {l: sparse_matrix(rng, 120, 12).astype(np.float16).astype(np.float32) for l in (3, 4)}
+    b[4][:, :5] = a[2][:, :5]
+    write = write_run if fmt == "toolkit" else write_original
+    write(tmp_path, "A", a)
+    write(tmp_path, "B", b)
+    loader = LayerLoader(exact_engine())
+    res = wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "B"), engine=loader.engine, loader=loader, null=3)
+    assert sorted(loader.reads) == sorted({(str(tmp_path / r), l) for r, ls in (("A", a), ("B", b)) for l in ls})
+    assert len(loader.reads) == 5  # 3 source + 2 target layers, null baseline included
+    ref = ref_wmppc([a[0], a[1], a[2]], [b[3], b[4]])
+    np.testing.assert_allclose(res.matrix, ref["matrix"], atol=1e-12)
+    assert res.all_layers == pytest.approx(ref["all"], abs=1e-12)
 
 
 def concept_runs(rng, n: int, d: int, shared: np.ndarray, noise: float = 0.1):
@@ -261,11 +341,22 @@ def test_original_format_reads_like_the_toolkit_format(tmp_path):
     other = {l: sparse_matrix(rng, n, 18).astype(np.float16).astype(np.float32) for l in (0, 5, -1)}
     write_original(tmp_path / "orig", "A", layers)
     write_original(tmp_path / "orig", "B", other)
-    res = wmppc(open_run(tmp_path / "orig", "A"), open_run(tmp_path / "orig", "B"), engine=NumpyEngine())
-    assert res.source_layers == [0, 5, -1]  # -1 is the deepest
     ref = ref_wmppc([layers[0], layers[5], layers[-1]], [other[0], other[5], other[-1]])
-    np.testing.assert_allclose(res.matrix, ref["matrix"], atol=1e-12)
-    assert res.last_layer == pytest.approx(ref["last"], abs=1e-12)
+    write_run(tmp_path / "csr", "A", layers)
+    write_run(tmp_path / "csr", "B", other)
+    null = wmppc(open_run(tmp_path / "csr", "A"), open_run(tmp_path / "csr", "B"), engine=exact_engine(),
+                 null=2).null
+    for eng in (exact_engine(), NumpyEngine(), NumpyEngine("sparse"), ENGINES["torch-dense"]()):
+        res = wmppc(open_run(tmp_path / "orig", "A"), open_run(tmp_path / "orig", "B"), engine=eng, null=2)
+        assert res.source_layers == [0, 5, -1]  # -1 is the deepest
+        np.testing.assert_allclose(res.matrix, ref["matrix"], atol=TOL)
+        assert res.last_layer == pytest.approx(ref["last"], abs=TOL)
+        # the null baseline permutes the rows of the dense layer like those of the CSR codes
+        np.testing.assert_allclose(res.null.all_layers, null.all_layers, atol=TOL)
+    # the layer stays a dense fp16 array, memory-mapped from the file, not copied into RAM
+    layer = LayerLoader(NumpyEngine()).load(open_run(tmp_path / "orig", "A"), 5)
+    assert isinstance(layer.data, np.ndarray) and layer.data.dtype == np.float16
+    assert not layer.data.flags.owndata and "csr" not in layer.cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +383,7 @@ def test_sharedness_selects_features_shared_with_all_of_g_and_none_of_h(tmp_path
     rng = np.random.default_rng(8)
     m = sharedness_runs(tmp_path, rng)
     run = lambda name: open_run(tmp_path, name)  # noqa: E731
-    loader = LayerLoader(NumpyEngine())
+    loader = LayerLoader(exact_engine())
     res = comparative_sharedness(run("M"), [run("G1"), run("G2")], [run("H1"), run("H2")],
                                  top=0.1, engine=loader.engine, loader=loader)
     assert sorted(res.selected.tolist()) == [0, 1, 2, 3, 4, 5]
@@ -311,6 +402,36 @@ def test_sharedness_selects_features_shared_with_all_of_g_and_none_of_h(tmp_path
     assert [f["index"] for f in feats] == res.selected.tolist()
     assert set(feats[0]) >= {"index", "delta", "weight", "rho_min_group", "rho_max_group"}
     assert feats[0]["best_match"]["G1"]["layer"] == 11
+
+
+def test_sharedness_counts_an_anticorrelated_best_match_as_no_match(tmp_path):
+    """rho_G < 0 (the best match in G anti-correlates) must not be squared into a large Delta."""
+    rng = np.random.default_rng(12)
+    n, d = 400, 20
+    gamma = lambda shape: rng.gamma(2, 1, shape).astype(np.float32)  # noqa: E731
+    g = gamma((n, d)) * (rng.random((n, d)) < 0.9)
+    g[200:] = 0  # G: every feature lives on the first half of the rows
+    m = gamma((n, d)) * (rng.random((n, d)) < 0.2)
+    m[:, 0] = 0
+    m[200:, 0] = gamma(200)  # feature 0: the second half only, anti-correlated with every G feature
+    m[:, 1:10] = 0.1 * g[:, 1:10]  # features 1-9: shared with G (small mass S), not with H
+    h = gamma((n, d)) * (rng.random((n, d)) < 0.5)
+    h[:, 10:] = m[:, 10:]  # features 10-19: shared with H
+    for name, x in (("M", m), ("G", g), ("H", h)):
+        write_run(tmp_path, name, {0: x})
+    run = lambda name: open_run(tmp_path, name)  # noqa: E731
+    res = comparative_sharedness(run("M"), [run("G")], [run("H")], top=0.05, engine=exact_engine())
+    rho_g, rho_h = ref_corr(m, g).max(1), ref_corr(m, h).max(1)
+    assert rho_g[0] < -0.3 and 0 < rho_h[0] < 0.3
+    np.testing.assert_allclose(res.rho_min_group, rho_g, atol=1e-12)  # the raw rhos are kept
+    np.testing.assert_allclose(res.rho_max_group, rho_h, atol=1e-12)
+    s = m.astype(np.float64).sum(0)
+    np.testing.assert_allclose(res.delta, s * (np.maximum(rho_g, 0) ** 2 - np.maximum(rho_h, 0) ** 2), atol=1e-9)
+    assert res.delta[0] == pytest.approx(-s[0] * rho_h[0] ** 2) and res.delta[0] < 0
+    assert 0 not in res.selected.tolist()  # squaring rho_G would have ranked it first
+    assert s[0] * (rho_g[0] ** 2 - rho_h[0] ** 2) > res.delta[res.selected].max()
+    feats = res.to_json()["features"]
+    assert all(f["rho_min_group"] == pytest.approx(rho_g[f["index"]], abs=1e-12) for f in feats)
 
 
 def test_sharedness_layer_choices(tmp_path):

@@ -33,11 +33,16 @@ def runs(tmp_path):
 def test_wmppc_text_json_plot_null(runs, capsys):
     root, a, b = runs
     base = ["--source", "A", "--target", "B", "--features_dir", str(root), "--no-progress", "--device", "cpu"]
-    assert wmppc.main(base) == 0
-    out = capsys.readouterr().out
     ref = ref_wmppc([a[0], a[4]], [b[1], b[2]])
-    assert f"All Layers : {ref['all']:.6f} | Last layer : {ref['last']:.6f}" in out
-    assert "src\\tgt" in out
+    for extra in ([], ["--null", "2"]):
+        assert wmppc.main([*base, *extra]) == 0
+        out = capsys.readouterr().out
+        # a grep for "All Layers :" finds the original's line and nothing else (MPPC, null baseline)
+        assert [l for l in out.splitlines() if "All Layers :" in l] == [
+            f"All Layers : {ref['all']:.6f} | Last layer : {ref['last']:.6f}"]
+        assert f"MPPC (unweighted): all layers {ref['mppc_all']:.6f} | last layer" in out
+        assert "src\\tgt" in out
+    assert "Null wMPPC (2 row permutations of the target): all layers" in out
     assert wmppc.main([*base, "--json", "--plot", str(root / "m.png"), "--null", "2"]) == 0
     j = json.loads(capsys.readouterr().out)
     assert j["source"] == "A" and j["target"] == "B" and j["source_layers"] == [0, 4]
@@ -81,6 +86,16 @@ def test_sharedness_table_json_csv(tmp_path, capsys):
 
 def test_cli_errors(runs):
     root = str(runs[0])
+    rng = np.random.default_rng(3)
+    write_run(runs[0], "short", {0: sparse_matrix(rng, 100, 8)})
+    write_original(runs[0], "orig_short", {-1: sparse_matrix(rng, 90, 8)})
+    with pytest.raises(InputError, match=r"^runs 'A' \(N=120\) and 'short' \(N=100\) have different numbers"):
+        wmppc.main(["--source", "A", "--target", "short", "--features_dir", root, "--device", "cpu"])
+    with pytest.raises(InputError, match=r"^runs 'orig_short' \(N=90, layer -1\) and 'A' \(N=120, layer 0\)"):
+        wmppc.main(["--source", "A", "--target", "orig_short", "--features_dir", root, "--device", "cpu"])
+    with pytest.raises(InputError, match=r"'A' \(N=120\) and 'short' \(N=100\)"):
+        comp_sharedness.main(["--source", "A", "--min_group", "B", "--max_group", "short", "--features_dir", root,
+                              "--device", "cpu"])
     with pytest.raises(InputError, match="available: A, B"):
         wmppc.main(["--source", "A", "--target", "C", "--features_dir", root, "--device", "cpu"])
     with pytest.raises(InputError, match="--source and --target"):
@@ -104,3 +119,10 @@ def test_scripts_as_subprocesses(runs):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: no run 'nope' in {root} (available: A, B)"]
+    write_run(runs[0], "short", {0: sparse_matrix(np.random.default_rng(4), 100, 8)})
+    done = subprocess.run([sys.executable, "wmppc.py", "--source", "A", "--target", "short", "--features_dir", root,
+                           "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: runs 'A' (N=120) and 'short' (N=100) have different numbers of rows; "
+        "compare runs recorded on the same data"]
