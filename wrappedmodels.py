@@ -11,7 +11,9 @@ Usage (what train_image.py / train_text.py do):
     out = adapter.forward(batch, layers, token=args.token)
     out.hidden[l]   # [B, T, d] residual stream after block l (before any final norm / pooling)
     out.mask        # [B, T] bool, True on real (non-padding) tokens
+    out.train_mask_of(l)  # [B, T] bool, the tokens an SAE trains on (real ones; SiglipText: + the last position)
     out.pooled[l]   # [B, d] the recorded position (--token)
+    adapter.embed(batch)  # [B, d_embed] float32: the joint image-text embedding (CLIP, SigLIP families)
 
 Each adapter registers forward hooks on the transformer blocks, keeps the block output (`output[0]`
 when a block returns a tuple) and stops the forward after the deepest requested block by raising a
@@ -92,6 +94,8 @@ class EncoderOutput:
     pooled_index: [B] long position of the recorded token, or None when it is a mean
     masks: {layer: [B, T_layer]} the mask of each layer (T and d differ per layer for CLIP ResNets; for
         the other families every layer has `mask`)
+    train_masks: {layer: [B, T_layer]} the tokens an SAE trains on when they are not the real tokens
+        (SiglipText: the real tokens plus the final position, the model's own pooled position); None: `masks`
     """
 
     hidden: dict[int, Tensor]
@@ -99,9 +103,15 @@ class EncoderOutput:
     pooled: dict[int, Tensor]
     pooled_index: Tensor | None
     masks: dict[int, Tensor] | None = None
+    train_masks: dict[int, Tensor] | None = None
 
     def mask_of(self, layer: int) -> Tensor:
+        """[B, T_layer] bool: the real tokens of `layer`."""
         return self.masks[layer] if self.masks is not None else self.mask
+
+    def train_mask_of(self, layer: int) -> Tensor:
+        """[B, T_layer] bool: the tokens stored for SAE training at `layer`."""
+        return self.train_masks[layer] if self.train_masks is not None else self.mask_of(layer)
 
 
 def pool_tokens(hidden: Tensor, mask: Tensor, rule: str, n_prefix: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -188,6 +198,11 @@ class Adapter:
     widths: width of each block's output when they differ (CLIP ResNets); d_model is the last one's.
     to_tokens: turns a hooked block output into [B, T, d] (CLIP ResNets: feature maps [B, C, H, W] to
         [B, H*W, C], the attnpool output [B, D] to [B, 1, D]); None: it already is (after seq_first).
+    train_final: the final position is stored for SAE training even when it is padding (SiglipText: the
+        model attends to all positions and pools the last one, so the recorded vector is a trained token).
+    encode: (module, batch on the device) -> [B, d_embed] the final projected embedding in the joint
+        image-text space (see `embed`); None for families without one (ViT, DinoV2, Bert, Deberta).
+    d_embed: width of that embedding, None without one.
     """
 
     model: str
@@ -207,6 +222,9 @@ class Adapter:
     autocast: bool = True
     widths: Sequence[int] | None = None
     to_tokens: Callable[[Tensor], Tensor] | None = None
+    train_final: bool = False
+    encode: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
+    d_embed: int | None = None
 
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
         return resolve_layers(layers, self.n_blocks)
@@ -214,6 +232,26 @@ class Adapter:
     def d_of(self, layer: int) -> int:
         """Width of the output of block `layer` (negatives count from the end)."""
         return _width(self.widths, self.d_model, layer, self.n_blocks)
+
+    def _on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """[B, d_embed] float32: the model's final embedding in its joint image-text space, not L2-normalised.
+
+        ClipVision / ClipText: open_clip encode_image / encode_text (final norm and projection; the
+        attnpool output for CLIP ResNets); SigLIP2Vision / SiglipText: get_image_features /
+        get_text_features (the pooled output with the heads). Full forward (no hooks), under
+        inference_mode, bf16 autocast on CUDA as `forward`. batch: `preprocess(items)`.
+        """
+        if self.encode is None:
+            raise InputError(f"--model {self.model} has no joint image-text embedding (only ClipVision, ClipText, "
+                             f"SigLIP2Vision and SiglipText have one)")
+        batch = self._on_device(batch)
+        use_amp = self.autocast and self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            out = self.encode(self.module, batch)
+        return out.float()
 
     def token_rule(self, token: str) -> str:
         """The `pool_tokens` rule of a --token choice for this model."""
@@ -245,7 +283,7 @@ class Adapter:
             return hook
 
         handles = [self.blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
-        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch = self._on_device(batch)
         use_amp = self.autocast and self.device.type == "cuda"
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -267,7 +305,12 @@ class Adapter:
             pooled, index = {}, None
             for layer in layers:
                 pooled[layer], index = pool_tokens(captured[layer], masks[layer], rule, self.n_prefix)
-        return EncoderOutput(captured, masks[deepest], pooled, index, masks)
+            train_masks = None
+            if self.train_final:
+                train_masks = {layer: m.clone() for layer, m in masks.items()}
+                for m in train_masks.values():
+                    m[:, -1] = True
+        return EncoderOutput(captured, masks[deepest], pooled, index, masks, train_masks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +514,7 @@ def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[Sequence[nn.M
 
 
 def _run_visual(module: nn.Module, batch: dict[str, Tensor]) -> Any:
+    """The open_clip image tower; its output is encode_image's (final norm + projection / attnpool)."""
     return module(batch["pixel_values"])
 
 
@@ -499,10 +543,12 @@ def _load_clip_vision(name: str, pretrained: str | None, device: torch.device) -
         module=_eval(visual, device), blocks=blocks, preprocess=TorchvisionImages(preprocess),
         run=_run_visual, real_mask=_all_tokens, pooled_rule=rule, device=device,
         n_prefix=n_prefix, seq_first=seq_first, widths=info.widths,
-        to_tokens=_spatial_tokens if resnet else None)
+        to_tokens=_spatial_tokens if resnet else None, encode=_run_visual,
+        d_embed=int(_open_clip_config(name)["embed_dim"]))
 
 
 def _run_clip_text(module: nn.Module, batch: dict[str, Tensor]) -> Any:
+    """open_clip encode_text, unnormalised: final norm, EOT pooling and text projection."""
     return module.encode_text(batch["input_ids"])
 
 
@@ -520,13 +566,15 @@ def _load_clip_text(name: str, pretrained: str | None, device: torch.device) -> 
     if pool_type != "argmax":
         raise InputError(f"open_clip model '{name}' pools its text with '{pool_type}': ClipText supports "
                          f"CLIP-style towers (EOT = argmax of the token ids) only")
-    model.visual = None  # encode_text does not use it; free the memory
+    model.visual = None  # encode_text does not use it; free the memory (the text tower, ln_final and the
+    # text projection stay)
     tokenizer = open_clip.get_tokenizer(open_clip_name(name))
     return Adapter(
         model="ClipText", name=name, modality=TEXT, n_blocks=len(transformer.resblocks),
         d_model=info.d_model, module=_eval(model, device), blocks=transformer.resblocks,
         preprocess=OpenClipTokens(tokenizer), run=_run_clip_text, real_mask=_clip_text_mask,
-        pooled_rule="last", device=device, seq_first=not getattr(transformer, "batch_first", True))
+        pooled_rule="last", device=device, seq_first=not getattr(transformer, "batch_first", True),
+        encode=_run_clip_text, d_embed=int(_open_clip_config(name)["embed_dim"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,6 +637,16 @@ def _run_ids_only(module: nn.Module, batch: dict[str, Tensor]) -> Any:
     return module(input_ids=batch["input_ids"])
 
 
+def _siglip_pooled(run: Callable[[nn.Module, dict[str, Tensor]], Any]) -> Callable[[nn.Module, dict], Tensor]:
+    """get_image_features / get_text_features of a SigLIP tower: its pooler_output (the attention-pooling
+    head of the vision tower; final norm, last position and head of the text tower)."""
+
+    def encode(module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return run(module, batch).pooler_output
+
+    return encode
+
+
 def _run_text(module: nn.Module, batch: dict[str, Tensor]) -> Any:
     return module(**batch)
 
@@ -610,10 +668,12 @@ def _load_siglip_vision(name: str, _pretrained: str | None, device: torch.device
     processor = _from_pretrained(AutoImageProcessor, name, "SigLIP2 image processor")
     blocks = _find_blocks(model, cfg.num_hidden_layers, ["encoder.layers", "vision_model.encoder.layers"])
     naflex = family == "siglip2"
+    head = getattr(cfg, "vision_use_head", True) is not False
     return Adapter(
         model="SigLIP2Vision", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=cfg.hidden_size,
         module=_eval(model, device), blocks=blocks, preprocess=HFImages(processor), run=_run_pixels,
-        real_mask=_pixel_attention_mask if naflex else _all_tokens, pooled_rule="mean", device=device)
+        real_mask=_pixel_attention_mask if naflex else _all_tokens, pooled_rule="mean", device=device,
+        encode=_siglip_pooled(_run_pixels) if head else None, d_embed=int(cfg.hidden_size) if head else None)
 
 
 def _load_siglip_text(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
@@ -629,7 +689,8 @@ def _load_siglip_text(name: str, _pretrained: str | None, device: torch.device) 
         model="SiglipText", name=name, modality=TEXT, n_blocks=len(blocks), d_model=cfg.hidden_size,
         module=_eval(model, device), blocks=blocks,
         preprocess=HFTokens(tokenizer, padding="max_length", truncation=True, max_length=length),
-        run=_run_ids_only, real_mask=_attention_mask, pooled_rule="final", device=device)
+        run=_run_ids_only, real_mask=_attention_mask, pooled_rule="final", device=device, train_final=True,
+        encode=_siglip_pooled(_run_ids_only), d_embed=int(getattr(cfg, "projection_size", None) or cfg.hidden_size))
 
 
 def _load_vit(name: str, _pretrained: str | None, device: torch.device) -> Adapter:

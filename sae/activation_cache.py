@@ -1,6 +1,6 @@
 """On-disk activation cache: one pass of an encoder over a dataset, every requested layer at once.
 
-Layout (format `actcache-v1`) of `<cache_dir>/<key>/`, the key hashing the model (name, weights tag,
+Layout (format `actcache-v2`) of `<cache_dir>/<key>/`, the key hashing the model (name, weights tag,
 local file stamps, preprocessing), the dataset (source, split, fingerprint, column, row ids,
 max_samples, skip_bad), the layers, the storage dtype and the recorded token:
 
@@ -9,28 +9,40 @@ max_samples, skip_bad), the layers, the storage dtype and the recorded token:
     token_row.npy    int32     [n_tok]    run row n (0..N-1) of each stored token
     token_pos.npy    int16     [n_tok]    position of each stored token in its sequence (0 = CLS/first)
     layer{L:02d}/
-        tokens-{s:05d}.npy     [shard_rows, d]  all real (non-padding) tokens of all rows, in row order;
-                                                every shard but the last holds exactly shard_tokens rows,
-                                                the same tokens for every layer (row-aligned)
-        pooled.npy             [N, d]           the recorded position of each row (--token)
+        tokens-{s:05d}.npy     [n_tok_s, d_L]   the training tokens of the rows of shard s, in row order
+        pooled.npy             [N, d_L]         the recorded position of each row (--token)
+
+The training tokens are the real (non-padding) tokens of each row; for SiglipText also its final
+position, the model's own pooled position (see wrappedmodels.EncoderOutput.train_mask_of).
+
+Shards are row-aligned across all layers: shard s holds the same rows (`meta["shard_rows"][s]` of
+them) in every layer, and no row straddles two shards. When every layer has the same token layout
+(every family but CLIP ResNets) token t of shard s is also the same token in every layer, and
+`token_row.npy` / `token_pos.npy` sit at the top. When layouts differ (a CLIP ResNet's stages have
+H*W tokens of different widths, its attention pool one), each layer folder holds its own
+`token_row.npy` / `token_pos.npy` and `meta["layouts"]` lists the layers that share a layout:
+`[{"layers", "n_tokens", "shard_sizes"}]`. `meta["widths"]` maps each layer to its width d_L.
 
 Values are float16 / float32, or bfloat16 stored as its uint16 bit pattern (`to_tensor` turns any of
-them into a float tensor). Layers are block indices counted from 0 (negatives resolved).
+them into a float tensor). Layers are block indices counted from 0 (negatives resolved). A value that
+is not finite (NaN, inf, or a float16 overflow) stops the extraction naming the layer and row.
 
-Writing and resuming: the extraction writes into `<cache_dir>/.<key>.partial/`. Each token shard is
-filled through a memory map under a temporary name and renamed when full; then `progress.json`
-(atomic) records the shards done and the row to restart from (a row may straddle two shards: the
-tokens it already has in finished shards are skipped when it is recomputed). A killed run started
-again with the same flags resumes from the last finished shard; at the end the files above are
-written, meta.json last, and the directory is renamed to `<key>` in one step. An exclusive lock
-keeps two processes from writing the same key. A later run with the same key, or with a subset of
-the layers of a finished cache, reuses it without loading the model.
+Writing and resuming: the extraction writes into `<cache_dir>/.<key>.partial/`. Each shard file is
+written under a temporary name and renamed when the shard is closed (after the batch that brings any
+layer's shard to `shard_mb` MiB); then `progress.json` (atomic) records the shards done and the row to
+restart from. A killed run started again with the same flags resumes from the last closed shard; at
+the end the files above are written, meta.json last, and the directory is renamed to `<key>` in one
+step. An exclusive lock keeps two processes from writing the same key. A later run with the same key,
+or with a subset of the layers of a finished cache, reuses it without loading the model. Temporary
+files of dead processes, and unfinished extractions of dead processes that closed no shard yet, are
+removed by the next extraction in the same `cache_dir` once untouched for 10 minutes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,7 +51,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -49,8 +61,9 @@ from sae.atomic import _fsync_dir, atomic_path, read_json, write_json
 from sae.cli import InputError
 from sae.data import BadRow, Pairs
 
-FORMAT = "actcache-v1"
+FORMAT = "actcache-v2"
 DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16)}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -65,8 +78,15 @@ class CacheConfig:
     cache_dtype: str = field(default="float16", metadata=_help(
         "storage dtype of activations (bfloat16 is stored as uint16 bits)", choices=tuple(DTYPES)))
     extract_batch_size: int = field(default=32, metadata=_help("rows per encoder forward"))
-    num_workers: int = field(default=4, metadata=_help("DataLoader worker processes (decode + preprocess)"))
+    num_workers: int | None = field(default=None, metadata=_help(
+        "DataLoader worker processes (decode + preprocess); default: 4 with a GPU, 0 on CPU, where workers "
+        "take cores from the forward (see bench/extract.py)"))
     shard_mb: int = field(default=256, metadata=_help("size of one token shard file, in MiB"))
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when --num_workers is not given: 4 on CUDA, 0 on CPU."""
+    return 4 if device.type == "cuda" else 0
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -83,9 +103,18 @@ class ActivationCache:
     def layers(self) -> list[int]:
         return list(self.meta["layers"])
 
+    def d_of(self, layer: int) -> int:
+        """Width of `layer`'s activations."""
+        self._layer_dir(layer)
+        return int(self.meta["widths"][str(layer)])
+
     @property
     def d_model(self) -> int:
-        return int(self.meta["d_model"])
+        """The width shared by every layer (InputError when they differ: use d_of)."""
+        widths = {self.d_of(layer) for layer in self.layers}
+        if len(widths) != 1:
+            raise InputError(f"the layers of {self.path} have different widths: use d_of(layer)")
+        return widths.pop()
 
     @property
     def dtype(self) -> str:
@@ -96,8 +125,26 @@ class ActivationCache:
         return int(self.meta["n_rows"])
 
     @property
+    def layouts(self) -> list[list[int]]:
+        """Groups of layers sharing one token layout (same tokens of the same rows), shallowest first."""
+        return [list(g["layers"]) for g in self.meta["layouts"]]
+
+    def _layout(self, layer: int | None) -> dict[str, Any]:
+        layouts = self.meta["layouts"]
+        if layer is None:
+            if len(layouts) > 1:
+                raise InputError(f"the layers of {self.path} have different token layouts: name a layer")
+            return layouts[0]
+        self._layer_dir(layer)
+        return next(g for g in layouts if layer in g["layers"])
+
+    def n_tokens_of(self, layer: int | None = None) -> int:
+        """Stored tokens of `layer` (None: the only layout)."""
+        return int(self._layout(layer)["n_tokens"])
+
+    @property
     def n_tokens(self) -> int:
-        return int(self.meta["n_tokens"])
+        return self.n_tokens_of(None)
 
     @property
     def row_ids(self) -> np.ndarray:
@@ -111,25 +158,33 @@ class ActivationCache:
         return self.path / layer_dir_name(layer)
 
     def token_shards(self, layer: int) -> list[np.ndarray]:
-        """[shard_rows, d] arrays of all real tokens, row-aligned across layers."""
+        """[n_tok_s, d] arrays of the stored tokens of each shard (row-aligned across layers)."""
         d = self._layer_dir(layer)
-        return [np.load(d / f"tokens-{s:05d}.npy", mmap_mode="r") for s in range(len(self.meta["shard_sizes"]))]
+        return [np.load(d / f"tokens-{s:05d}.npy", mmap_mode="r") for s in range(len(self.meta["shard_rows"]))]
 
     def pooled(self, layer: int) -> np.ndarray:
         """[N, d] vectors at the recorded position (meta['token'])."""
         return np.load(self._layer_dir(layer) / "pooled.npy", mmap_mode="r")
 
-    def token_row(self) -> np.ndarray:
-        """int32 [n_tokens]: run row of each stored token (index into row_ids)."""
-        return np.load(self.path / "token_row.npy", mmap_mode="r")
+    def _token_file(self, name: str, layer: int | None) -> np.ndarray:
+        self._layout(layer)  # checks the layer, or that there is one layout
+        if self.meta["token_files"] == "per_layer":
+            if layer is None:
+                layer = self.layers[0]
+            return np.load(self._layer_dir(layer) / f"{name}.npy", mmap_mode="r")
+        return np.load(self.path / f"{name}.npy", mmap_mode="r")
 
-    def token_pos(self) -> np.ndarray:
-        """int16 [n_tokens]: sequence position of each stored token."""
-        return np.load(self.path / "token_pos.npy", mmap_mode="r")
+    def token_row(self, layer: int | None = None) -> np.ndarray:
+        """int32 [n_tokens]: run row of each stored token of `layer` (index into row_ids)."""
+        return self._token_file("token_row", layer)
 
-    def shard_slices(self) -> list[slice]:
+    def token_pos(self, layer: int | None = None) -> np.ndarray:
+        """int16 [n_tokens]: sequence position of each stored token of `layer`."""
+        return self._token_file("token_pos", layer)
+
+    def shard_slices(self, layer: int | None = None) -> list[slice]:
         """Token ranges of the shards, e.g. token_row()[shard_slices()[s]] for shard s."""
-        ends = np.cumsum([0] + list(self.meta["shard_sizes"]))
+        ends = np.cumsum([0] + list(self._layout(layer)["shard_sizes"]))
         return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
 
     def to_tensor(self, arr: np.ndarray) -> torch.Tensor:
@@ -152,7 +207,8 @@ def open_cache(path: str | Path) -> ActivationCache:
         raise InputError(f"{path} is not a finished activation cache (no meta.json)")
     meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: unknown activation cache format {meta.get('format')!r} (expected {FORMAT})")
+        raise InputError(f"{path}: activation cache format {meta.get('format')!r} is not {FORMAT} (made by an "
+                         f"older version: delete it, the next run extracts again)")
     return ActivationCache(path, meta)
 
 
@@ -201,6 +257,108 @@ def find_cache(cache_dir: str | Path, material: dict[str, Any]) -> ActivationCac
     return None
 
 
+# ------------------------------------------------------------------------------ leftovers of dead runs
+
+_TMP_PID = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+STALE_S = 600  # leftovers untouched for this long may be removed (a process id is only unique on its host)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a process of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def last_touched(path: Path) -> float:
+    """Seconds since `path`, or anything under it, was last modified."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.rglob("*")]
+    return time.time() - max(times)
+
+
+def remove_dead_temporaries(root: str | Path, recursive: bool = True, min_age_s: float = STALE_S) -> list[Path]:
+    """Delete `.<name>.tmp-<pid>` / `.<name>.old-<pid>` files and folders (sae.atomic's temporary names)
+    left under `root` by processes that no longer exist and untouched for `min_age_s` (a folder shared
+    by several hosts may hold the live temporaries of another host's process). Returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in list(root.rglob(".*") if recursive else root.glob(".*")):
+        m = _TMP_PID.match(p.name)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if last_touched(p) < min_age_s:
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _lock_free(lock_path: Path) -> bool:
+    """Whether no process holds the lock of an extraction (False where locks are not supported: keep)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not lock_path.exists():
+        return True
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return True
+
+
+def clean_cache_dir(cache_dir: str | Path, keep: str | None = None, show: bool = True) -> None:
+    """Remove what dead extractions left in `cache_dir`: temporary files, and `.<key>.partial` folders
+    whose lock is free, untouched for STALE_S seconds, that closed no shard yet (nothing to resume) or
+    have another format. Unfinished extractions with closed shards are kept (started again with the
+    same flags they resume) and named. `keep`: the key being extracted now."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return
+    resumable = []
+    for partial in sorted(root.glob(".*.partial")):
+        key = partial.name[1:-len(".partial")]
+        if key == keep or not partial.is_dir() or not _lock_free(root / f".{key}.lock"):
+            continue
+        with contextlib.suppress(OSError):
+            if last_touched(partial) < STALE_S:
+                continue
+        shards = 0
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            fmt = read_json(partial / "config.json")["material"]["format"]
+            shards = int(read_json(partial / "progress.json")["shards_done"]) if fmt == FORMAT else 0
+        if shards == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / f".{key}.lock").unlink()
+        else:
+            resumable.append(partial)
+    remove_dead_temporaries(root)  # after the partials: removing a file inside one touches its folder
+    if resumable and show:
+        size = sum(f.stat().st_size for p in resumable for f in p.rglob("*") if f.is_file())
+        tqdm.write(f"note: {len(resumable)} unfinished extraction(s) with other settings in {root} "
+                   f"({size / 2**30:.2f} GiB, {', '.join(p.name for p in resumable)}): started again with "
+                   f"their flags they resume; delete them otherwise")
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
@@ -233,98 +391,131 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
+def _stored(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`t` in the storage dtype, on its device."""
+    return t.to(_TORCH_DTYPES[dtype])
+
+
 def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor already in the storage dtype -> numpy (bfloat16 as uint16 bits)."""
     if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
+        return t.view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.cpu().numpy()
+
+
+_HEADER = 128  # bytes of a .npy v1 header of a 2-D array of any realistic shape
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return buf.getvalue()
 
 
 class _Writer:
-    """Token shards of all layers, filled through memory maps; the state lives in `progress.json`."""
+    """Row-aligned shards of every layer, appended batch by batch; the state lives in `progress.json`.
 
-    def __init__(self, root: Path, layers: list[int], d: int, dtype: str, shard_tokens: int, n_req: int,
-                 progress: dict[str, Any]):
-        self.root, self.layers, self.d, self.dtype = root, layers, d, dtype
+    partition: groups of layers sharing a token layout (known after the first batch); `rows`/`pos`
+    are kept per group. A shard's files are raw appends under `.tokens-s.npy.part` with room for the
+    .npy header, which is written when the shard closes.
+    """
+
+    def __init__(self, root: Path, layers: list[int], widths: dict[int, int], dtype: str, caps: dict[int, int],
+                 n_req: int, state: dict[str, Any]):
+        self.root, self.layers, self.widths, self.dtype = root, layers, widths, dtype
         self.np_dtype = DTYPES[dtype]
-        self.cap = shard_tokens
-        self.shard = int(progress["shards_done"])
-        self.tokens_total = int(progress["tokens_done"])
-        self.fill = 0
-        self.bufs: dict[int, np.ndarray] | None = None
-        self.rows = np.empty(self.cap, dtype=np.int32)
-        self.pos = np.empty(self.cap, dtype=np.int16)
+        self.caps = caps
+        self.shard = int(state["shards_done"])
+        self.shard_rows: list[int] = list(state["shard_rows"])
+        self.partition: list[list[int]] | None = state["partition"]
+        self.files: dict[int, BinaryIO] | None = None
+        self.fill = dict.fromkeys(layers, 0)
+        self.rows_in_shard = 0
+        self.rows: list[list[np.ndarray]] = []
+        self.pos: list[list[np.ndarray]] = []
         self.pooled: dict[int, np.ndarray] = {}
         for layer in layers:
             ldir = root / layer_dir_name(layer)
             ldir.mkdir(exist_ok=True)
             work = ldir / "pooled.work.npy"
-            mode = "r+" if work.exists() and progress["kept_done"] > 0 else "w+"
-            self.pooled[layer] = np.lib.format.open_memmap(work, mode=mode, dtype=self.np_dtype, shape=(n_req, d))
+            mode = "r+" if work.exists() and state["kept_done"] > 0 else "w+"
+            self.pooled[layer] = np.lib.format.open_memmap(work, mode=mode, dtype=self.np_dtype,
+                                                           shape=(n_req, widths[layer]))
+
+    def set_partition(self, partition: list[list[int]]) -> None:
+        if self.partition is None:
+            self.partition = partition
+        elif partition != self.partition:
+            raise RuntimeError(f"the token layouts of the layers changed between batches ({self.partition} -> "
+                               f"{partition})")
 
     def _part(self, layer: int) -> Path:
         return self.root / layer_dir_name(layer) / f".tokens-{self.shard:05d}.npy.part"
 
-    def _open(self) -> None:
-        self.bufs = {layer: np.lib.format.open_memmap(self._part(layer), mode="w+", dtype=self.np_dtype,
-                                                      shape=(self.cap, self.d)) for layer in self.layers}
-
-    def append(self, arrays: dict[int, np.ndarray], rows: np.ndarray, pos: np.ndarray,
-               on_shard: Any) -> None:
-        """Add tokens (the same count for every layer); calls on_shard(tokens_done) after each full shard."""
-        i, n = 0, len(rows)
-        while i < n:
-            if self.bufs is None:
-                self._open()
-            take = min(n - i, self.cap - self.fill)
+    def append(self, arrays: dict[int, np.ndarray], rows: list[np.ndarray], pos: list[np.ndarray],
+               n_rows: int) -> None:
+        """Add the tokens of `n_rows` rows: arrays {layer: [n_tok_group, d]}, rows/pos per group."""
+        if self.files is None:
+            self.files = {}
             for layer in self.layers:
-                self.bufs[layer][self.fill:self.fill + take] = arrays[layer][i:i + take]
-            self.rows[self.fill:self.fill + take] = rows[i:i + take]
-            self.pos[self.fill:self.fill + take] = pos[i:i + take]
-            self.fill += take
-            self.tokens_total += take
-            i += take
-            if self.fill == self.cap:
-                self._close_shard(self.cap)
-                on_shard(self.tokens_total)
-
-    def _close_shard(self, n: int) -> None:
-        """Move the current shard (its first n tokens) to its final names."""
+                f = open(self._part(layer), "wb")
+                f.write(b"\0" * _HEADER)
+                self.files[layer] = f
+            self.rows, self.pos = [[] for _ in self.partition], [[] for _ in self.partition]
         for layer in self.layers:
-            buf, part = self.bufs[layer], self._part(layer)
-            final = self.root / layer_dir_name(layer) / f"tokens-{self.shard:05d}.npy"
-            if n == self.cap:
-                buf.flush()
-                del buf
-                os.replace(part, final)
-            else:
-                with atomic_path(final) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.save(f, np.asarray(buf[:n]))
-                del buf
-                part.unlink()
-        for name, arr in (("token_row", self.rows), ("token_pos", self.pos)):
-            with atomic_path(self.root / f"{name}-{self.shard:05d}.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, arr[:n])
-        self.bufs = None
-        self.shard += 1
-        self.fill = 0
+            self.files[layer].write(memoryview(np.ascontiguousarray(arrays[layer])).cast("B"))
+            self.fill[layer] += len(arrays[layer])
+        for g in range(len(self.partition)):
+            self.rows[g].append(rows[g])
+            self.pos[g].append(pos[g])
+        self.rows_in_shard += n_rows
 
-    def finish(self) -> list[int]:
-        """Close the last (partial) shard; return every shard's size."""
-        if self.fill:
-            self._close_shard(self.fill)
-        sizes = []
-        for s in range(self.shard):
-            sizes.append(int(np.load(self.root / f"token_row-{s:05d}.npy", mmap_mode="r").shape[0]))
-        return sizes
+    def full(self) -> bool:
+        return any(self.fill[layer] >= self.caps[layer] for layer in self.layers)
+
+    def close_shard(self) -> None:
+        """Publish the current shard: token files under their final names, then row/position files."""
+        for layer in self.layers:
+            f, part = self.files[layer], self._part(layer)
+            final = self.root / layer_dir_name(layer) / f"tokens-{self.shard:05d}.npy"
+            header = _npy_header(self.np_dtype, (self.fill[layer], self.widths[layer]))
+            if len(header) == _HEADER:
+                f.seek(0)
+                f.write(header)
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(part, final)
+            else:  # an unusual header length: rewrite the data behind a header of its own size
+                f.close()
+                data = np.fromfile(part, dtype=self.np_dtype, offset=_HEADER).reshape(-1, self.widths[layer])
+                with atomic_path(final) as tmp:
+                    with open(tmp, "wb") as out:
+                        np.save(out, data)
+                part.unlink()
+        for g in range(len(self.partition)):
+            for name, parts, dtype in (("token_row", self.rows[g], np.int32), ("token_pos", self.pos[g], np.int16)):
+                with atomic_path(self.root / f"{name}-g{g}-{self.shard:05d}.npy") as tmp:
+                    with open(tmp, "wb") as out:
+                        np.save(out, np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+        self.files = None
+        self.shard_rows.append(self.rows_in_shard)
+        self.shard += 1
+        self.fill = dict.fromkeys(self.layers, 0)
+        self.rows_in_shard = 0
+
+    def finish(self) -> None:
+        """Close the last shard if it holds rows."""
+        if self.rows_in_shard:
+            self.close_shard()
 
     def flush_pooled(self) -> None:
         for arr in self.pooled.values():
             arr.flush()
 
 
-def _concat_npy(parts: list[Path], out: Path, dtype: Any) -> None:
+def _concat_npy(parts: list[Path], out: Path, dtype: Any) -> int:
     total = sum(np.load(p, mmap_mode="r").shape[0] for p in parts)
     with atomic_path(out) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
@@ -335,17 +526,23 @@ def _concat_npy(parts: list[Path], out: Path, dtype: Any) -> None:
             i += len(x)
         arr.flush()
         del arr
+    return total
 
 
-def _check_finite(arrays: dict[int, np.ndarray], pooled: dict[int, np.ndarray], rows: np.ndarray,
-                  pairs: Pairs, kept: list[int], positions: list[int]) -> None:
-    """float16 storage overflows above 65504: stop with the first row concerned rather than store inf."""
-    for layer, arr in arrays.items():
-        bad = ~np.isfinite(arr).all(1)
-        if bad.any() or not np.isfinite(pooled[layer]).all():
-            n = int(rows[int(np.argmax(bad))]) - len(kept) if bad.any() else 0
-            raise InputError(f"layer {layer}, row {int(pairs.row_ids[positions[n]])}: activations overflow "
-                             f"float16 (|x| > 65504); use --cache_dtype bfloat16 or float32")
+def _check_finite(layer: int, raw: torch.Tensor, stored: torch.Tensor, token_rows: torch.Tensor,
+                  pairs: Pairs, positions: list[int], dtype: str) -> None:
+    """Stop at the first row whose vectors are not finite: [n, d] raw (encoder dtype) and stored values,
+    token_rows [n] the batch row of each vector."""
+    bad = ~torch.isfinite(stored).all(1)
+    if not bad.any():
+        return
+    i = int(bad.nonzero()[0, 0])
+    row = int(pairs.row_ids[positions[int(token_rows[i])]])
+    if bool(torch.isfinite(raw[i]).all()):
+        raise InputError(f"layer {layer}, row {row}: activations overflow {dtype} (|x| > 65504); use --cache_dtype "
+                         f"bfloat16 or float32")
+    raise InputError(f"layer {layer}, row {row}: the encoder output holds NaN or inf (broken weights or input; "
+                     f"nothing is cached)")
 
 
 @contextlib.contextmanager
@@ -358,22 +555,26 @@ def _resume_note(partial: Path) -> Iterator[None]:
         raise
 
 
-def _resumable(partial: Path, layers: list[int], state: dict[str, Any], n_req: int, d: int) -> bool:
+def _resumable(partial: Path, layers: list[int], state: dict[str, Any], n_req: int, widths: dict[int, int]) -> bool:
     """Whether every file a resume relies on is there (else the extraction starts over)."""
     try:
+        if state["shards_done"] and state["partition"] is None:
+            return False
         if state["kept_done"] and len(np.load(partial / "kept.npy", mmap_mode="r")) < state["kept_done"]:
             return False
         for s in range(state["shards_done"]):
-            if not (partial / f"token_row-{s:05d}.npy").exists() or not (partial / f"token_pos-{s:05d}.npy").exists():
-                return False
+            for g in range(len(state["partition"] or [])):
+                for name in ("token_row", "token_pos"):
+                    if not (partial / f"{name}-g{g}-{s:05d}.npy").exists():
+                        return False
         for layer in layers:
             ldir = partial / layer_dir_name(layer)
             if any(not (ldir / f"tokens-{s:05d}.npy").exists() for s in range(state["shards_done"])):
                 return False
-            if state["kept_done"] and np.load(ldir / "pooled.work.npy", mmap_mode="r").shape != (n_req, d):
+            if state["kept_done"] and np.load(ldir / "pooled.work.npy", mmap_mode="r").shape != (n_req, widths[layer]):
                 return False
         return True
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -391,13 +592,16 @@ def extract_activations(spec: Any, pairs: Pairs, layers: Sequence[int], cfg: Cac
     finished one exists (the model is then never loaded), else extracted (resuming a killed run).
 
     adapter: an already loaded adapter of `spec` (else `spec.load(device)` when needed).
-    shard_tokens: tokens per shard (default: cfg.shard_mb MiB per shard); a resumed run keeps its own.
+    shard_tokens: close a shard once a layer holds this many tokens in it (default: cfg.shard_mb MiB);
+        a resumed run keeps its own.
     """
     cfg = cfg or CacheConfig()
     if cfg.cache_dtype not in DTYPES:
         raise InputError(f"--cache_dtype {cfg.cache_dtype!r} is not one of {', '.join(DTYPES)}")
     if cfg.extract_batch_size <= 0:
         raise InputError("--extract_batch_size must be positive")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise InputError("--num_workers must be 0 or more")
     from wrappedmodels import TOKEN_CHOICES
 
     if token not in TOKEN_CHOICES:
@@ -415,11 +619,26 @@ def extract_activations(spec: Any, pairs: Pairs, layers: Sequence[int], cfg: Cac
         found = find_cache(cfg.cache_dir, material)  # finished by another process meanwhile
         if found is not None:
             return found
+        clean_cache_dir(root, keep=key, show=progress)
         if adapter is None:
             adapter = spec.load(device)
         adapter.token_rule(token)  # validates --token for this model before any work
         _build(adapter, pairs, layers, cfg, material, root, key, shard_tokens, progress)
     return open_cache(root / key)
+
+
+def _partition(out: Any, layers: list[int]) -> list[list[int]]:
+    """Layers grouped by token layout (same training mask), in layer order."""
+    groups: list[list[int]] = []
+    for layer in layers:
+        for g in groups:
+            a, b = out.train_mask_of(g[0]), out.train_mask_of(layer)
+            if a.shape == b.shape and bool(torch.equal(a, b)):
+                g.append(layer)
+                break
+        else:
+            groups.append([layer])
+    return groups
 
 
 def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, material: dict[str, Any],
@@ -431,7 +650,9 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
     skip_bad = material["skip_bad"]
     partial = root / f".{key}.partial"
     itemsize = DTYPES[cfg.cache_dtype].itemsize
-    default_shard = shard_tokens or max(1, (cfg.shard_mb << 20) // (adapter.d_model * itemsize))
+    widths = {layer: adapter.d_of(layer) for layer in layers}
+    caps = {layer: int(shard_tokens or max(1, (cfg.shard_mb << 20) // (widths[layer] * itemsize)))
+            for layer in layers}
     state_path, config_path = partial / "progress.json", partial / "config.json"
     config = None
     if config_path.exists():
@@ -440,46 +661,47 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
     if config is None or config.get("material") != material:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        config = {"material": material, "shard_tokens": default_shard, "d_model": adapter.d_model}
+        config = {"material": material, "caps": {str(k): v for k, v in caps.items()},
+                  "widths": {str(k): v for k, v in widths.items()}}
         write_json(config_path, config)
-    state = {"shards_done": 0, "tokens_done": 0, "kept_done": 0, "restart": 0, "skip_tokens": 0, "bad": []}
+    caps = {layer: int(config["caps"][str(layer)]) for layer in layers}
+    fresh = {"shards_done": 0, "shard_rows": [], "partition": None, "kept_done": 0, "restart": 0, "bad": []}
+    state = fresh
     if state_path.exists():
-        saved = read_json(state_path)
-        if _resumable(partial, layers, saved, len(pairs), adapter.d_model):
-            state = saved
-            if show:
-                tqdm.write(f"resuming {partial.name} from row {saved['restart']} ({saved['shards_done']} shards done)")
-        else:  # something a resume needs is missing: start over
+        with contextlib.suppress(OSError, ValueError):
+            saved = read_json(state_path)
+            if _resumable(partial, layers, saved, len(pairs), widths):
+                state = saved
+                if show:
+                    tqdm.write(f"resuming {partial.name} from row {saved['restart']} "
+                               f"({saved['shards_done']} shards done)")
+        if state is fresh:  # something a resume needs is missing: start over
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             write_json(config_path, config)
+    remove_dead_temporaries(partial, min_age_s=0)  # ours: the key's lock is held
     n_req = len(pairs)
     kept: list[int] = []
     if state["kept_done"]:
         kept = np.load(partial / "kept.npy")[: state["kept_done"]].tolist()
-    bad: list[list[int]] = [b for b in state["bad"] if b[0] < state["restart"]]
-    writer = _Writer(partial, layers, adapter.d_model, cfg.cache_dtype, int(config["shard_tokens"]), n_req, state)
+    start = int(state["restart"])
+    bad: list[list[int]] = [b for b in state["bad"] if b[0] < start]
+    writer = _Writer(partial, layers, widths, cfg.cache_dtype, caps, n_req, state)
     modality = material["modality"]
-    start, skip = int(state["restart"]), int(state["skip_tokens"])
     t0 = time.time()
 
-    def on_shard(tokens_done: int) -> None:
-        """A shard is complete: record where a restart would begin (atomically, after the data)."""
-        k = int(np.searchsorted(row_end, tokens_done, side="right"))  # rows of this batch fully stored
-        if k < len(row_end):  # row k straddles the boundary (or starts at it)
-            kept_done, restart, skip_tokens = n0 + k, positions[k], tokens_done - int(row_start[k])
-        else:
-            kept_done, restart, skip_tokens = n0 + len(row_end), positions[-1] + 1, 0
+    def save_progress(restart: int) -> None:
+        """A shard is closed: record where a restart would begin (atomically, after the data)."""
         writer.flush_pooled()
         with atomic_path(partial / "kept.npy") as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, np.asarray(kept[:kept_done], dtype=np.int64))
-        write_json(state_path, {"shards_done": writer.shard, "tokens_done": tokens_done, "kept_done": kept_done,
-                                "restart": int(restart), "skip_tokens": int(skip_tokens),
+                np.save(f, np.asarray(kept, dtype=np.int64))
+        write_json(state_path, {"shards_done": writer.shard, "shard_rows": writer.shard_rows,
+                                "partition": writer.partition, "kept_done": len(kept), "restart": int(restart),
                                 "bad": [b for b in bad if b[0] < restart]})
 
     use_cuda = adapter.device.type == "cuda"
-    workers = max(0, int(cfg.num_workers))
+    workers = default_workers(adapter.device) if cfg.num_workers is None else int(cfg.num_workers)
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(pairs.torch_dataset(modality, start), batch_size=cfg.extract_batch_size, shuffle=False,
@@ -500,77 +722,99 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
             if batch is None:
                 continue
             out = adapter.forward(batch, layers, token=material["token"])
-            mask = out.mask
-            counts = mask.sum(1).cpu().numpy().astype(np.int64)
-            n0 = len(kept)
-            rows = np.repeat(np.arange(n0, n0 + len(positions), dtype=np.int32), counts)
-            pos = mask.nonzero()[:, 1].cpu().numpy().astype(np.int16)
-            arrays = {layer: _to_numpy(out.hidden[layer][mask], cfg.cache_dtype) for layer in layers}
-            pooled = {layer: _to_numpy(out.pooled[layer], cfg.cache_dtype) for layer in layers}
-            if cfg.cache_dtype == "float16":
-                _check_finite(arrays, pooled, rows, pairs, kept, positions)
+            partition = _partition(out, layers)
+            writer.set_partition(partition)
+            n0, B = len(kept), len(positions)
+            arrays, rows, pos, counts = {}, [], [], {}
+            for group in partition:
+                mask = out.train_mask_of(group[0])
+                n_tok = mask.sum(1)
+                token_rows = torch.repeat_interleave(torch.arange(B, device=mask.device), n_tok)
+                rows.append((token_rows.cpu().numpy() + n0).astype(np.int32))
+                pos.append(mask.nonzero()[:, 1].cpu().numpy().astype(np.int16))
+                for layer in group:
+                    raw = out.hidden[layer][mask]
+                    stored = _stored(raw, cfg.cache_dtype)
+                    _check_finite(layer, raw, stored, token_rows, pairs, positions, cfg.cache_dtype)
+                    arrays[layer] = _to_numpy(stored, cfg.cache_dtype)
+                    counts[layer] = float(n_tok.float().mean())
             for layer in layers:
-                writer.pooled[layer][n0:n0 + len(positions)] = pooled[layer]
-            if skip:  # the first row was partly stored before the restart
-                if positions[0] != start or counts[0] < skip:
-                    raise RuntimeError(f"cannot resume {partial}: delete it and run again")
-                arrays = {layer: a[skip:] for layer, a in arrays.items()}
-                rows, pos = rows[skip:], pos[skip:]
-                counts = counts.copy()
-                counts[0] -= skip
-                skip = 0
-            row_end = writer.tokens_total + np.cumsum(counts)
-            row_start = row_end - counts
+                stored = _stored(out.pooled[layer], cfg.cache_dtype)
+                _check_finite(layer, out.pooled[layer], stored, torch.arange(B), pairs, positions, cfg.cache_dtype)
+                writer.pooled[layer][n0:n0 + B] = _to_numpy(stored, cfg.cache_dtype)
             kept.extend(positions)
-            if not checked_space and show:
+            if not checked_space:
                 checked_space = True
-                est = int(counts.mean() * n_req * adapter.d_model * itemsize * len(layers))
+                est = int(sum(counts[layer] * widths[layer] for layer in layers) * n_req * itemsize)
                 free = _free_bytes(partial)
-                tqdm.write(f"activation cache {partial.parent / key}: about {est / 2**30:.2f} GiB "
-                           f"({len(layers)} layers x {n_req} rows x ~{counts.mean():.0f} tokens x "
-                           f"{adapter.d_model} x {itemsize} B), {free / 2**30:.1f} GiB free")
+                if show:
+                    per = ", ".join(f"{layer}: ~{counts[layer]:.0f} x {widths[layer]}" for layer in layers)
+                    tqdm.write(f"activation cache {partial.parent / key}: about {est / 2**30:.2f} GiB ({n_req} rows x "
+                               f"tokens x width per layer [{per}] x {itemsize} B), {free / 2**30:.1f} GiB free")
                 if est > free:
                     raise InputError(f"the activation cache needs about {est / 2**30:.1f} GiB but {cfg.cache_dir} "
                                      f"has {free / 2**30:.1f} GiB free: use fewer --layers, --max_samples, "
                                      f"--cache_dtype float16/bfloat16 or another --cache_dir")
-            writer.append(arrays, rows, pos, on_shard)
+            writer.append(arrays, rows, pos, B)
+            if writer.full():
+                writer.close_shard()
+                save_progress(max(positions + [b.position for b in bad_items]) + 1)
     if not kept:
         raise InputError("no readable rows: nothing to cache")
-    sizes = writer.finish()
+    writer.finish()
     writer.flush_pooled()
-    K = len(kept)
-    for layer in layers:
-        ldir = partial / layer_dir_name(layer)
-        with atomic_path(ldir / "pooled.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(writer.pooled[layer][:K]))
-    writer.pooled.clear()
-    _concat_npy([partial / f"token_row-{s:05d}.npy" for s in range(len(sizes))], partial / "token_row.npy",
-                np.int32)
-    _concat_npy([partial / f"token_pos-{s:05d}.npy" for s in range(len(sizes))], partial / "token_pos.npy",
-                np.int16)
-    with atomic_path(partial / "row_ids.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, pairs.row_ids[np.asarray(kept, dtype=np.int64)])
-    elapsed = time.time() - t0
-    write_json(partial / "meta.json", {
-        "format": FORMAT, "key": key, "base_key": _base_key(material), "material": material,
-        "modality": modality, "model": adapter.model, "model_name": adapter.name, "layers": layers,
-        "n_blocks": adapter.n_blocks, "d_model": adapter.d_model, "dtype": material["dtype"],
-        "token": material["token"], "token_rule": adapter.token_rule(material["token"]),
-        "n_rows": K, "n_tokens": int(sum(sizes)), "shard_tokens": int(config["shard_tokens"]),
-        "shard_sizes": sizes, "dataset": pairs.describe(), "skip_bad": skip_bad,
-        "bad_rows": [b[1] for b in bad], "n_requested_rows": n_req,
-        "seconds_last_session": round(elapsed, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "provenance": provenance(),
-    })
+    _finish(partial, writer, layers, widths, kept, pairs, bad, material, adapter, key, time.time() - t0, provenance)
     final = root / key
     if final.exists():  # a stale directory without meta.json
         shutil.rmtree(final)
     os.replace(partial, final)
     _fsync_dir(root)
+    with contextlib.suppress(OSError):
+        (root / f".{key}.lock").unlink()
     for p in list(final.glob("token_row-*.npy")) + list(final.glob("token_pos-*.npy")) + \
             list(final.glob("kept.npy")) + list(final.glob("progress.json")) + list(final.glob("config.json")) + \
             list(final.glob("layer*/pooled.work.npy")):
         with contextlib.suppress(OSError):
             p.unlink()
+
+
+def _finish(partial: Path, writer: _Writer, layers: list[int], widths: dict[int, int], kept: list[int],
+            pairs: Pairs, bad: list[list[int]], material: dict[str, Any], adapter: Any, key: str, elapsed: float,
+            provenance: Any) -> None:
+    """Write the final files of a complete extraction into `partial`, meta.json last."""
+    K = len(kept)
+    for layer in layers:
+        with atomic_path(partial / layer_dir_name(layer) / "pooled.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(writer.pooled[layer][:K]))
+    writer.pooled.clear()
+    per_layer = len(writer.partition) > 1
+    layouts = []
+    for g, group in enumerate(writer.partition):
+        targets = [partial / layer_dir_name(layer) for layer in group] if per_layer else [partial]
+        sizes = [int(np.load(partial / f"token_row-g{g}-{s:05d}.npy", mmap_mode="r").shape[0])
+                 for s in range(writer.shard)]
+        for target in targets:
+            for name, dtype in (("token_row", np.int32), ("token_pos", np.int16)):
+                _concat_npy([partial / f"{name}-g{g}-{s:05d}.npy" for s in range(writer.shard)], target / f"{name}.npy",
+                            dtype)
+        layouts.append({"layers": group, "n_tokens": int(sum(sizes)), "shard_sizes": sizes})
+    with atomic_path(partial / "row_ids.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, pairs.row_ids[np.asarray(kept, dtype=np.int64)])
+    write_json(partial / "meta.json", {
+        "format": FORMAT, "key": key, "base_key": _base_key(material), "material": material,
+        "modality": material["modality"], "model": adapter.model, "model_name": adapter.name, "layers": layers,
+        "n_blocks": adapter.n_blocks, "widths": {str(layer): widths[layer] for layer in layers},
+        "dtype": material["dtype"], "token": material["token"], "token_rule": adapter.token_rule(material["token"]),
+        "train_tokens": train_tokens_rule(adapter), "n_rows": K, "shard_rows": writer.shard_rows,
+        "token_files": "per_layer" if per_layer else "shared", "layouts": layouts,
+        "dataset": pairs.describe(), "skip_bad": material["skip_bad"], "bad_rows": [b[1] for b in bad],
+        "n_requested_rows": len(pairs), "seconds_last_session": round(elapsed, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "provenance": provenance(),
+    })
+
+
+def train_tokens_rule(adapter: Any) -> str:
+    """Which tokens of a row are stored for SAE training, in words (run.json / meta.json)."""
+    return "real tokens + final position (the pooled one)" if adapter.train_final else "real tokens"

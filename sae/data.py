@@ -144,7 +144,7 @@ class Pairs:
     def describe(self) -> dict[str, Any]:
         """The dataset fields a run's metadata records."""
         return {"name": self.source, "split": self.split, "image_column": self.image_column,
-                "text_column": self.text_column, "max_samples": self.max_samples}
+                "text_column": self.text_column, "max_samples": self.max_samples, "fingerprint": self.fingerprint}
 
 
 class RowDataset:

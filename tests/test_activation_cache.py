@@ -5,7 +5,12 @@ unreadable images stop the run or are dropped and recorded, and the real MiniLM 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +69,12 @@ def test_cache_equals_adapter_outputs(setup, tmp_path, modality):
     toks, pooled, rows, pos = _direct(adapter, pairs, modality, [0, 2])
     assert cache.n_tokens == len(rows) and cache.row_ids.tolist() == list(range(13))
     sizes = [s.shape[0] for s in cache.token_shards(0)]
-    assert sizes == [s.shape[0] for s in cache.token_shards(2)] == cache.meta["shard_sizes"]
-    assert all(s == 37 for s in sizes[:-1]) and 0 < sizes[-1] <= 37 and len(sizes) > 2
+    assert sizes == [s.shape[0] for s in cache.token_shards(2)] == cache.meta["layouts"][0]["shard_sizes"]
+    assert cache.layouts == [[0, 2]] and cache.meta["token_files"] == "shared" and len(sizes) > 2
+    # shards close after the batch (5 rows) that brings them to 37 tokens: no row straddles two shards
+    assert all(s >= 37 for s in sizes[:-1]) and sum(cache.meta["shard_rows"]) == 13
+    ends = np.cumsum(sizes)[:-1]
+    assert all(cache.token_row()[e] != cache.token_row()[e - 1] for e in ends)
     for layer in (0, 2):
         stored = np.concatenate(cache.token_shards(layer))
         np.testing.assert_allclose(stored, toks[layer].numpy(), rtol=1e-5, atol=1e-5)
@@ -143,7 +152,8 @@ def test_killed_run_resumes(setup, tmp_path):
     with pytest.raises(InputError, match="not a finished activation cache"):
         open_cache(partial)
     progress = json.loads((partial / "progress.json").read_text())
-    assert progress["shards_done"] > 0 and progress["skip_tokens"] > 0  # a row straddles the boundary
+    assert progress["shards_done"] > 0 and progress["restart"] == sum(progress["shard_rows"])
+    assert progress["restart"] % 3 == 0 and progress["restart"] <= 12  # shards close at batch ends
     killer.kill_at, killer.calls = 2, 0  # killed again while resuming
     with pytest.raises(KeyboardInterrupt):
         extract_activations(spec, pairs, [0, 2], cfg, adapter=adapter, shard_tokens=31, progress=False)
@@ -151,11 +161,11 @@ def test_killed_run_resumes(setup, tmp_path):
     killer.kill_at, killer.calls = None, 0
     done = extract_activations(spec, pairs, [0, 2], cfg, adapter=adapter, shard_tokens=31, progress=False)
     assert 0 < killer.calls < 8  # resumed: 24 rows / 3 per batch = 8 batches for a full run
-    assert done.meta["shard_sizes"] == ref.meta["shard_sizes"] and done.n_tokens == ref.n_tokens
-    for layer in (0, 2):
-        np.testing.assert_allclose(np.concatenate(done.token_shards(layer)),
-                                   np.concatenate(ref.token_shards(layer)), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(done.pooled(layer), ref.pooled(layer), rtol=1e-5, atol=1e-5)
+    assert done.meta["layouts"] == ref.meta["layouts"] and done.meta["shard_rows"] == ref.meta["shard_rows"]
+    for layer in (0, 2):  # bitwise: the same batches through the same forward
+        np.testing.assert_array_equal(np.concatenate(done.token_shards(layer)),
+                                      np.concatenate(ref.token_shards(layer)))
+        np.testing.assert_array_equal(done.pooled(layer), ref.pooled(layer))
     np.testing.assert_array_equal(done.token_row(), ref.token_row())
     assert not partial.exists()
 
@@ -225,3 +235,130 @@ def test_float16_overflow_is_an_error(setup, tmp_path):
     with pytest.raises(InputError, match=r"layer 2, row 0: activations overflow float16.*bfloat16"):
         extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=4), [-1],
                             _cfg(tmp_path), adapter=adapter, progress=False)
+
+
+# ------------------------------------------------------------- layers of different widths and token counts
+
+
+@pytest.fixture(scope="module")
+def resnet(setup):
+    from sae.tiny_models import build_open_clip_resnet
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return wm.ModelSpec("ClipVision", str(build_open_clip_resnet(setup["root"])))
+
+
+def test_clip_resnet_layers_keep_their_own_layout(setup, resnet, tmp_path):
+    """Stage 1 (8x8 = 64 tokens of width 32), stage 3 (2x2 tokens of width 128) and the attention pool
+    (1 token of width 16) in one cache: per-layer widths, token rows and shard sizes; row-aligned shards;
+    killed and resumed, bit for bit the same."""
+    pairs = load_pairs(str(setup["shapes"]), max_samples=11)
+    adapter = resnet.load("cpu")
+    cfg = _cfg(tmp_path / "a", cache_dtype="float32", bs=2)
+    ref = extract_activations(resnet, pairs, [0, 2, -1], cfg, adapter=adapter, shard_tokens=150, progress=False)
+    assert ref.layers == [0, 2, 4] and [ref.d_of(l) for l in ref.layers] == [32, 128, 16]
+    assert ref.layouts == [[0], [2], [4]] and ref.meta["token_files"] == "per_layer"
+    assert [ref.n_tokens_of(l) for l in ref.layers] == [11 * 64, 11 * 4, 11]
+    with pytest.raises(InputError, match="different widths"):
+        ref.d_model
+    with pytest.raises(InputError, match="different token layouts"):
+        ref.token_row()
+    # shards close after the batch (2 rows = 128 stage-1 tokens) that brings stage 1 to 150 tokens
+    assert ref.meta["shard_rows"] == [4, 4, 3]
+    assert [s.shape[0] for s in ref.token_shards(0)] == [256, 256, 192]
+    assert [s.shape[0] for s in ref.token_shards(4)] == [4, 4, 3]
+    items = [pairs.read(n, "image") for n in range(11)]
+    out = adapter.forward(adapter.preprocess(items), [0, 2, 4])
+    for layer, T in ((0, 64), (2, 4), (4, 1)):
+        np.testing.assert_allclose(np.concatenate(ref.token_shards(layer)), out.hidden[layer].reshape(11 * T, -1),
+                                   rtol=1e-5, atol=1e-6)  # batches of 2 rows against one of 11
+        np.testing.assert_array_equal(ref.token_row(layer), np.repeat(np.arange(11), T))
+        np.testing.assert_array_equal(ref.token_pos(layer), np.tile(np.arange(T), 11))
+        np.testing.assert_allclose(ref.pooled(layer), out.pooled[layer].numpy(), rtol=1e-6, atol=1e-6)
+    # killed after the 3rd batch (one shard closed), then resumed
+    killer = _Killer(adapter, kill_at=4)
+    cfg_b = _cfg(tmp_path / "b", cache_dtype="float32", bs=2)
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(resnet, pairs, [0, 2, -1], cfg_b, adapter=adapter, shard_tokens=150, progress=False)
+    killer.kill_at, killer.calls = None, 0
+    done = extract_activations(resnet, pairs, [0, 2, -1], cfg_b, adapter=adapter, shard_tokens=150, progress=False)
+    assert killer.calls == 4  # rows 4..10 at 2 per batch
+    assert done.meta["layouts"] == ref.meta["layouts"] and done.meta["shard_rows"] == ref.meta["shard_rows"]
+    for layer in ref.layers:
+        for a, b in zip(done.token_shards(layer), ref.token_shards(layer)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(done.token_row(layer), ref.token_row(layer))
+        np.testing.assert_array_equal(done.pooled(layer), ref.pooled(layer))
+
+
+def test_siglip_text_trains_on_its_pooled_position(tmp_path):
+    """SiglipText attends to every position and pools the last one (usually padding): its training tokens
+    are the real tokens plus that position, so the recorded vector is one of them."""
+    from sae.tiny_models import build_siglip
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        spec = wm.ModelSpec("SiglipText", str(build_siglip(tmp_path)))
+    pairs = load_pairs("shapes:9", data_root=str(tmp_path / "data"))
+    cache = extract_activations(spec, pairs, [-1], _cfg(tmp_path / "c", cache_dtype="float32"), device="cpu",
+                                progress=False)
+    assert cache.meta["token_rule"] == "final" and cache.meta["train_tokens"].startswith("real tokens + final")
+    enc = spec.load("cpu").preprocess(pairs.texts())
+    real = enc["attention_mask"].sum(1).numpy()
+    assert (real < 16).all()  # 16 positions, every caption shorter: position 15 is padding
+    assert np.bincount(cache.token_row()).tolist() == (real + 1).tolist()
+    last = np.flatnonzero(np.diff(np.append(cache.token_row(), 9)))  # each row's last stored token
+    assert (cache.token_pos()[last] == 15).all()
+    np.testing.assert_array_equal(np.concatenate(cache.token_shards(2))[last], cache.pooled(2))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nan_in_encoder_output_is_an_error(setup, tmp_path, dtype):
+    adapter = setup["bert"].load("cpu")
+    forward = adapter.forward
+
+    def broken(*a, **k):
+        out = forward(*a, **k)
+        h = out.hidden[2].clone()
+        h[1, 0, 3] = float("nan")  # row 1 of the first batch, its [CLS] token
+        out.hidden[2] = h
+        return out
+
+    adapter.forward = broken
+    with pytest.raises(InputError, match=r"layer 2, row 1: the encoder output holds NaN or inf"):
+        extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=4), [-1],
+                            _cfg(tmp_path, cache_dtype=dtype), adapter=adapter, progress=False)
+
+
+def test_leftovers_of_dead_processes_are_removed(setup, tmp_path):
+    """Temporaries of dead processes untouched for 10 minutes go; those of live processes, or touched
+    recently (maybe a live process of another host), stay; an unfinished extraction of a dead process is
+    removed when it closed no shard, kept (resumable) otherwise."""
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    dead = exited.pid
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / f".meta.json.tmp-{dead}").write_text("x")
+    (root / f".meta.json.tmp-{os.getpid()}").write_text("x")
+    for name, shards in (("empty", 0), ("started", 2), ("recent", 0)):
+        p = root / f".Bert-{name}.partial"
+        (p / "layer00").mkdir(parents=True)
+        (p / "layer00" / f".pooled.npy.tmp-{dead}").write_text("x")
+        (p / "config.json").write_text(json.dumps({"material": {"format": "actcache-v2"}}))
+        (p / "progress.json").write_text(json.dumps({"shards_done": shards}))
+    (root / ".Old-v1.partial").mkdir()
+    (root / ".Old-v1.partial" / "config.json").write_text(json.dumps({"material": {"format": "actcache-v1"},
+                                                                       "shards_done": 3}))
+    (root / f".recent.json.tmp-{dead}").write_text("x")
+    an_hour_ago = time.time() - 3600
+    for p in root.rglob("*"):
+        if "recent" not in str(p.relative_to(root)):
+            os.utime(p, (an_hour_ago, an_hour_ago))
+    extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=3), [-1], _cfg(root),
+                        device="cpu", progress=False)
+    left = {p.relative_to(root).as_posix() for p in root.rglob("*") if ".partial" in str(p) or "tmp-" in p.name}
+    recent = {".Bert-recent.partial", ".Bert-recent.partial/config.json", ".Bert-recent.partial/layer00",
+              ".Bert-recent.partial/progress.json", f".Bert-recent.partial/layer00/.pooled.npy.tmp-{dead}",
+              f".recent.json.tmp-{dead}"}
+    assert left == {f".meta.json.tmp-{os.getpid()}", ".Bert-started.partial", ".Bert-started.partial/config.json",
+                    ".Bert-started.partial/layer00", ".Bert-started.partial/progress.json"} | recent

