@@ -1,12 +1,15 @@
 """Analyses of trained SAEs and recorded features: stability, joint image+text SAEs, overlap, names.
 
-    uv run analyze.py stability --sae_a A/ --sae_b B/ [--activations X.npy] [--out S.npz] [--json]
-    uv run analyze.py bridge --sae J/ --image_embeddings I.npy --text_embeddings T.npy [--top 20] [--json]
-    uv run analyze.py joint --image_embeddings I.npy --text_embeddings T.npy --out J/ [--seeds 0 1] [SAE flags]
+    uv run analyze.py stability --sae_a A/ --sae_b B/ [--activations X.npy | --run R] [--out S.npz] [--json]
+    uv run analyze.py embed --vlm clip --clip_model_name ViT-B/32-quickgelu --dataset coco --out E/
+    uv run analyze.py joint --embeddings E/ --out J/ [--seeds 0 1] [SAE flags]
+    uv run analyze.py bridge --sae J/ --embeddings E/ [--top 20] [--json]
     uv run analyze.py overlap --run_a RN50 --run_b ViT [--k 9] [--null 5] [--json]
-    uv run analyze.py names --sae J/ --vocab_embeddings V.npy [--run R] [--top 5] [--json]
+    uv run analyze.py names --sae J/ --vlm clip --clip_model_name ViT-B/32-quickgelu [--run R] [--top 5] [--json]
 
-Definitions and output fields: docs/analyses.md. Bad input is one line `error: ...` (exit status 2).
+`joint` / `bridge` also take the two arrays as --image_embeddings I.npy --text_embeddings T.npy, and
+`names` the vocabulary's embeddings as --vocab_embeddings V.npy. Definitions and output fields:
+docs/analyses.md. Bad input is one line `error: ...` (exit status 2).
 """
 
 from __future__ import annotations
@@ -58,9 +61,13 @@ class StabilityArgs(Common):
         "save per-feature arrays (stability, partner, energy, energy_sq, frequency) to this .npz"))
 
 
+EMBEDDINGS_HELP = "folder written by `analyze.py embed` (image.npy + text.npy of the same pairs)"
+
+
 @dataclass
 class BridgeArgs(Common):
     sae: str | None = field(default=None, metadata=_h("joint SAE checkpoint folder"))
+    embeddings: str | None = field(default=None, metadata=_h(EMBEDDINGS_HELP + "; or give the two .npy flags"))
     image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
     text_embeddings: str | None = field(default=None, metadata=_h(
         ".npy [N, d]: text embeddings, row n pairs with image n"))
@@ -72,6 +79,7 @@ class BridgeArgs(Common):
 
 @dataclass
 class JointArgs(Common):
+    embeddings: str | None = field(default=None, metadata=_h(EMBEDDINGS_HELP + "; or give the two .npy flags"))
     image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
     text_embeddings: str | None = field(default=None, metadata=_h(
         ".npy [N, d]: text embeddings, row n pairs with image n"))
@@ -87,6 +95,17 @@ class JointArgs(Common):
 
 
 @dataclass
+class EmbedArgs(Common):
+    out: str | None = field(default=None, metadata=_h(
+        "output folder: image.npy, text.npy [N, d], row_ids.npy, meta.json (written atomically)"))
+    batch_size: int = field(default=256, metadata=_h("pairs embedded at a time"))
+    num_workers: int = field(default=0, metadata=_h("DataLoader worker processes (image decoding, preprocessing)"))
+    normalize: bool = field(default=False, metadata=_h("L2-normalise every embedding (as the Bridge Score paper's "
+                                                       "follow-up code does)"))
+    overwrite: bool = field(default=False, metadata=_h("replace --out when it holds other embeddings"))
+
+
+@dataclass
 class OverlapArgs(Common):
     run_a: str | None = field(default=None, metadata=_h("feature run A (a folder under --features_dir)"))
     run_b: str | None = field(default=None, metadata=_h("feature run B, recorded on the same rows"))
@@ -94,12 +113,16 @@ class OverlapArgs(Common):
     layer_a: int | None = field(default=None, metadata=_h("layer of A (default: its deepest)"))
     layer_b: int | None = field(default=None, metadata=_h("layer of B (default: its deepest)"))
     k: int = field(default=9, metadata=_h("top rows per feature (the report's top-9 grid; 16 for Fry's 4x4)"))
-    min_rows: int = field(default=1, metadata=_h("a feature is live when it fires on at least this many rows"))
+    min_rows: int | None = field(default=None, metadata=_h(
+        "a feature is live when it fires on at least this many rows (default: k, so that every live feature "
+        "has a full top-k set)"))
+    denominator: str = field(default="k", metadata=_h(
+        "overlap = |T_A & T_B| / k, or / min(|T_A|, |T_B|) (counts short top-k sets as full)", choices=("k", "min")))
     null: int = field(default=5, metadata=_h("random row permutations of B for the null baseline (0: none)"))
     seed: int = field(default=0, metadata=_h("seed of the null permutations"))
-    pairing: str = field(default="hungarian", metadata=_h(
-        "pairing listed in the text report (all three are in --json)", choices=("argmax", "mutual", "hungarian")))
-    top: int = field(default=20, metadata=_h("pairs listed per pairing"))
+    pairing: list[str] = field(default_factory=lambda: ["argmax", "mutual", "hungarian"], metadata=_h(
+        "pairings to compute (hungarian: one-to-one, exact)", choices=("argmax", "mutual", "hungarian")))
+    top: int = field(default=10, metadata=_h("pairs listed per pairing"))
     out: str | None = field(default=None, metadata=_h("save best matches and all pairs to this .npz"))
 
 
@@ -109,7 +132,11 @@ class NamesArgs(Common):
     vocab: str | None = field(default=None, metadata=_h(
         "word list, one word or phrase per line (default: vocab/default.txt of this repository)"))
     vocab_embeddings: str | None = field(default=None, metadata=_h(
-        ".npy [V, d]: the --vocab words embedded by the text tower of the SAE's model, rows in file order"))
+        ".npy [V, d]: the --vocab words embedded by the text tower of the SAE's model, rows in file order "
+        "(instead of --vlm)"))
+    vocab_cache: str = field(default=str(Path(__file__).resolve().parent / "vocab" / "cache"), metadata=_h(
+        "where --vlm caches the vocabulary's embeddings (one .npy per text model and word list)"))
+    batch_size: int = field(default=256, metadata=_h("words embedded at a time (--vlm)"))
     top: int = field(default=5, metadata=_h("words per feature"))
     offset: str = field(default="none", metadata=_h(
         "feature direction: decoder row (none) or decoder row + b_dec (MSAE's '+ mean')", choices=("none", "b_dec")))
@@ -198,22 +225,38 @@ def cmd_stability(a: StabilityArgs) -> int:
     return 0
 
 
-def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray]:
+def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(image [N, d], text [N, d], where they came from) from --embeddings DIR or the two .npy flags."""
     from sae.bridge import check_embeddings, load_embeddings
 
-    img = load_embeddings(a.image_embeddings, "image embeddings")
-    txt = load_embeddings(a.text_embeddings, "text embeddings")
+    if a.embeddings is not None:
+        if a.image_embeddings is not None or a.text_embeddings is not None:
+            raise InputError("give --embeddings DIR or --image_embeddings/--text_embeddings, not both")
+        from sae.embed import open_embeddings
+
+        emb = open_embeddings(a.embeddings)
+        img, txt = emb.image, emb.text
+        source = {"embeddings": str(emb.path), "vlm": emb.meta.get("vlm"),
+                  "image_model": emb.meta.get("identity", {}).get("image", {}).get("name"),
+                  "text_model": emb.meta.get("identity", {}).get("text", {}).get("name"),
+                  "dataset": emb.meta.get("dataset", {}).get("name")}
+    else:
+        if a.image_embeddings is None or a.text_embeddings is None:
+            raise InputError("missing --embeddings DIR (or both --image_embeddings and --text_embeddings)")
+        img = load_embeddings(a.image_embeddings, "image embeddings")
+        txt = load_embeddings(a.text_embeddings, "text embeddings")
+        source = {"image_embeddings": a.image_embeddings, "text_embeddings": a.text_embeddings}
     check_embeddings(img, txt, paired=True)
-    return img, txt
+    return img, txt, source
 
 
 def cmd_bridge(a: BridgeArgs) -> int:
     from sae.bridge import analyze_joint, format_report
     from sae.checkpoint import load_sae
 
-    _require(sae=a.sae, image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings)
+    _require(sae=a.sae)
     sae = load_sae(a.sae)
-    img, txt = _embeddings(a)
+    img, txt, _ = _embeddings(a)
     report = analyze_joint(sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device,
                            progress=a.progress)
     js = {"sae": a.sae, **report.to_json()}
@@ -226,11 +269,12 @@ def cmd_bridge(a: BridgeArgs) -> int:
 
 def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     from sae.bridge import analyze_joint, format_report, train_joint_saes
+    from sae.checkpoint import load_sae
     from sae.config import TrainConfig
     from sae.stability import CodeStats, format_stability, stability
 
-    _require(image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings, out=a.out)
-    img, txt = _embeddings(a)
+    _require(out=a.out)
+    img, txt, source = _embeddings(a)
     tcfg = dataclass_from_args(TrainConfig, args)
     seeds = a.seeds if a.seeds else [args.seed]
     if len(set(seeds)) != len(seeds):
@@ -240,11 +284,14 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         cfg = _sae_config(args, img.shape[1], s)
         cfg.validate()
         cfgs[f"seed{s}" if a.seeds else ""] = cfg
-    trained = train_joint_saes(img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, progress=a.progress)
+    trained = train_joint_saes(img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, source=source,
+                               progress=a.progress)
+    # analyse the saved checkpoints, not the in-memory SAEs: saving folds a ReLU SAE's decoder norms
+    saved = {name: load_sae(t.path) for name, t in trained.items()}
     out: dict[str, Any] = {"out": a.out, "saes": {}}
     reports = {}
     for name, t in trained.items():
-        rep = analyze_joint(t.sae, img, txt, top=a.top, eps=a.eps, device=a.device, progress=a.progress)
+        rep = analyze_joint(saved[name], img, txt, top=a.top, eps=a.eps, device=a.device, progress=a.progress)
         reports[name] = rep
         out["saes"][name or "sae"] = {"path": str(t.path), "metrics": t.metrics, **rep.to_json()}
     if len(trained) > 1:
@@ -253,7 +300,7 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         stats = CodeStats(first.n_image + first.n_text, first.energy, first.energy_sq, first.frequency)
         out["stability"] = {}
         for other in names[1:]:
-            res = stability(trained[names[0]].sae.W_dec, trained[other].sae.W_dec, stats=stats,
+            res = stability(saved[names[0]].W_dec, saved[other].W_dec, stats=stats,
                             threshold=a.threshold, device=a.device, progress=a.progress)
             out["stability"][f"{names[0]}_vs_{other}"] = res.summary()
     if a.json:
@@ -270,19 +317,43 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
 
 
 def _sae_config(args: argparse.Namespace, d_in: int, seed: int):
-    try:
-        from sae.config import sae_config_from_args
-    except ImportError:  # older layout: the helpers live in sae/__main__.py
-        from sae.__main__ import sae_config_from_args
+    from sae.config import sae_config_from_args
+
     return sae_config_from_args(args, d_in, seed=seed)
 
 
 def _add_sae_args(parser: argparse.ArgumentParser) -> None:
-    try:
-        from sae.config import add_sae_args
-    except ImportError:
-        from sae.__main__ import add_sae_args
+    from sae.config import add_sae_args
+
     add_sae_args(parser)
+
+
+def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
+    from sae.data import DataConfig, pairs_from_config
+    from sae.embed import embed_pairs, embedding_identity, existing, specs_from_args
+
+    _require(out=a.out)
+    image_spec, text_spec = specs_from_args(args)
+    pairs = pairs_from_config(dataclass_from_args(DataConfig, args))
+    identity = embedding_identity(image_spec, text_spec, pairs, a.normalize, args.skip_bad)
+    emb = existing(a.out, identity, a.overwrite)
+    reused = emb is not None
+    if emb is None:
+        image_adapter, text_adapter = image_spec.load(a.device), text_spec.load(a.device)
+        emb = embed_pairs(image_adapter, text_adapter, pairs, a.out, batch_size=a.batch_size,
+                          num_workers=a.num_workers, skip_bad=args.skip_bad, normalize=a.normalize, vlm=args.vlm,
+                          identity=identity, progress=a.progress)
+    m = emb.meta
+    summary = {"out": str(emb.path), "reused": reused, "vlm": m["vlm"], "image_model": image_spec.name,
+               "text_model": text_spec.name, "dataset": m["dataset"], "n_rows": m["n_rows"], "d": m["d"],
+               "normalize": m["normalize"], "n_skipped": len(m["skipped"])}
+    if a.json:
+        print(dumps(summary))
+    else:
+        print(("reused " if reused else "") + f"{m['n_rows']} pairs x {m['d']} dimensions ({image_spec.model} + "
+              f"{text_spec.model} {image_spec.name}) of {m['dataset']['name']} in {emb.path}"
+              + (f"; {len(m['skipped'])} unreadable rows skipped" if m["skipped"] else ""))
+    return 0
 
 
 def cmd_overlap(a: OverlapArgs) -> int:
@@ -296,32 +367,43 @@ def cmd_overlap(a: OverlapArgs) -> int:
     la, ca = load_layer(run_a, a.layer_a)
     lb, cb = load_layer(run_b, a.layer_b)
     check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows)
-    res = overlap_analysis(ca, cb, k=a.k, null=a.null, seed=a.seed, min_rows=a.min_rows, progress=a.progress)
+    res = overlap_analysis(ca, cb, k=a.k, null=a.null, seed=a.seed, min_rows=a.min_rows, denominator=a.denominator,
+                           methods=a.pairing, progress=a.progress)
     res.extra.update(run_a=a.run_a, layer_a=la, run_b=a.run_b, layer_b=lb)
     js = res.to_json(top=a.top)
     if a.out:
         _save_npz(a.out, res.arrays())
         js["out"] = a.out
-    print(dumps(js) if a.json else format_overlap(_clean(js), method=a.pairing, top=a.top))
+    print(dumps(js) if a.json else format_overlap(_clean(js), top=a.top))
     return 0
 
 
-def cmd_names(a: NamesArgs) -> int:
+def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
     from sae.checkpoint import load_sae
     from sae.naming import DEFAULT_VOCAB, feature_directions, load_vocab, name_features, names_path, write_names
 
     _require(sae=a.sae)
-    if a.vocab_embeddings is None:
-        raise InputError("give --vocab_embeddings V.npy: the --vocab words embedded by the text tower of the SAE's "
-                         "model, one row per word in file order (sae.naming.embed_vocab makes it from any "
-                         "text-tower function)")
+    if (a.vocab_embeddings is None) == (args.vlm is None):
+        raise InputError("give --vlm clip|siglip2 (embeds the --vocab words with that model's text tower) or "
+                         "--vocab_embeddings V.npy (the words already embedded, one row per word in file order)")
     if a.top < 1:
         raise InputError(f"--top must be at least 1 (got {a.top})")
     sae = load_sae(a.sae)
     words = load_vocab(a.vocab or DEFAULT_VOCAB)
-    from sae.bridge import load_embeddings
+    vocab_source: dict[str, Any]
+    if args.vlm is not None:
+        from sae.embed import embed_texts, specs_from_args
 
-    V = np.asarray(load_embeddings(a.vocab_embeddings, "vocabulary embeddings"))
+        _, text_spec = specs_from_args(args)
+        _warn_other_model(a.sae, text_spec.identity().get("name") or text_spec.name)
+        V, cache_file, cached = embed_texts(text_spec, words, a.vocab_cache, device=a.device,
+                                            batch_size=a.batch_size, progress=a.progress)
+        vocab_source = {"text_model": text_spec.name, "vocab_cache": str(cache_file), "cached": cached}
+    else:
+        from sae.bridge import load_embeddings
+
+        V = np.asarray(load_embeddings(a.vocab_embeddings, "vocabulary embeddings"))
+        vocab_source = {"vocab_embeddings": a.vocab_embeddings}
     targets = []
     if a.run:
         from sae.features import open_run
@@ -345,8 +427,8 @@ def cmd_names(a: NamesArgs) -> int:
         except OSError as e:
             raise InputError(f"cannot write {path}: {e}") from None
     if a.json:
-        print(dumps({"sae": a.sae, "vocab": str(a.vocab or DEFAULT_VOCAB), "n_words": len(words), "offset": a.offset,
-                     "written": [str(p) for p in targets], "names": mapping}))
+        print(dumps({"sae": a.sae, "vocab": str(a.vocab or DEFAULT_VOCAB), "n_words": len(words), **vocab_source,
+                     "offset": a.offset, "written": [str(p) for p in targets], "names": mapping}))
     else:
         for p in targets:
             print(f"names of {len(mapping)} features written to {p}")
@@ -355,9 +437,26 @@ def cmd_names(a: NamesArgs) -> int:
     return 0
 
 
+def _warn_other_model(sae_dir: str, text_model: str) -> None:
+    """A warning on stderr when the SAE's joint.json says it was trained on another model's embeddings."""
+    import sys
+
+    path = Path(sae_dir) / "joint.json"
+    if not path.exists():
+        return
+    try:
+        trained_on = jsonlib.loads(path.read_text()).get("source", {}).get("text_model")
+    except (ValueError, AttributeError):
+        return
+    if trained_on and trained_on != text_model:
+        print(f"warning: {sae_dir} was trained on embeddings of {trained_on}, the vocabulary is embedded with "
+              f"{text_model}", file=sys.stderr)
+
+
 COMMANDS = {
     "stability": (StabilityArgs, "match the features of two SAEs (Hungarian on cosine); stability vs energy"),
     "bridge": (BridgeArgs, "modality scores, energy and the Bridge Score of a joint image+text SAE"),
+    "embed": (EmbedArgs, "final projected image and text embeddings of a dataset's pairs by a vision-language model"),
     "joint": (JointArgs, "train a joint image+text SAE (or one per seed), then the bridge report"),
     "overlap": (OverlapArgs, "top-k row overlap between the features of two runs, with a null and pairings"),
     "names": (NamesArgs, "name the features of an embedding-space SAE by their nearest vocabulary words"),
@@ -374,13 +473,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _add_sae_args(p)
         else:
             add_dataclass_args(p, cls)
+        if name in ("embed", "names"):
+            from sae.embed import add_vlm_args
+
+            add_vlm_args(p, default="clip" if name == "embed" else None)
+        if name == "embed":
+            from sae.data import DataConfig
+
+            add_dataclass_args(p.add_argument_group("dataset"), DataConfig)
     args = parser.parse_args(argv)
     cls = COMMANDS[args.command][0]
     cfg = dataclass_from_args(cls, args)
-    if args.command == "joint":
-        return cmd_joint(cfg, args)
-    return {"stability": cmd_stability, "bridge": cmd_bridge, "overlap": cmd_overlap,
-            "names": cmd_names}[args.command](cfg)
+    if args.command in ("joint", "embed", "names"):
+        return {"joint": cmd_joint, "embed": cmd_embed, "names": cmd_names}[args.command](cfg, args)
+    return {"stability": cmd_stability, "bridge": cmd_bridge, "overlap": cmd_overlap}[args.command](cfg)
 
 
 if __name__ == "__main__":

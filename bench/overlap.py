@@ -1,4 +1,4 @@
-"""Top-k overlap: the sparse indicator product against a naive loop, sparse vs dense Hungarian.
+"""Top-k overlap: the sparse indicator product against a naive loop, per-component vs dense Hungarian.
 
     uv run python bench/overlap.py [--rows 50000] [--features 4096] [--k 9] [--naive_features 32]
 
@@ -7,20 +7,25 @@ copies of A's). Times:
   - top-k sets of both runs (streamed over row chunks);
   - all |T_A(f) & T_B(g)| at once as I_A I_B^T (sparse), against the naive loop over pairs with
     Python set intersections, timed on the first `--naive_features` features of A and extrapolated;
-  - the one-to-one pairing: sparse max-weight matching against dense linear_sum_assignment on O.
-The counts of both methods are checked to be equal, and the two matchings to have the same total.
+  - the one-to-one pairing: `max_weight_matching` (linear_sum_assignment on each connected component of
+    the non-zero overlaps) against linear_sum_assignment on the whole dense O.
+The overlaps of both methods are checked to be equal, and the two matchings to have the same total.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from sae.features import SparseCodes
-from sae.overlap import max_weight_matching, overlap_matrix, topk_rows
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sae.features import SparseCodes  # noqa: E402
+from sae.overlap import max_weight_matching, overlap_matrix, topk_rows  # noqa: E402
 
 
 def synthetic_runs(rng: np.random.Generator, n: int, d: int, active: int) -> tuple[SparseCodes, SparseCodes]:
@@ -70,7 +75,7 @@ def main() -> None:
     for f in range(m):
         for g in range(d):
             if sets_a[f] and sets_b[g]:
-                counts[f, g] = len(sets_a[f] & sets_b[g]) / min(len(sets_a[f]), len(sets_b[g]))
+                counts[f, g] = len(sets_a[f] & sets_b[g]) / a.k
     t_naive = (time.perf_counter() - t) * d / m
     assert np.array_equal(counts, O[:m].toarray()), "naive and sparse overlaps differ"
     print(f"naive loop over pairs (set intersections): {t_naive:.1f} s extrapolated from {m} features "
@@ -85,8 +90,8 @@ def main() -> None:
     t_hd = time.perf_counter() - t
     s1, s2 = dense[r, c].sum(), dense[r2, c2].sum()
     assert abs(s1 - s2) < 1e-6 * max(1.0, s2), (s1, s2)
-    print(f"one-to-one pairing: sparse matching {t_hs:.2f} s, dense Hungarian {t_hd:.2f} s "
-          f"(same total overlap {s1:.3f}; {int((dense[r, c] > 0).sum())} pairs)")
+    print(f"one-to-one pairing: per-component matching {t_hs:.2f} s, dense Hungarian on all of O {t_hd:.2f} s "
+          f"-> {t_hd / t_hs:.1f}x (same total overlap {s1:.3f}; {int((dense[r, c] > 0).sum())} pairs)")
 
 
 if __name__ == "__main__":

@@ -364,28 +364,30 @@ def training_rows(n_image: int, n_text: int, image_fraction: float | None) -> tu
 
 def train_joint_saes(img: np.ndarray, txt: np.ndarray, cfgs: dict[str, Any], tcfg: Any,
                      out_dir: str | Path, *, image_fraction: float | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     source: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train one SAE per entry of `cfgs` (name -> SAEConfig; e.g. several seeds) on the image rows
     and the text rows together, in one pass (`sae.trainer.train_saes`).
 
     The training source is two shards of one key: rows [0, n_img) are images, [n_img, n_img + n_txt)
     texts (the first n_img / n_txt rows; all unless `image_fraction` asks for a data diet). Each
-    SAE's folder gets `joint.json` recording this. Returns `train_saes`'s dict of TrainedSAE."""
+    SAE's folder gets `joint.json` recording this and `source` (where the embeddings came from: files,
+    or an `analyze.py embed` folder and its models). Returns `train_saes`'s dict of TrainedSAE."""
     from sae.sources import ActivationSource
     from sae.trainer import SAESpec, train_saes
 
     check_embeddings(img, txt, paired=False)
     ni, nt = training_rows(img.shape[0], txt.shape[0], image_fraction)
-    source = ActivationSource({"x": [img[:ni], txt[:nt]]})
-    source.check_finite("x")
+    rows_source = ActivationSource({"x": [img[:ni], txt[:nt]]})
+    rows_source.check_finite("x")
     specs = [SAESpec(name, "x", cfg) for name, cfg in cfgs.items()]
-    results = train_saes(source, specs, tcfg, out_dir, progress=progress)
+    results = train_saes(rows_source, specs, tcfg, out_dir, progress=progress)
     from sae.atomic import write_json
 
     for res in results.values():
         write_json(res.path / "joint.json", {
             "n_image": ni, "n_text": nt, "image_fraction": ni / (ni + nt),
-            "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text embeddings"})
+            "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text embeddings",
+            "source": source or {}})
     return results
 
 

@@ -5,25 +5,29 @@ in the same order, F_A [N, M_A] and F_B [N, M_B].
 
     T_A(f)     = the rows of the k largest F_A[:, f], among rows where F_A[n, f] > 0 (ties: lower row
                  first); |T_A(f)| < k when the feature fires on fewer than k rows
-    O(f, g)    = |T_A(f) & T_B(g)| / min(|T_A(f)|, |T_B(g)|)        (= count / k for full sets)
+    O(f, g)    = |T_A(f) & T_B(g)| / k                        (denominator "k", the default)
+               = |T_A(f) & T_B(g)| / min(|T_A(f)|, |T_B(g)|)  (denominator "min", an option)
+    live       = |T(f)| >= min_rows (default k: features firing on fewer than k rows are left out)
     I_A        = the [M_A, N] 0/1 indicator of the T_A sets, I_B likewise; all counts at once:
                  |T_A(f) & T_B(g)| = (I_A I_B^T)[f, g]   (a sparse product; k non-zeros per row)
-    best_A(f)  = max_g O(f, g);  mean best overlap A->B = mean of best_A over live features of A
-                 (live: |T_A(f)| >= min_rows, default 1), and B->A likewise
+    best_A(f)  = max_g O(f, g) over live g;  mean best overlap A->B = mean of best_A over live f,
+                 and B->A likewise
     null       = the same means with B's rows relabelled by a random permutation of 0..N-1 (K draws,
                  mean and std), and the 95th / 99th percentiles of the null's per-feature best_A
     pairings   = argmax: each live f with best_A(f) > 0 and its argmax g (many-to-one);
                  mutual: argmax pairs that are also the argmax of g in the other direction;
                  hungarian: the one-to-one matching maximising sum O(f, g) (pairs with O > 0)
 
-The Hungarian matching is exact and never forms the dense [M_A, M_B] matrix: it is a minimum-weight
-full matching (`scipy.sparse.csgraph.min_weight_full_bipartite_matching`, LAPJVsp) of a graph made of
-the non-zero O entries (weight -O) plus dummy vertices that let every feature stay unmatched (weight
-1e-9), whose optimum is the maximum-weight matching of the sparse overlap graph.
+The Hungarian matching is exact: the overlap graph (an edge per non-zero O entry) is split into its
+connected components, and each component's dense [rows, cols] block goes to
+`scipy.optimize.linear_sum_assignment`; zero entries of a block add nothing to the sum, so dropping
+the matched zeros leaves the optimum over matchings of non-zero entries. Memory: one float64 block of
+the largest component.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +39,8 @@ from sae.cli import InputError
 from sae.features import FeatureRun, SparseCodes
 
 METHODS = ("argmax", "mutual", "hungarian")
+DENOMINATORS = ("k", "min")
+MAX_DENSE_BLOCK = 1 << 28  # entries of the largest dense block of the hungarian pairing (2 GiB of float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,15 +115,24 @@ def topk_rows(codes: SparseCodes, k: int, *, chunk_rows: int = 1 << 16, progress
 # Overlap matrix, best matches, pairings
 
 
-def overlap_matrix(a: TopKSets, b: TopKSets, perm_b: np.ndarray | None = None) -> scipy.sparse.csr_matrix:
-    """O [M_A, M_B] (sparse, float64): |T_A(f) & T_B(g)| / min(|T_A(f)|, |T_B(g)|)."""
+def overlap_matrix(a: TopKSets, b: TopKSets, perm_b: np.ndarray | None = None,
+                   denominator: str = "k") -> scipy.sparse.csr_matrix:
+    """O [M_A, M_B] (sparse, float64): |T_A(f) & T_B(g)| / k, or / min(|T_A(f)|, |T_B(g)|) with
+    denominator "min"."""
     if a.n_rows != b.n_rows:
         raise InputError(f"the runs cover different rows: {a.n_rows} vs {b.n_rows}")
+    if denominator not in DENOMINATORS:
+        raise InputError(f"--denominator must be one of {', '.join(DENOMINATORS)} (got {denominator!r})")
+    if a.k != b.k:
+        raise InputError(f"top-k sets of different sizes: {a.k} vs {b.k}")
     counts = (a.indicator() @ b.indicator(perm_b).T).tocsr()
     counts.eliminate_zeros()
     counts.sort_indices()
-    r = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-    denom = np.minimum(a.sizes[r], b.sizes[counts.indices])
+    if denominator == "k":
+        denom = np.full(len(counts.data), float(a.k))
+    else:
+        r = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        denom = np.minimum(a.sizes[r], b.sizes[counts.indices]).astype(np.float64)
     return scipy.sparse.csr_matrix((counts.data / denom, counts.indices, counts.indptr), shape=counts.shape)
 
 
@@ -135,26 +150,45 @@ def best_matches(O: scipy.sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return best, arg
 
 
-def max_weight_matching(O: scipy.sparse.spmatrix, dummy: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
-    """The one-to-one matching of rows and columns of O [m, n] (entries > 0) maximising the sum of the
-    matched entries; equal to the Hungarian optimum of the dense matrix. Returns (rows, cols)."""
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+def max_weight_matching(O: scipy.sparse.spmatrix | np.ndarray,
+                        max_block: int = MAX_DENSE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching of rows and columns of O [m, n] (entries >= 0) maximising the sum of
+    the matched entries, as pairs with O > 0: (rows, cols), sorted by row. Exact (module docstring):
+    `linear_sum_assignment` on the dense block of each connected component of the non-zero entries.
+    InputError when a component's block would exceed `max_block` entries."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse.csgraph import connected_components
 
     coo = scipy.sparse.coo_matrix(O)
+    if coo.nnz and coo.data.min() < 0:
+        raise InputError("max_weight_matching needs non-negative entries")
     pos = coo.data > 0
-    r, c, w = coo.row[pos].astype(np.int64), coo.col[pos].astype(np.int64), coo.data[pos]
-    m, n = O.shape
+    r, c, w = coo.row[pos].astype(np.int64), coo.col[pos].astype(np.int64), coo.data[pos].astype(np.float64)
+    m, n = coo.shape
     if len(w) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    # rows: [0, m) real rows, [m, m + n) mirror of the columns; cols: [0, n) real, [n, n + m) mirror rows
-    gr = np.concatenate([r, np.arange(m), m + np.arange(n), m + c])
-    gc = np.concatenate([c, n + np.arange(m), np.arange(n), n + r])
-    gw = np.concatenate([-w, np.full(m + n + len(w), dummy)])
-    G = scipy.sparse.csr_matrix((gw, (gr, gc)), shape=(m + n, m + n))
-    row_ind, col_ind = min_weight_full_bipartite_matching(G)
-    real = (row_ind < m) & (col_ind < n)
-    rows, cols = row_ind[real].astype(np.int64), col_ind[real].astype(np.int64)
-    order = np.argsort(rows)
+    # bipartite graph on m + n vertices: row i is vertex i, column j is vertex m + j
+    graph = scipy.sparse.coo_matrix((np.ones(len(w)), (r, m + c)), shape=(m + n, m + n))
+    _, label = connected_components(graph, directed=False)
+    comp = label[r]  # component of each edge
+    order = np.argsort(comp, kind="stable")
+    r, c, w, comp = r[order], c[order], w[order], comp[order]
+    bounds = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1], True])
+    out_r, out_c = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows, ri = np.unique(r[lo:hi], return_inverse=True)
+        cols, ci = np.unique(c[lo:hi], return_inverse=True)
+        if len(rows) * len(cols) > max_block:
+            raise InputError(f"the one-to-one (hungarian) pairing needs a dense {len(rows)} x {len(cols)} block "
+                             f"({len(rows) * len(cols) * 8 / 2**30:.1f} GiB); use --pairing argmax mutual")
+        block = np.zeros((len(rows), len(cols)))
+        block[ri, ci] = w[lo:hi]
+        br, bc = linear_sum_assignment(block, maximize=True)
+        keep = block[br, bc] > 0
+        out_r.append(rows[br[keep]])
+        out_c.append(cols[bc[keep]])
+    rows, cols = np.concatenate(out_r), np.concatenate(out_c)
+    order = np.argsort(rows, kind="stable")
     return rows[order], cols[order]
 
 
@@ -180,18 +214,27 @@ def restrict(O: scipy.sparse.spmatrix, live_a: np.ndarray, live_b: np.ndarray) -
     return O
 
 
-def pairings(O: scipy.sparse.csr_matrix, live_a: np.ndarray, live_b: np.ndarray) -> dict[str, Pairing]:
-    """The three pairings of live features (module docstring)."""
+def pairings(O: scipy.sparse.csr_matrix, live_a: np.ndarray, live_b: np.ndarray,
+             methods: Sequence[str] = METHODS) -> dict[str, Pairing]:
+    """The pairings `methods` (some of METHODS) of live features (module docstring)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"--pairing must be among {', '.join(METHODS)} (got {', '.join(unknown)})")
     O = restrict(O, live_a, live_b)
-    best_a, arg_a = best_matches(O)
-    best_b, arg_b = best_matches(O.T.tocsr())
-    f = np.flatnonzero(arg_a >= 0)
-    out = {"argmax": Pairing("argmax", f, arg_a[f], best_a[f])}
-    mutual = f[arg_b[arg_a[f]] == f]
-    out["mutual"] = Pairing("mutual", mutual, arg_a[mutual], best_a[mutual])
-    r, c = max_weight_matching(O)
-    out["hungarian"] = Pairing("hungarian", r, c, np.asarray(O[r, c]).ravel() if len(r) else np.empty(0))
-    return out
+    out: dict[str, Pairing] = {}
+    if "argmax" in methods or "mutual" in methods:
+        best_a, arg_a = best_matches(O)
+        f = np.flatnonzero(arg_a >= 0)
+        if "argmax" in methods:
+            out["argmax"] = Pairing("argmax", f, arg_a[f], best_a[f])
+        if "mutual" in methods:
+            _, arg_b = best_matches(O.T.tocsr())
+            mutual = f[arg_b[arg_a[f]] == f]
+            out["mutual"] = Pairing("mutual", mutual, arg_a[mutual], best_a[mutual])
+    if "hungarian" in methods:
+        r, c = max_weight_matching(O)
+        out["hungarian"] = Pairing("hungarian", r, c, np.asarray(O[r, c]).ravel() if len(r) else np.empty(0))
+    return {m: out[m] for m in METHODS if m in out}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,32 +312,37 @@ class OverlapResult:
 
 
 def overlap_analysis(codes_a: SparseCodes, codes_b: SparseCodes, *, k: int = 9, null: int = 5, seed: int = 0,
-                     min_rows: int = 1, progress: bool = False) -> OverlapResult:
-    """Top-k overlap of every feature of A with every feature of B (module docstring)."""
+                     min_rows: int | None = None, denominator: str = "k", methods: Sequence[str] = METHODS,
+                     progress: bool = False) -> OverlapResult:
+    """Top-k overlap of every feature of A with every feature of B (module docstring); `min_rows`
+    None means k; `methods`: the pairings to compute."""
     if codes_a.n_rows != codes_b.n_rows:
         raise InputError(f"the runs have different numbers of rows ({codes_a.n_rows} vs {codes_b.n_rows}); "
                          "top-k overlap needs the same rows in the same order")
-    if min_rows < 1:
-        raise InputError(f"--min_rows must be at least 1 (got {min_rows})")
+    min_rows = k if min_rows is None else min_rows
+    if not 1 <= min_rows <= k:
+        raise InputError(f"--min_rows must be between 1 and k = {k} (got {min_rows})")
     a = topk_rows(codes_a, k, progress=progress)
     b = topk_rows(codes_b, k, progress=progress)
     live_a, live_b = a.sizes >= min_rows, b.sizes >= min_rows
-    O = restrict(overlap_matrix(a, b), live_a, live_b)
-    prs = pairings(O, live_a, live_b)
+    O = restrict(overlap_matrix(a, b, denominator=denominator), live_a, live_b)
+    prs = pairings(O, live_a, live_b, methods)
     best_a, arg_a = best_matches(O)
     best_b, arg_b = best_matches(O.T.tocsr())
     rng = np.random.default_rng(seed)
     null_a, null_b, pooled = [], [], []
     for _ in tqdm(range(null), desc="null permutations", disable=not progress, leave=False):
-        On = restrict(overlap_matrix(a, b, rng.permutation(a.n_rows)), live_a, live_b)
+        On = restrict(overlap_matrix(a, b, rng.permutation(a.n_rows), denominator), live_a, live_b)
         ba, _ = best_matches(On)
         bb, _ = best_matches(On.T.tocsr())
         null_a.append(ba[live_a].mean() if live_a.any() else np.nan)
         null_b.append(bb[live_b].mean() if live_b.any() else np.nan)
         pooled.append(ba[live_a])
-    return OverlapResult(k, a.n_rows, a.sizes, b.sizes, live_a, live_b, best_a, best_b, arg_a, arg_b, prs,
-                         np.asarray(null_a), np.asarray(null_b),
-                         np.concatenate(pooled) if pooled else np.empty(0))
+    res = OverlapResult(k, a.n_rows, a.sizes, b.sizes, live_a, live_b, best_a, best_b, arg_a, arg_b, prs,
+                        np.asarray(null_a), np.asarray(null_b),
+                        np.concatenate(pooled) if pooled else np.empty(0))
+    res.extra.update(denominator=denominator, min_rows=min_rows)
+    return res
 
 
 def load_layer(run: FeatureRun, layer: int | None) -> tuple[int, SparseCodes]:
@@ -313,10 +361,12 @@ def check_same_rows(run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int) ->
         raise InputError(f"runs '{run_a.name}' and '{run_b.name}' list different row_ids in run.json")
 
 
-def format_overlap(js: dict[str, Any], method: str = "hungarian", top: int = 10) -> str:
-    """A short text version of `OverlapResult.to_json()`."""
-    lines = [f"k = {js['k']} rows per feature, {js['n_rows']} rows; live features A {js['n_live_a']}/{js['d_a']}, "
-             f"B {js['n_live_b']}/{js['d_b']}",
+def format_overlap(js: dict[str, Any], top: int = 10) -> str:
+    """A short text version of `OverlapResult.to_json()`: the means, the null, and the top pairs of
+    each pairing computed."""
+    denom = "k" if js.get("denominator", "k") == "k" else "min(|T_A|, |T_B|)"
+    lines = [f"k = {js['k']} rows per feature, {js['n_rows']} rows, overlap = |T_A & T_B| / {denom}; live features "
+             f"(>= {js.get('min_rows', js['k'])} rows) A {js['n_live_a']}/{js['d_a']}, B {js['n_live_b']}/{js['d_b']}",
              f"mean best overlap A->B {js['mean_best_overlap_a_to_b']:.4f}, B->A {js['mean_best_overlap_b_to_a']:.4f}"]
     if "null" in js:
         n = js["null"]
@@ -326,7 +376,8 @@ def format_overlap(js: dict[str, Any], method: str = "hungarian", top: int = 10)
     for name, p in js["pairings"].items():
         extra = f", {p['n_above_null_p99']} above the null's p99" if "n_above_null_p99" in p else ""
         lines.append(f"{name}: {p['n_pairs']} pairs, mean overlap {p['mean_overlap']:.4f}{extra}")
-    lines.append(f"top {method} pairs (a, b, overlap %):")
-    for p in js["pairings"][method]["top"][:top]:
-        lines.append(f"  {p['a']:>7} {p['b']:>7} {100 * p['overlap']:6.1f}")
+    for name, p in js["pairings"].items():
+        lines.append(f"top {name} pairs (a, b, overlap %):")
+        for q in p["top"][:top]:
+            lines.append(f"  {q['a']:>7} {q['b']:>7} {100 * q['overlap']:6.1f}")
     return "\n".join(lines)

@@ -226,6 +226,15 @@ def top_k_curve(energy: np.ndarray, stability: np.ndarray) -> list[dict[str, flo
             for k in ks]
 
 
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation; NaN (without a warning) when either input is constant."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
 @dataclass
 class StabilityResult:
     """Matching of SAE A's features to SAE B's, with A's feature statistics when given."""
@@ -270,10 +279,8 @@ class StabilityResult:
             w = e[ok]
             out["energy_weighted_mean_cosine"] = float((w * sa[ok]).sum() / w.sum()) if w.sum() > 0 else float("nan")
             if ok.sum() >= 3:
-                from scipy.stats import spearmanr
-
-                out["spearman_energy"] = float(spearmanr(e[ok], sa[ok]).statistic)
-                out["spearman_frequency"] = float(spearmanr(f[ok], sa[ok]).statistic)
+                out["spearman_energy"] = _spearman(e[ok], sa[ok])
+                out["spearman_frequency"] = _spearman(f[ok], sa[ok])
             out["by_energy"] = quantile_bins(e, sa, self.n_bins)
             out["by_frequency"] = quantile_bins(f, sa, self.n_bins)
             out["top_k_by_energy"] = top_k_curve(e, sa)

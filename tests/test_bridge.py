@@ -225,3 +225,31 @@ def test_bridge_and_joint_cli(joint, tmp_path, capsys):
     with pytest.raises(InputError, match="not found"):
         analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "nope.npy"),
                       "--text_embeddings", str(tmp_path / "txt.npy")])
+
+
+def test_joint_relu_reports_the_saved_sae_with_folded_decoder_norms(joint, tmp_path, capsys):
+    """A ReLU SAE's decoder rows are not unit-norm in memory; the checkpoint folds them. `joint` must
+    report what `bridge` reports on the saved checkpoint, with true cosines of its decoder rows."""
+    from sae.checkpoint import load_sae
+
+    img, txt = joint[0][:600], joint[1][:600]
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "txt.npy", txt)
+    emb = ["--image_embeddings", str(tmp_path / "img.npy"), "--text_embeddings", str(tmp_path / "txt.npy"),
+           "--device", "cpu", "--no-progress", "--json", "--top", "5"]
+    with one_thread():
+        assert analyze.main(["joint", *emb, "--out", str(tmp_path / "r"), "--sae", "relu", "--l1_coef", "1e-3",
+                             "--d_sae", "32", "--epochs", "2", "--batch_size", "100", "--lr", "3e-2"]) == 0
+    joint_js = json.loads(capsys.readouterr().out)["saes"]["sae"]
+    saved = load_sae(tmp_path / "r")
+    W = saved.W_dec.detach().double().numpy()
+    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, atol=1e-5)
+    assert analyze.main(["bridge", "--sae", str(tmp_path / "r"), *emb]) == 0
+    bridge_js = json.loads(capsys.readouterr().out)
+    for key in ("bridge", "modality", "alignment"):
+        assert joint_js[key] == bridge_js[key]
+    pairs = joint_js["bridge"]["top_pairs"]
+    assert pairs
+    for p in pairs:
+        cos = W[p["i"]] @ W[p["j"]] / np.linalg.norm(W[p["i"]]) / np.linalg.norm(W[p["j"]])
+        assert p["cosine"] == pytest.approx(cos, abs=1e-6)

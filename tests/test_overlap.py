@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse
 from scipy.optimize import linear_sum_assignment
 
 import analyze
 from sae.cli import InputError
 from sae.features import SparseCodes, write_layer, write_run_info
 from sae.overlap import (best_matches, max_weight_matching, overlap_analysis, overlap_matrix, topk_rows)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def random_codes(rng, n, d, density=0.05):
@@ -42,21 +48,26 @@ def test_topk_rows_streamed_equals_the_naive_sort():
     assert sets.sizes[3] == 0 and sets.sizes[4] == 2
 
 
-def test_overlap_matrix_equals_set_intersections_in_float64():
+@pytest.mark.parametrize("denominator", ["k", "min"])
+def test_overlap_matrix_equals_set_intersections_in_float64(denominator):
     rng = np.random.default_rng(1)
     a, b = random_codes(rng, 150, 20, 0.06), random_codes(rng, 150, 15, 0.06)
     a[:, 0] = b[:, 0]  # identical features -> overlap 1
-    b[:3, 1], b[3:, 1] = 1.0, 0  # a feature with fewer than k rows: min(|T_A|, |T_B|) denominator
+    b[:3, 1], b[3:, 1] = 1.0, 0  # a feature with fewer than k rows
+    a[:, 2] = b[:, 1]  # ... and its copy: 3/k with denominator k, 1 with min
     k = 5
     ta, tb = naive_topk(a, k), naive_topk(b, k)
     ref = np.zeros((20, 15))
     for f in range(20):
         for g in range(15):
             if ta[f] and tb[g]:
-                ref[f, g] = len(set(ta[f]) & set(tb[g])) / min(len(ta[f]), len(tb[g]))
-    O = overlap_matrix(topk_rows(SparseCodes.from_dense(a), k), topk_rows(SparseCodes.from_dense(b), k))
+                d = k if denominator == "k" else min(len(ta[f]), len(tb[g]))
+                ref[f, g] = len(set(ta[f]) & set(tb[g])) / d
+    O = overlap_matrix(topk_rows(SparseCodes.from_dense(a), k), topk_rows(SparseCodes.from_dense(b), k),
+                       denominator=denominator)
     np.testing.assert_allclose(O.toarray(), ref, rtol=0, atol=1e-15)
     assert O[0, 0] == 1.0
+    assert O[2, 1] == (3 / 5 if denominator == "k" else 1.0)
     best, arg = best_matches(O)
     np.testing.assert_allclose(best, ref.max(1))
     for f in range(20):
@@ -65,14 +76,50 @@ def test_overlap_matrix_equals_set_intersections_in_float64():
 
 def test_sparse_max_weight_matching_equals_dense_hungarian():
     rng = np.random.default_rng(2)
-    for m, n in [(30, 30), (40, 25), (20, 35)]:
-        for _ in range(3):
-            O = np.round(rng.random((m, n)), 2) * (rng.random((m, n)) < 0.1)
-            rows, cols = max_weight_matching(O)
+    for m, n in [(30, 30), (40, 25), (20, 35), (8, 8)]:
+        for trial in range(6):
+            if trial % 2:  # overlap-like values: integer counts / k, many ties
+                O = rng.integers(0, 10, (m, n)) * (rng.random((m, n)) < 0.15) / 9
+            else:
+                O = np.round(rng.random((m, n)), 2) * (rng.random((m, n)) < 0.1)
+            rows, cols = max_weight_matching(scipy.sparse.csr_matrix(O))
             assert len(set(rows)) == len(rows) and len(set(cols)) == len(cols)
-            assert (O[rows, cols] > 0).all()
+            assert (O[rows, cols] > 0).all() and (np.diff(rows) > 0).all()
             r, c = linear_sum_assignment(O, maximize=True)
-            assert O[rows, cols].sum() == pytest.approx(O[r, c].sum(), abs=1e-9)
+            assert O[rows, cols].sum() == pytest.approx(O[r, c].sum(), abs=1e-12)
+
+
+HANG_CASE = [[0, 0, 0, 0, 0, 4, 0, 0], [0, 0, 3, 7, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 9, 0, 0, 0, 2],
+             [9, 1, 0, 0, 0, 8, 5, 0], [4, 0, 0, 0, 0, 3, 0, 8], [0, 0, 3, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 5, 0, 0]]
+
+
+def test_max_weight_matching_terminates_on_the_case_that_hung_lapjvsp():
+    """Regression: scipy's min_weight_full_bipartite_matching with -O and 1e-9 dummy edges never
+    returned on this matrix. Run in a subprocess so that a hang fails the test instead of blocking."""
+    code = ("import numpy as np, scipy.sparse, json; from sae.overlap import max_weight_matching; "
+            f"r, c = max_weight_matching(scipy.sparse.csr_matrix(np.array({HANG_CASE}) / 9)); "
+            "print(json.dumps([r.tolist(), c.tolist()]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows, cols = json.loads(proc.stdout)
+    C = np.array(HANG_CASE)
+    r, c = linear_sum_assignment(C, maximize=True)
+    assert C[rows, cols].sum() == C[r, c].sum() == 36
+    assert len(set(cols)) == len(cols) and (C[rows, cols] > 0).all()
+
+
+def test_max_weight_matching_edge_cases():
+    empty = max_weight_matching(scipy.sparse.csr_matrix((5, 4)))
+    assert len(empty[0]) == len(empty[1]) == 0
+    # two components, one of them a star: one pair from the star, the best one
+    O = np.zeros((6, 6))
+    O[0, 0] = O[1, 0] = 0.2
+    O[2, 0] = 0.9
+    O[4, 5], O[5, 4] = 0.5, 0.4
+    rows, cols = max_weight_matching(O)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(2, 0), (4, 5), (5, 4)]
+    with pytest.raises(InputError, match="dense 3 x 1 block"):
+        max_weight_matching(O, max_block=2)
 
 
 def planted_runs(n=2000, d_a=40, d_b=30, shared=15, seed=3):
@@ -108,6 +155,26 @@ def test_planted_shared_features_are_paired_with_overlap_one_and_the_null_is_nea
     assert abs(ind.mean_best_a - ind.null_a.mean()) < 0.05
 
 
+def test_short_features_are_left_out_by_default_and_counted_over_k_when_kept():
+    """A feature firing on fewer than k rows: not live by default (min_rows = k); with --min_rows 1 its
+    overlap with an exact copy is |T|/k under the default denominator, 1 under 'min'."""
+    a, b, perm = planted_runs()
+    a[:, 0], b[:, 20] = 0, 0
+    a[:3, 0] = b[:3, 20] = [3.0, 2.0, 1.0]  # A's feature 0 and B's feature 20 fire on the same 3 rows
+    A, B = SparseCodes.from_dense(a), SparseCodes.from_dense(b)
+    default = overlap_analysis(A, B, k=9, null=2)
+    assert not default.live_a[0] and not default.live_b[20] and default.extra["min_rows"] == 9
+    assert 0 not in default.pairs["hungarian"].a.tolist()
+    kept = overlap_analysis(A, B, k=9, null=2, min_rows=1)
+    assert kept.live_a[0] and kept.best_a[0] == pytest.approx(3 / 9) and kept.arg_a[0] == 20
+    loose = overlap_analysis(A, B, k=9, null=2, min_rows=1, denominator="min")
+    assert loose.best_a[0] == 1.0
+    only = overlap_analysis(A, B, k=9, null=0, methods=["mutual"])
+    assert list(only.pairs) == ["mutual"]
+    with pytest.raises(InputError, match="--pairing"):
+        overlap_analysis(A, B, k=9, null=0, methods=["greedy"])
+
+
 def write_run(root, name, layers, row_ids=None):
     run = root / name
     for layer, dense in layers.items():
@@ -131,7 +198,11 @@ def test_overlap_cli_json_text_npz_and_errors(tmp_path, capsys):
     assert z["best_a"].shape == (20,) and len(z["hungarian_a"]) == len(z["hungarian_b"])
     assert analyze.main(base + ["--layer_a", "3", "--pairing", "mutual"]) == 0
     out = capsys.readouterr().out
-    assert "mean best overlap" in out and "top mutual pairs" in out
+    assert "mean best overlap" in out and "top mutual pairs" in out and "hungarian" not in out
+    assert analyze.main(base + ["--json", "--pairing", "hungarian", "argmax", "--denominator", "min",
+                                "--min_rows", "1"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert list(js["pairings"]) == ["argmax", "hungarian"] and js["denominator"] == "min" and js["min_rows"] == 1
     write_run(tmp_path, "C", {7: b[:500]})
     with pytest.raises(InputError, match="600 rows"):
         analyze.main(["overlap", "--run_a", "A", "--run_b", "C", "--features_dir", str(tmp_path)])
