@@ -110,9 +110,9 @@ class LayerLoader:
 def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
     """This toolkit's CSR codes (memory-mapped), or the original format's dense tensor as a numpy array
     (memory-mapped with torch.load(mmap=True) where the file allows it, fp16 kept as fp16)."""
-    path = getattr(run, "_files", {}).get(layer)  # FeatureRun has no public accessor for the file
-    if run.format == FORMAT or path is None:
+    if run.format == FORMAT:
         return run.load(layer)
+    path = run.layer_path(layer)
     import torch
 
     try:

@@ -222,11 +222,15 @@ class FeatureRun:
     def row_ids(self) -> list[int] | None:
         return self.info.get("row_ids")
 
-    def load(self, layer: int) -> SparseCodes:
-        """The codes of one layer; this toolkit's format is memory-mapped, not read into RAM."""
+    def layer_path(self, layer: int) -> Path:
+        """The folder (this toolkit's format) or the .pt file (the original's) holding one layer."""
         if layer not in self._files:
             raise InputError(f"run '{self.name}' has no layer {layer}; it has {self.layers}")
-        path = self._files[layer]
+        return self._files[layer]
+
+    def load(self, layer: int) -> SparseCodes:
+        """The codes of one layer; this toolkit's format is memory-mapped, not read into RAM."""
+        path = self.layer_path(layer)
         if self.format == FORMAT:
             meta = read_json(path / "meta.json")
             load = lambda n: np.load(path / f"{n}.npy", mmap_mode="r")  # noqa: E731
