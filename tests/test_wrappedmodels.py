@@ -380,14 +380,14 @@ def test_embed_equals_library_features(tiny, tmp_path):
     siglip = AutoModel.from_pretrained(tiny["siglip"]).eval()
     vision = wm.ModelSpec("SigLIP2Vision", str(tiny["siglip"])).load("cpu")
     text = wm.ModelSpec("SiglipText", str(tiny["siglip"])).load("cpu")
-    assert (vision.d_embed, text.d_embed) == (32, 24)  # the text head projects 32 -> 24
+    assert (vision.d_embed, text.d_embed) == (32, 32)
     bi, bt = vision.preprocess(images), text.preprocess(CAPTIONS)
     with torch.no_grad():
         ref_i = siglip.get_image_features(**bi).pooler_output
         ref_t = siglip.get_text_features(input_ids=bt["input_ids"]).pooler_output
     torch.testing.assert_close(vision.embed(bi), ref_i, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(text.embed(bt), ref_t, rtol=1e-5, atol=1e-6)
-    assert text.embed(bt).shape == (3, 24)
+    assert text.embed(bt).shape == (3, 32)
 
     naflex = wm.ModelSpec("SigLIP2Vision", str(tiny["siglip2"])).load("cpu")
     b = naflex.preprocess(images)
