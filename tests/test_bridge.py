@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import analyze
+from helpers import one_thread
 from sae.bridge import (alignment_terms, analyze_codes, analyze_joint, bridge_matrix, bridge_summary,
                         modality_buckets, modality_stats, train_joint_saes, training_rows)
 from sae.cli import InputError
@@ -18,15 +18,6 @@ from sae.features import SparseCodes
 from sae.model import SparseAutoencoder
 from sae.stability import encode_codes
 
-
-@contextlib.contextmanager
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def sparse_codes(rng, n, c, density=0.15):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import analyze
+from helpers import one_thread
 from sae.checkpoint import save_sae
 from sae.cli import InputError
 from sae.config import SAEConfig, TrainConfig
@@ -21,15 +21,6 @@ from sae.sources import ActivationSource
 from sae.synthetic import planted_activations
 from sae.trainer import SAESpec, train_saes
 
-
-@contextlib.contextmanager
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_load_vocab_and_the_default_list(tmp_path):

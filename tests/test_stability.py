@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import analyze
+from helpers import one_thread
 from sae.checkpoint import save_sae
 from sae.cli import InputError
 from sae.config import SAEConfig, TrainConfig
@@ -21,16 +21,6 @@ from sae.stability import (code_stats, encode_codes, match_dictionaries, quantil
                            top_k_curve)
 from sae.trainer import SAESpec, train_saes
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models train several times faster on one thread when the cores are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def unit(rng, c, d):
