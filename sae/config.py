@@ -26,11 +26,13 @@ class SAEConfig:
         "Bussmann/Nabeshima 2025), relu (L1 penalty weighted by decoder norms)", choices=ARCHITECTURES))
     d_in: int = field(default=0, metadata=_help("input width (set from the data)"))
     d_sae: int = field(default=0, metadata=_help("number of latents (expansion_factor * d_in when 0)"))
-    k: int = field(default=32, metadata=_help(
+    k: int | None = field(default=None, metadata=_help(
         "active latents per row: per row (topk, matryoshka), on average over the batch (batchtopk), "
-        "smallest nested level and inference k (msae_*); unused by relu"))
+        "smallest nested level and inference k (msae_*); unused by relu. Default 32; for msae_* the "
+        "first of --k_levels, else 64 (MSAE's levels 64, 128, ...)"))
     k_levels: list[int] | None = field(default=None, metadata=_help(
-        "msae_*: the nested k values; default k, 2k, 4k, ... (< d_sae), then d_sae (MSAE's rule from k=64)"))
+        "msae_*: the nested k values; default k, 2k, 4k, ... (< d_sae), then d_sae (with the default "
+        "k: 64, 128, ..., d_sae, MSAE's rule)"))
     prefixes: list[int] | None = field(default=None, metadata=_help(
         "matryoshka: nested prefix sizes; default d_sae/16, /8, /4, /2, d_sae (groups 1/16,1/16,1/8,1/4,1/2)"))
     l1_coef: float = field(default=0.05, metadata=_help(
@@ -47,6 +49,11 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"unknown --sae '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+        if self.k is None:
+            if self.architecture.startswith("msae"):
+                self.k = self.k_levels[0] if self.k_levels else 64
+            else:
+                self.k = 32
 
     def validate(self) -> None:
         """Check the sizes once d_in and d_sae are known."""
@@ -68,7 +75,7 @@ class SAEConfig:
         """msae_*: nested k values, ascending, ending at d_sae."""
         if self.k_levels is not None:
             return list(self.k_levels)
-        out, k = [], self.k
+        out, k = [], int(self.k)
         while k < self.d_sae:
             out.append(k)
             k *= 2
@@ -109,7 +116,10 @@ class TrainConfig:
         "linear warm-up steps (default min(1000, 5%% of the steps))"))
     decay_fraction: float = field(default=0.2, metadata=_help("final fraction of steps with linear decay to 0"))
     dead_window: int | None = field(default=None, metadata=_help(
-        "a latent is dead after this many rows without firing (default min(10M, total rows / 4))"))
+        "a latent is dead (and feeds the AuxK loss) after this many rows without firing; default "
+        "min(10M, rows per epoch, training rows / 10), at least one batch: 10M as Gao et al., capped "
+        "at one epoch (a latent silent on a whole pass over the data is dead on it) and at a tenth of "
+        "training, so AuxK acts during at least 90%% of a short run"))
     checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints (also on Ctrl-C/SIGTERM)"))
     eval_rows: int = field(default=262144, metadata=_help("rows used for the final metrics (0 = all rows)"))
     shuffle_window: int = field(default=1 << 20, metadata=_help(

@@ -18,14 +18,17 @@ act is, per architecture:
 
 Training (`training_loss`) differs per architecture; see each `_loss_*` docstring. Decoder rows of the
 constrained architectures are kept at unit norm after every step, with the gradient component
-parallel to each row removed first (`constrain_decoder_`). The TopK-family training path is sparse:
-the encoder backward and the decoder only touch the k selected latents per row (`_TopKEncode`,
-`F.embedding_bag`), which is what makes it fast on CPU.
+parallel to each row removed first (`remove_parallel_grad_`, `normalize_decoder_`). The training path
+of topk, batchtopk and matryoshka is sparse: the encoder backward and the decoder only touch the
+selected latents of each row (k per row, or k * batch in all for batchtopk, plus the k_aux AuxK
+ones): `_SelectedPreActs`, `sparse_t_matmul`, `F.embedding_bag`. This is what makes it fast on CPU
+(bench/train_sae.py).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,62 +52,105 @@ class TrainOutput:
     l0: float  # mean active latents per row
 
 
-class _TopKEncode(torch.autograd.Function):
-    """ReLU(TopK(x W + b)) with a sparse backward; optionally also the AuxK selection.
+class _SelectedPreActs(torch.autograd.Function):
+    """Selected entries of the pre-activations x W + b, with a sparse backward.
 
-    forward(x [n, d_in], W [d_in, d_sae], b [d_sae], k, dead [d_sae] bool | None, k_aux)
-      -> values [n, k], indices [n, k], aux_values [n, k_aux'], aux_indices [n, k_aux']
-    The backward never forms a dense [n, d_sae] gradient: grad_x is an embedding_bag over the
-    selected encoder columns, grad_W is accumulated per selected latent (n * k * d_in work).
+    forward(x [n, d_in], W [d_in, d_sae], b [d_sae], pre [n, d_sae], rows [nnz], cols [nnz])
+      -> pre[rows, cols] [nnz]
+    `pre` must equal x W + b (the caller computes it without autograd, then selects). The backward
+    never forms a dense [n, d_sae] gradient: with G the sparse [n, d_sae] matrix holding the output
+    gradient at (rows, cols), grad_x = G W^T (an embedding_bag over the selected encoder columns),
+    grad_W = (G^T x)^T (a CSR matrix product, sparse_t_matmul) and grad_b = column sums of G.
+    Entries may come in any order and repeat neither (row, col) pair.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, k, dead, k_aux):  # type: ignore[override]
-        pre = torch.addmm(b, x, W)
-        top = pre.topk(k, dim=1, sorted=False)
-        idx = top.indices
-        vals = top.values
-        if dead is not None and k_aux > 0:
-            aux = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            aux_idx, aux_vals = aux.indices, aux.values
-        else:
-            aux_idx = idx.new_zeros((x.shape[0], 0))
-            aux_vals = vals.new_zeros((x.shape[0], 0))
-        all_idx = torch.cat([idx, aux_idx], 1)
-        all_vals = torch.cat([vals, aux_vals], 1)
-        ctx.save_for_backward(x, W, all_idx, all_vals > 0)
-        ctx.k = k
-        ctx.mark_non_differentiable(idx, aux_idx)
-        return vals.clamp_min(0), idx, aux_vals.clamp_min(0), aux_idx
+    def forward(ctx, x, W, b, pre, rows, cols):  # type: ignore[override]
+        ctx.save_for_backward(x, W, rows, cols)
+        return pre[rows, cols]
 
     @staticmethod
-    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
-        x, W, all_idx, positive = ctx.saved_tensors
-        if g_aux is None or g_aux.numel() == 0:
-            g = g_vals
-            idx = all_idx[:, : ctx.k]
-            positive = positive[:, : ctx.k]
-        else:
-            g = torch.cat([g_vals, g_aux], 1)
-            idx = all_idx
-        g = (g * positive).to(x.dtype)  # ReLU gate
+    def backward(ctx, grad):  # type: ignore[override]
+        x, W, rows, cols = ctx.saved_tensors
+        g = grad.to(x.dtype)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W.t().contiguous(), per_sample_weights=g, mode="sum")
+            if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
+                order = torch.argsort(rows, stable=True)
+                rows_s, cols_s, g_s = rows[order], cols[order], g[order]
+            else:
+                rows_s, cols_s, g_s = rows, cols, g
+            counts = torch.bincount(rows_s, minlength=x.shape[0])
+            offsets = counts.cumsum(0) - counts
+            grad_x = F.embedding_bag(cols_s, W.t().contiguous(), offsets, mode="sum",
+                                     per_sample_weights=g_s.to(W.dtype)).to(x.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
-            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1).to(W.dtype))
+            grad_b.index_add_(0, cols, g.to(W.dtype))
         if ctx.needs_input_grad[1]:
-            grad_Wt = torch.zeros(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
-            for j in range(idx.shape[1]):  # chunk over k: never materialise [n, k, d_in]
-                grad_Wt.index_add_(0, idx[:, j], g[:, j : j + 1] * x)
-            grad_W = grad_Wt.t()
+            grad_W = sparse_t_matmul(rows, cols, g, x, W.shape[1]).to(W.dtype).t()
         return grad_x, grad_W, grad_b, None, None, None
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[n, j] * W_dec[indices[n, j]] -> [n, d_in] without a dense [n, d_sae] matrix."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+def sparse_t_matmul(rows: Tensor, cols: Tensor, values: Tensor, x: Tensor, n_cols: int) -> Tensor:
+    """G^T x -> [n_cols, d_in], for x [n, d_in] and G [n, n_cols] holding `values` at (rows, cols).
+
+    Built as a CSR matrix [n_cols, n] (entries grouped by column with a stable sort), so the
+    product does n_nonzero * d_in work whatever the index distribution; repeated columns, as AuxK
+    gives when all rows pick among the same few dead latents, cost nothing extra (an index_add_ of
+    [n, d_in] slices per selected column is 10-20x slower there on CPU).
+    """
+    order = torch.argsort(cols, stable=True)
+    crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=x.device)
+    crow[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+        warnings.simplefilter("ignore", UserWarning)
+        G_t = torch.sparse_csr_tensor(crow, rows[order], values[order].to(x.dtype), (n_cols, x.shape[0]))
+    return G_t @ x
+
+
+def batch_topk_entries(pre: Tensor, total: int, start: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols) [m] of the `total` largest positive entries of pre [n, d_sae], in row-major order.
+
+    Equals a top-`total` over all n * d_sae entries (BatchTopK's selection; fewer entries when fewer
+    are positive), without that slow top-k: each row's `start` largest entries are candidates, and
+    tau is the total-th largest candidate (-inf while there are fewer candidates than `total`). An
+    entry left out of row r is <= that row's smallest candidate, so once no row has a positive
+    smallest candidate above tau the candidates hold the answer; rows that do get 4x more
+    candidates, and the check repeats.
+    """
+    n, d = pre.shape
+    done_vals: list[Tensor] = []
+    done_flat: list[Tensor] = []
+    pending = None  # rows still growing; None = all rows
+    m = min(start, d)
+    while True:
+        block = pre if pending is None else pre.index_select(0, pending)
+        top = block.topk(m, dim=1, sorted=False)
+        row_ids = torch.arange(n, device=pre.device) if pending is None else pending
+        flat = row_ids[:, None] * d + top.indices
+        vals = torch.cat(done_vals + [top.values.flatten()])
+        best = vals.topk(min(total, vals.numel()), sorted=False)
+        tau = best.values.min() if vals.numel() >= total else float("-inf")  # fewer candidates: no bound
+        smallest = top.values.min(1).values
+        grow = (smallest > tau) & (smallest > 0) if m < d else torch.zeros_like(smallest, dtype=torch.bool)
+        if not bool(grow.any()):
+            chosen = torch.cat(done_flat + [flat.flatten()])[best.indices]
+            chosen = chosen[best.values > 0].sort().values
+            return chosen // d, chosen % d
+        keep = ~grow
+        done_vals.append(top.values[keep].flatten())
+        done_flat.append(flat[keep].flatten())
+        pending = row_ids[grow]
+        m = min(4 * m, d)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """sum_j values[n, j] * W_dec[indices[n, j]] -> [n, d_in] without a dense [n, d_sae] matrix.
+
+    With `offsets` [n], `values` and `indices` are flat [nnz] and row n owns entries
+    offsets[n]:offsets[n + 1] (rows of different lengths, as BatchTopK gives)."""
+    return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
@@ -159,7 +205,11 @@ class SparseAutoencoder(nn.Module):
         return (codes @ self.W_dec + self.b_dec) / self.cfg.input_scale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """x [n, d_in] -> (reconstruction [n, d_in], codes [n, d_sae], training losses by name)."""
+        """x [n, d_in] -> (reconstruction [n, d_in], codes [n, d_sae], training losses by name).
+
+        Reconstruction and codes are the inference ones (`encode`). Computing the losses changes no
+        state except in a training step (training mode with autograd enabled), where batchtopk
+        updates its inference threshold; in eval mode or under no_grad, forward() has no effect."""
         codes = self.encode(x)
         out = self.training_loss(x.to(self.W_enc.dtype) * self.cfg.input_scale)
         return self.decode(codes), codes, {"loss": out.loss, "recon": out.recon_loss, "aux": out.aux_loss}
@@ -186,14 +236,32 @@ class SparseAutoencoder(nn.Module):
         denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (e_hat - e).pow(2).sum() / denom
 
+    def _dead_topk(self, pre: Tensor, dead: Tensor | None) -> Tensor:
+        """AuxK selection: [n, k_aux] indices of each row's k_aux largest pre-activations among the dead
+        latents, k_aux = min(cfg.aux_k, number of dead latents); [n, 0] when there are none."""
+        k_aux = min(self.cfg.aux_k, int(dead.sum())) if dead is not None else 0
+        if k_aux == 0:
+            return torch.zeros(pre.shape[0], 0, dtype=torch.long, device=pre.device)
+        dead_idx = dead.nonzero().squeeze(1)
+        return dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
+
     def _loss_topk(self, xs: Tensor, dead: Tensor | None) -> TrainOutput:
         """topk: MSE + aux_coef * AuxK. matryoshka: the mean MSE of every nested prefix's own
         reconstruction (latents >= prefix are dropped), with per-row TopK selection over the whole
         dictionary (Bussmann et al. use BatchTopK and add a b_dec-only term; we use per-row TopK so
-        codes never depend on the batch) + AuxK."""
-        k_aux = min(self.cfg.aux_k, int(dead.sum())) if dead is not None else 0
-        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
-            xs - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead, k_aux)
+        codes never depend on the batch) + AuxK. Sparse: only the k + k_aux selected latents of a row
+        get gradient (`_SelectedPreActs`) or are decoded (`sparse_decode`)."""
+        xc = xs - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            idx = pre.topk(self.cfg.k, dim=1, sorted=False).indices  # [n, k]
+            aux_idx = self._dead_topk(pre, dead)  # [n, k_aux]
+        n, k = idx.shape
+        cols = torch.cat([idx, aux_idx], 1)
+        rows = torch.arange(n, device=xs.device).repeat_interleave(cols.shape[1])
+        acts = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, cols.flatten())
+        acts = acts.clamp_min(0).view(n, cols.shape[1])
+        vals, aux_vals = acts[:, :k], acts[:, k:]
         x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         recon = (x_hat - xs).pow(2).mean()
         loss = recon
@@ -207,33 +275,39 @@ class SparseAutoencoder(nn.Module):
         loss = loss + self.cfg.aux_coef * aux
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[idx[vals > 0]] = True
-        l0 = float((vals > 0).sum()) / xs.shape[0]
+        l0 = float((vals > 0).sum()) / n
         return TrainOutput(loss, recon.detach(), aux.detach(), x_hat.detach(), fired, l0)
 
     def _loss_batchtopk(self, xs: Tensor, dead: Tensor | None) -> TrainOutput:
         """BatchTopK (Bussmann et al. 2024): keep the k * n largest ReLU pre-activations of the whole
-        batch. The inference threshold is an EMA (rate 0.01) of the smallest kept value."""
-        pre = torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc)
-        acts = pre.clamp_min(0)
+        batch (`batch_topk_entries`), + AuxK as for topk. Sparse like topk: rows keep different
+        numbers of latents, decoded with per-row offsets. The inference threshold is an EMA (rate
+        0.01) of the smallest kept value, updated only by training steps (module in training mode
+        and autograd enabled), so inference codes never depend on earlier calls."""
+        xc = xs - self.b_dec
         n = xs.shape[0]
-        top = acts.flatten().topk(self.cfg.k * n, sorted=False)
-        codes = torch.zeros_like(acts).flatten().scatter_(0, top.indices, top.values).view_as(acts)
-        x_hat = codes @ self.W_dec + self.b_dec
-        recon = (x_hat - xs).pow(2).mean()
         with torch.no_grad():
-            kept = top.values[top.values > 0]
-            if kept.numel():
-                batch_min = kept.min()
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            rows, cols = batch_topk_entries(pre, self.cfg.k * n, start=2 * self.cfg.k)  # row-major
+            aux_idx = self._dead_topk(pre, dead)  # [n, k_aux]
+        n_kept, k_aux = rows.numel(), aux_idx.shape[1]
+        aux_rows = torch.arange(n, device=xs.device).repeat_interleave(k_aux)
+        acts = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, torch.cat([rows, aux_rows]),
+                                      torch.cat([cols, aux_idx.flatten()])).clamp_min(0)
+        vals, aux_vals = acts[:n_kept], acts[n_kept:].view(n, k_aux)
+        counts = torch.bincount(rows, minlength=n)
+        x_hat = sparse_decode(vals, cols, self.W_dec, offsets=counts.cumsum(0) - counts) + self.b_dec
+        recon = (x_hat - xs).pow(2).mean()
+        if n_kept and self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                batch_min = vals.min().to(self.threshold.dtype)
                 first = bool(self.threshold == 0)
                 self.threshold.copy_(batch_min if first else 0.99 * self.threshold + 0.01 * batch_min)
-        aux = xs.new_zeros(())
-        k_aux = min(self.cfg.aux_k, int(dead.sum())) if dead is not None else 0
-        if k_aux > 0:
-            aux_top = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            aux = self._aux_loss(xs, x_hat, aux_top.values.clamp_min(0), aux_top.indices)
-        active = codes > 0
+        aux = self._aux_loss(xs, x_hat, aux_vals, aux_idx)
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+        fired[cols] = True
         return TrainOutput(recon + self.cfg.aux_coef * aux, recon.detach(), aux.detach(),
-                           x_hat.detach(), active.any(0), float(active.sum()) / n)
+                           x_hat.detach(), fired, n_kept / n)
 
     def _loss_msae(self, xs: Tensor) -> TrainOutput:
         """Matryoshka over k (Zaigrajew et al. 2025): one dictionary, nested TopK levels k_1 < ... <

@@ -5,11 +5,13 @@
 - fp32 parameters and Adam state; bf16 autocast and TF32 on CUDA;
 - learning rate: linear warm-up, constant, linear decay to 0 over the last `decay_fraction` of steps;
 - inputs scaled so that their mean squared norm is d_in (the factor is stored in each cfg.json);
-- dead latents: rows since each latent last fired; past `dead_window` they feed the AuxK loss;
+- dead latents: rows since each latent last fired; past `dead_window` (default_dead_window) they
+  feed the AuxK loss; the bar shows the dead % once that many rows have been trained on;
 - checkpoints (`out_dir/trainer_state.pt`) every `checkpoint_every` steps and on SIGINT/SIGTERM;
   started again with the same arguments it resumes, and the final weights equal an uninterrupted
   run's (the data order is a function of (seed, epoch) only);
-- at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}`.
+- at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
+  `evaluate`'s output, with the firing-frequency histogram).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +58,7 @@ class SAESpec:
 @dataclass
 class TrainedSAE:
     sae: SparseAutoencoder
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # evaluate()'s numbers and firing histogram
     path: Path
 
 
@@ -79,6 +82,11 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> floa
     if decay_fraction > 0 and step >= decay_start:
         return max(0.0, (total - step) / max(1, total - decay_start))
     return 1.0
+
+
+def default_dead_window(rows_per_epoch: int, training_rows: int, batch_size: int) -> int:
+    """Rows without firing after which a latent is dead (TrainConfig.dead_window's default)."""
+    return max(batch_size, min(10_000_000, rows_per_epoch, training_rows // 10))
 
 
 class _SignalFlag:
@@ -138,14 +146,17 @@ def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.devic
             raise InputError(f"activations '{spec.key}' are all zero")
         spec.cfg.input_scale = math.sqrt(spec.cfg.d_in / mean_sq)
         sae = SparseAutoencoder(spec.cfg, device=device)
-        sae.init_b_dec_(x[:4096] * spec.cfg.input_scale)
+        spread = torch.linspace(0, len(x) - 1, min(4096, len(x))).round().long()  # x is in row order
+        sae.init_b_dec_(x[spread] * spec.cfg.input_scale)
         saes.append(sae)
     return saes
 
 
 def evaluate(sae: SparseAutoencoder, source: ActivationSource, key: str, rows: np.ndarray,
-             batch_size: int = 4096) -> dict[str, float]:
-    """Dataset-level metrics of `sae` on `rows` of `key` (inference codes, input units)."""
+             batch_size: int = 4096) -> dict[str, Any]:
+    """Dataset-level metrics of `sae` on `rows` of `key` (inference codes, input units): the numbers
+    of MetricsAccumulator.compute() plus "firing_histogram" (MetricsAccumulator.frequency_histogram:
+    log10 firing-frequency bin edges and counts over the live latents, and the dead count)."""
     device = sae.W_dec.device
     acc = MetricsAccumulator(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
     with torch.no_grad():
@@ -153,13 +164,15 @@ def evaluate(sae: SparseAutoencoder, source: ActivationSource, key: str, rows: n
             x = source.read(key, rows[start : start + batch_size]).to(device)
             codes = sae.encode(x)
             acc.update(x, sae.decode(codes), codes)
-    return acc.compute()
+    return {**acc.compute(), "firing_histogram": acc.frequency_histogram()}
 
 
 def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig, out_dir: str | Path,
                progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, TrainedSAE]:
     """Train every SAE of `specs` on `source`; see the module docstring. Returns them by spec name."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output directory {out_dir} is an existing file; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if len({s.name for s in specs}) != len(specs):
         raise InputError("two SAEs share an output name")
@@ -176,7 +189,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
     steps_per_epoch = -(-source.n_rows // tcfg.batch_size)
     total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else min(1000, max(1, total // 20))
-    dead_window = tcfg.dead_window or min(10_000_000, max(tcfg.batch_size, total * tcfg.batch_size // 4))
+    dead_window = tcfg.dead_window or default_dead_window(source.n_rows, total * tcfg.batch_size, tcfg.batch_size)
 
     state_path = out_dir / STATE_FILE
     state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
@@ -185,7 +198,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
     if state is None:
         saes = _prepare(source, specs, device)
         since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
-        start = 0
+        start = rows_seen = 0
     else:
         for spec in specs:
             spec.cfg = SAEConfig.from_dict(state["cfgs"][spec.name])
@@ -194,6 +207,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
             sae.load_state_dict(state["saes"][spec.name])
         since_fired = [state["since_fired"][s.name].to(device) for s in specs]
         start = state["step"]
+        rows_seen = state.get("rows_seen", start * tcfg.batch_size)
     lrs = [tcfg.lr or default_lr(s.cfg.d_sae) for s in specs]
     opts = [torch.optim.Adam(sae.parameters(), lr=lr) for sae, lr in zip(saes, lrs)]
     if state is not None:
@@ -207,6 +221,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
             "saes": {s.name: sae.state_dict() for s, sae in zip(specs, saes)},
             "opts": {s.name: opt.state_dict() for s, opt in zip(specs, opts)},
             "since_fired": {s.name: sf.cpu() for s, sf in zip(specs, since_fired)},
+            "rows_seen": rows_seen,
         }
         with atomic_path(state_path) as tmp:
             torch.save(snapshot, tmp)
@@ -220,6 +235,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
             batch = {key: source.read(key, rows).to(device, non_blocking=True)
                      for key in {s.key for s in specs}}
             factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
+            rows_seen += len(rows)
             shown = []
             for spec, sae, opt, sf, lr in zip(specs, saes, opts, since_fired, lrs):
                 xs = batch[spec.key] * spec.cfg.input_scale
@@ -237,8 +253,9 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
                 if len(shown) < 3:
                     var = (xs - xs.mean(0)).pow(2).sum(1).mean()
                     fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
-                    dead = float((sf >= dead_window).float().mean())
-                    shown.append(f"loss {float(out.loss.detach()):.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead {dead:.1%}")
+                    dead = (f"{float((sf >= dead_window).float().mean()):.1%}" if rows_seen >= dead_window
+                            else "n/a")  # nothing can be dead before one window of rows
+                    shown.append(f"loss {float(out.loss.detach()):.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead {dead}")
             bar.set_postfix_str(" | ".join(shown) + (" ..." if len(specs) > 3 else ""), refresh=False)
             bar.update(1)
             if on_step is not None:

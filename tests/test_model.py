@@ -6,38 +6,101 @@ import torch
 
 from sae.checkpoint import load_sae, save_sae
 from sae.config import SAEConfig
-from sae.model import SparseAutoencoder, _TopKEncode, geometric_median
+from sae.model import SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
 
 
 def _sae(arch="topk", d_in=12, d_sae=40, k=5, **kw):
     return SparseAutoencoder(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, **kw))
 
 
-def test_sparse_topk_encode_matches_dense_autograd_in_float64():
+def test_selected_pre_acts_backward_matches_dense_autograd_in_float64():
+    """Any entry order, repeated columns (as AuxK gives), rows with no entry."""
     torch.manual_seed(0)
     x = torch.randn(30, 12, dtype=torch.float64, requires_grad=True)
     W = torch.randn(12, 40, dtype=torch.float64, requires_grad=True)
     b = torch.randn(40, dtype=torch.float64, requires_grad=True)
-    dead = torch.zeros(40, dtype=torch.bool)
-    dead[::3] = True
-    vals, idx, aux_vals, aux_idx = _TopKEncode.apply(x, W, b, 5, dead, 4)
-    gv, ga = torch.randn_like(vals), torch.randn_like(aux_vals)
-    ((vals * gv).sum() + (aux_vals * ga).sum()).backward()
+    pre = (x @ W + b).detach()
+    keep = torch.rand(30, 40) < 0.3
+    keep[:, :3] = True  # every row uses columns 0-2
+    keep[5] = False  # row 5 selects nothing
+    rows, cols = keep.nonzero(as_tuple=True)
+    perm = torch.randperm(len(rows))
+    rows, cols = rows[perm], cols[perm]
+    vals = _SelectedPreActs.apply(x, W, b, pre, rows, cols)
+    g = torch.randn_like(vals)
+    (vals * g).sum().backward()
     sparse_grads = [t.grad.clone() for t in (x, W, b)]
     for t in (x, W, b):
         t.grad = None
-    # dense reference: the same selection written with plain autograd ops
-    pre = x @ W + b
-    ref_idx = pre.detach().topk(5, dim=1).indices
-    ref_aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(4, dim=1).indices
-    assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
-    assert bool(dead[aux_idx].all())
-    ref_vals = pre.gather(1, idx).clamp_min(0)
-    ref_aux = pre.gather(1, aux_idx).clamp_min(0)
-    torch.testing.assert_close(vals, ref_vals)
-    ((ref_vals * gv).sum() + (ref_aux * ga).sum()).backward()
+    ref = (x @ W + b)[rows, cols]
+    torch.testing.assert_close(vals, ref.detach())
+    (ref * g).sum().backward()
     for got, t in zip(sparse_grads, (x, W, b)):
         torch.testing.assert_close(got, t.grad)
+
+
+def _dense_topk(pre, k):
+    t = pre.topk(k, 1)
+    return torch.zeros_like(pre).scatter(1, t.indices, t.values.clamp_min(0))
+
+
+def _dense_reference_loss(arch, P, xs, k, dead, k_aux):
+    """The training loss written densely with plain autograd ops (parameters P, float64)."""
+    pre = (xs - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
+    if arch == "batchtopk":
+        acts = pre.clamp_min(0).flatten()
+        top = acts.topk(k * xs.shape[0])
+        z = torch.zeros_like(acts).scatter(0, top.indices, top.values).view_as(pre)
+    else:
+        z = _dense_topk(pre, k)
+    x_hat = z @ P["W_dec"] + P["b_dec"]
+    loss = ((x_hat - xs) ** 2).mean()
+    if k_aux:
+        z_aux = _dense_topk(pre.masked_fill(~dead, float("-inf")), k_aux)
+        e = xs - x_hat.detach()
+        loss = loss + ((z_aux @ P["W_dec"] - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum() / 32
+    return loss
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("k_aux", [0, 10])
+def test_sparse_training_loss_and_gradients_equal_the_dense_path_in_float64(arch, k_aux):
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(SAEConfig(architecture=arch, d_in=16, d_sae=96, k=6, k_aux=k_aux)).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.3)
+    xs = torch.randn(50, 16, dtype=torch.float64) * torch.rand(50, 1, dtype=torch.float64) * 3  # uneven rows
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96)[:30]] = True
+    out = sae.training_loss(xs, dead)
+    out.loss.backward()
+    P = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
+    ref = _dense_reference_loss(arch, P, xs, 6, dead, k_aux)
+    ref.backward()
+    torch.testing.assert_close(out.loss.detach(), ref.detach(), rtol=1e-12, atol=0)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, P[name].grad, rtol=1e-10, atol=1e-12)
+    assert out.l0 == pytest.approx(6)
+
+
+def test_batch_topk_entries_equal_a_top_k_over_the_whole_batch():
+    torch.manual_seed(5)
+    cases = [(torch.randn(40, 30), 120, 3)]  # random rows
+    skewed = torch.randn(40, 30) - 1
+    skewed[7] += 5  # one row holds far more than `start` of the batch's largest entries: it must grow
+    cases.append((skewed, 100, 2))
+    cases.append((torch.randn(40, 30) - 2.5, 600, 4))  # fewer positive entries than asked for
+    for _ in range(100):  # random sizes, row offsets, `total` up to every entry, `start` up to d
+        n, d = torch.randint(1, 30, ()).item(), torch.randint(2, 60, ()).item()
+        pre = torch.randn(n, d) + torch.randn(n, 1) * torch.rand(()) * 2 - torch.rand(()) * 2
+        cases.append((pre, torch.randint(1, n * d + 1, ()).item(), torch.randint(1, d + 1, ()).item()))
+    for pre, total, start in cases:
+        rows, cols = batch_topk_entries(pre, total, start)
+        top = pre.clamp_min(0).flatten().topk(total)
+        want = top.indices[top.values > 0].sort().values
+        assert torch.equal(rows * pre.shape[1] + cols, want)
+    assert (batch_topk_entries(skewed, 100, 2)[0] == 7).sum() == 30
 
 
 def test_topk_training_loss_equals_dense_formula():
@@ -87,15 +150,42 @@ def test_batchtopk_inference_codes_do_not_depend_on_the_batch():
     assert torch.equal(alone, torch.where(pre > sae.threshold, pre, 0.0))
 
 
+def test_batchtopk_threshold_changes_only_in_training_steps():
+    torch.manual_seed(6)
+    sae = _sae("batchtopk")
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    x = torch.randn(8, 12)
+    before = sae.encode(x)
+    sae.eval()
+    sae(torch.randn(256, 12) * 3)  # eval mode, autograd on
+    sae.train()
+    with torch.no_grad():
+        sae(torch.randn(256, 12) * 3)  # training mode, autograd off
+        sae.training_loss(torch.randn(256, 12) * 3)
+    assert float(sae.threshold) == 0.5
+    assert torch.equal(sae.encode(x), before)
+    sae.training_loss(torch.randn(256, 12) * 3).loss.backward()  # a training step moves it
+    assert float(sae.threshold) != 0.5
+
+
 def test_batchtopk_training_keeps_k_per_row_on_average():
     sae = _sae("batchtopk")
     out = sae.training_loss(torch.randn(64, 12) * 3)
     assert out.l0 == pytest.approx(5, abs=0.01)
 
 
-def test_msae_levels_and_weights():
-    cfg = SAEConfig(architecture="msae_rw", d_in=8, d_sae=6144, k=64)
+def test_default_k_is_32_and_64_for_msae():
+    assert SAEConfig(architecture="topk").k == SAEConfig(architecture="batchtopk").k == 32
+    assert SAEConfig(architecture="matryoshka").k == 32
+    cfg = SAEConfig(architecture="msae_rw", d_in=8, d_sae=6144)
+    assert cfg.k == 64
     assert cfg.levels == [64, 128, 256, 512, 1024, 2048, 4096, 6144]  # MSAE's rule for ViT-L/14 x8
+    assert SAEConfig(architecture="msae_uw", d_sae=6144, k=32).levels[:2] == [32, 64]
+    assert SAEConfig(architecture="msae_uw", d_sae=64, k_levels=[4, 16, 64]).k == 4
+
+
+def test_msae_levels_and_weights():
     sae = SparseAutoencoder(SAEConfig(architecture="msae_rw", d_in=8, d_sae=32, k=4, k_levels=[4, 16, 32]))
     xs = torch.randn(16, 8)
     pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
