@@ -26,7 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.validate()
     tcfg = dataclass_from_args(TrainConfig, args)
     result = train_saes(source, [SAESpec("", "x", cfg)], tcfg, args.out, progress=not args.quiet)[""]
-    print(json.dumps({"out": str(result.path), **result.metrics}, indent=2))
+    summary = {k: v for k, v in result.metrics.items() if k != "firing_histogram"}  # that one: metrics.json
+    print(json.dumps({"out": str(result.path), **summary}, indent=2))
     return 0
 
 

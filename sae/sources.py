@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -45,13 +47,18 @@ class ActivationSource:
 
     @classmethod
     def from_npy(cls, path: str, key: str = "x") -> ActivationSource:
-        """One .npy file [rows, d_in], memory-mapped (never read whole into RAM)."""
+        """One .npy file [rows, d_in] of any float dtype, memory-mapped (never read whole into RAM)."""
+        if Path(path).is_dir():
+            raise InputError(f"{path} is a directory, not a .npy file [rows, d_in]")
         try:
             arr = np.load(path, mmap_mode="r")
         except FileNotFoundError:
             raise InputError(f"activation file not found: {path}") from None
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise InputError(f"cannot read {path} as a .npy array: {e}") from None
+        if not isinstance(arr, np.ndarray):  # np.load opened an .npz archive
+            arr.close()
+            raise InputError(f"{path} is an .npz archive, not a .npy array [rows, d_in]")
         if arr.ndim != 2:
             raise InputError(f"{path} must hold a 2-D array [rows, d_in], got shape {arr.shape}")
         if arr.dtype.kind != "f":
@@ -77,6 +84,8 @@ class ActivationSource:
         for s in np.unique(shard_of):
             local = sorted_rows[shard_of == s] - offsets[s]
             block = self.shards[key][s][local]
+            if block.dtype.kind == "f" and block.dtype.itemsize > 8:  # float128: torch has no such dtype
+                block = block.astype(np.float64)
             t = torch.from_numpy(np.ascontiguousarray(block))
             if t.dtype == torch.uint16 or block.dtype == np.uint16:
                 t = t.view(torch.bfloat16)

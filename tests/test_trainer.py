@@ -16,7 +16,7 @@ from sae.cli import InputError
 from sae.config import SAEConfig, TrainConfig
 from sae.sources import ActivationSource, epoch_batches
 from sae.synthetic import planted_activations
-from sae.trainer import SAESpec, TrainingInterrupted, lr_factor, train_saes
+from sae.trainer import SAESpec, TrainingInterrupted, _prepare, default_dead_window, lr_factor, train_saes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def _specs():
 
 
 def _tcfg(**kw):
-    return TrainConfig(epochs=3, batch_size=256, lr=1e-3, device="cpu", checkpoint_every=5, **kw)
+    return TrainConfig(**{"epochs": 3, "batch_size": 256, "lr": 1e-3, "device": "cpu", "checkpoint_every": 5, **kw})
 
 
 def test_resume_after_sigterm_gives_identical_weights(tmp_path, data):
@@ -46,7 +46,9 @@ def test_resume_after_sigterm_gives_identical_weights(tmp_path, data):
     with pytest.raises(TrainingInterrupted, match="after step 8/36"):
         train_saes(source, _specs(), _tcfg(), tmp_path / "cut", progress=False, on_step=kill_at_step_7)
     assert not (tmp_path / "cut" / "a" / "sae.safetensors").exists()
-    resumed = train_saes(source, _specs(), _tcfg(), tmp_path / "cut", progress=False)
+    steps_run = []
+    resumed = train_saes(source, _specs(), _tcfg(), tmp_path / "cut", progress=False, on_step=steps_run.append)
+    assert steps_run == list(range(8, 36))  # it resumed at the checkpoint: steps 0-7 were not run again
     for name in ("a", "b"):
         for p, q in zip(full[name].sae.state_dict().values(), resumed[name].sae.state_dict().values()):
             assert torch.equal(p, q)
@@ -114,6 +116,19 @@ def test_cli_train_writes_checkpoint_and_metrics(tmp_path, data, capsys):
     assert json.loads((tmp_path / "o" / "cfg.json").read_text())["d_sae"] == 64
 
 
+def test_any_float_dtype_trains_float128_included(tmp_path, data):
+    """X.npy of any float dtype: float16/32/64 go to torch directly, float128 through float64."""
+    x = data[:2000].astype(np.longdouble)
+    if x.dtype.itemsize <= 8:
+        pytest.skip("no float128 on this platform")
+    np.save(tmp_path / "x.npy", x)
+    src = ActivationSource.from_npy(str(tmp_path / "x.npy"))
+    np.testing.assert_array_equal(src.read("x", np.array([5, 0, 1999])).numpy(), data[[5, 0, 1999]])
+    sae_main(["train", "--activations", str(tmp_path / "x.npy"), "--k", "4", "--expansion_factor", "4",
+              "--epochs", "1", "--batch_size", "512", "--out", str(tmp_path / "o"), "--quiet"])
+    assert (tmp_path / "o" / "sae.safetensors").exists()
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["--activations", "missing.npy"], "not found"),
     ("3d", ["--activations", "x.npy"], "2-D"),
@@ -121,6 +136,9 @@ def test_cli_train_writes_checkpoint_and_metrics(tmp_path, data, capsys):
     ("ok", ["--activations", "x.npy", "--k", "64", "--expansion_factor", "4"], "0 < k < d_sae"),
     ("ok", ["--activations", "x.npy", "--sae", "nope"], "invalid choice"),
     ("ok", ["--activations", "x.npy", "--epochs", "0"], "--epochs must be positive"),
+    ("ok", ["--activations", "."], ". is a directory"),
+    ("npz", ["--activations", "x.npz"], "an .npz archive"),
+    ("ok", ["--activations", "x.npy", "--out", "x.npy"], "x.npy is an existing file"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
     x = np.ones((20, 16), dtype=np.float32)
@@ -128,7 +146,9 @@ def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
         x = x.reshape(20, 4, 4)
     if setup == "nan":
         x[7, 3] = np.nan
-    if setup:
+    if setup == "npz":
+        np.savez(tmp_path / "x.npz", x=x)
+    elif setup:
         np.save(tmp_path / "x.npy", x)
     proc = subprocess.run([sys.executable, "-m", "sae", "train", "--out", str(tmp_path / "o"), *args],
                           cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -137,3 +157,34 @@ def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and "error:" in last  # the problem is named on one line (argparse adds usage above)
+
+
+def test_metrics_json_holds_the_firing_histogram_of_the_saved_sae(tmp_path, data):
+    """Recomputed with numpy from the checkpoint's own codes on every row."""
+    from sae.checkpoint import load_sae
+
+    out = train_saes(ActivationSource({"x": [data]}), _specs()[:1], _tcfg(epochs=1), tmp_path, progress=False)["a"]
+    hist = json.loads((tmp_path / "a" / "metrics.json").read_text())["firing_histogram"]
+    with torch.no_grad():
+        fire = (load_sae(tmp_path / "a").encode(torch.from_numpy(data)) > 0).sum(0).numpy()
+    n = len(data)
+    counts, edges = np.histogram(np.log10(fire[fire > 0] / n), bins=20, range=(np.log10(1 / n), 0))
+    assert hist["counts"] == counts.tolist() and hist["edges"] == pytest.approx(edges.tolist())
+    assert hist["n_dead"] == int((fire == 0).sum()) == out.metrics["n_dead"]
+    assert hist["n_live"] + hist["n_dead"] == 64 and hist["n_rows"] == n
+
+
+def test_b_dec_starts_at_the_mean_of_rows_spread_over_the_whole_source():
+    x = np.zeros((20000, 4), dtype=np.float32)
+    x[:5000] = 10.0  # the first quarter differs from the rest
+    spec = SAESpec("m", "x", SAEConfig(d_sae=8, k=2, b_dec_init="mean"))
+    spec.cfg.d_in = 4
+    sae = _prepare(ActivationSource({"x": [x]}), [spec], torch.device("cpu"))[0]
+    np.testing.assert_allclose(sae.b_dec.detach().numpy() / spec.cfg.input_scale, 2.5, rtol=0.01)
+
+
+def test_default_dead_window():
+    assert default_dead_window(10**9, 10**10, 4096) == 10_000_000  # Gao et al.'s 10M rows
+    assert default_dead_window(3000, 5 * 3000, 256) == 1500  # a tenth of a short run
+    assert default_dead_window(3000, 100 * 3000, 256) == 3000  # at most one epoch
+    assert default_dead_window(3000, 1000, 256) == 256  # at least one batch
