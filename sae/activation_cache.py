@@ -57,7 +57,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.atomic import _fsync_dir, atomic_path, read_json, write_json
+from sae.atomic import (STALE_S, _fsync_dir, atomic_path, last_touched, read_json, remove_dead_temporaries,
+                        write_json)
 from sae.cli import InputError
 from sae.data import BadRow, Pairs
 
@@ -258,55 +259,6 @@ def find_cache(cache_dir: str | Path, material: dict[str, Any]) -> ActivationCac
 
 
 # ------------------------------------------------------------------------------ leftovers of dead runs
-
-_TMP_PID = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
-STALE_S = 600  # leftovers untouched for this long may be removed (a process id is only unique on its host)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (a process of another user counts as alive)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def last_touched(path: Path) -> float:
-    """Seconds since `path`, or anything under it, was last modified."""
-    times = [path.lstat().st_mtime]
-    if path.is_dir() and not path.is_symlink():
-        times += [p.lstat().st_mtime for p in path.rglob("*")]
-    return time.time() - max(times)
-
-
-def remove_dead_temporaries(root: str | Path, recursive: bool = True, min_age_s: float = STALE_S) -> list[Path]:
-    """Delete `.<name>.tmp-<pid>` / `.<name>.old-<pid>` files and folders (sae.atomic's temporary names)
-    left under `root` by processes that no longer exist and untouched for `min_age_s` (a folder shared
-    by several hosts may hold the live temporaries of another host's process). Returns them."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    removed = []
-    for p in list(root.rglob(".*") if recursive else root.glob(".*")):
-        m = _TMP_PID.match(p.name)
-        if not m or pid_alive(int(m.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            if last_touched(p) < min_age_s:
-                continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        removed.append(p)
-    return removed
-
 
 def _lock_free(lock_path: Path) -> bool:
     """Whether no process holds the lock of an extraction (False where locks are not supported: keep)."""

@@ -1,7 +1,8 @@
 """Atomic file and directory writes: a reader never sees a half-written file.
 
 Everything is first written under a temporary name in the same directory, flushed to disk, then
-renamed into place (rename is atomic on POSIX within one file system).
+renamed into place (rename is atomic on POSIX within one file system). The temporary names carry the
+writer's process id, so `remove_dead_temporaries` can clear what a killed process left.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,3 +68,54 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------ leftovers of dead runs
+
+_TMP_PID = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+STALE_S = 600  # leftovers untouched for this long may be removed (a process id is only unique on its host)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a process of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def last_touched(path: Path) -> float:
+    """Seconds since `path`, or anything under it, was last modified."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.rglob("*")]
+    return time.time() - max(times)
+
+
+def remove_dead_temporaries(root: str | Path, recursive: bool = True, min_age_s: float = STALE_S) -> list[Path]:
+    """Delete `.<name>.tmp-<pid>` / `.<name>.old-<pid>` files and folders (the temporary names of `atomic_path`)
+    left under `root` by processes that no longer exist and untouched for `min_age_s` (a folder shared
+    by several hosts may hold the live temporaries of another host's process). Returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in list(root.rglob(".*") if recursive else root.glob(".*")):
+        m = _TMP_PID.match(p.name)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if last_touched(p) < min_age_s:
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.activation_cache import CacheConfig, extract_activations, remove_dead_temporaries
-from sae.atomic import read_json, write_json
+from sae.activation_cache import CacheConfig, extract_activations
+from sae.atomic import read_json, remove_dead_temporaries, write_json
 from sae.cli import InputError, add_dataclass_args, dataclass_from_args
 from sae.config import TrainConfig, add_sae_args, sae_config_from_args
 from sae.data import DataConfig, pairs_from_config
