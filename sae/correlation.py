@@ -49,6 +49,7 @@ float64 throughout; it also runs on CPU, which is how the tests check it).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -622,10 +623,16 @@ class TorchEngine(NumpyEngine):
         return values.cpu().numpy(), arg.cpu().numpy()
 
 
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+
+
 def make_engine(device: str = "auto", path: str = "auto") -> NumpyEngine:
     """'auto' -> TorchEngine('cuda') if torch.cuda.is_available() else NumpyEngine(); 'cpu' -> numpy;
-    'cuda' / 'cuda:N' -> TorchEngine on that device; 'torch-cpu' -> TorchEngine on CPU (for tests)."""
-    if device == "cpu":
+    'cuda' / 'cuda:N' -> TorchEngine on that device; 'torch-cpu' -> TorchEngine on CPU (for tests).
+
+    'auto' on a machine with no GPU device file (GPU_DEVICE_FILES) goes straight to numpy without
+    importing torch, whose import alone costs ~600 MB of resident memory."""
+    if device == "cpu" or (device == "auto" and not any(os.path.exists(f) for f in GPU_DEVICE_FILES)):
         return NumpyEngine(path)
     if device == "torch-cpu":
         return TorchEngine("cpu", path)

@@ -126,3 +126,19 @@ def test_scripts_as_subprocesses(runs):
     assert done.stderr.strip().splitlines() == [
         "error: runs 'A' (N=120) and 'short' (N=100) have different numbers of rows; "
         "compare runs recorded on the same data"]
+
+
+def test_wmppc_on_a_cpu_machine_never_imports_torch(runs):
+    """--device auto without a GPU device file runs on numpy and leaves torch (~600 MB resident) unloaded."""
+    from sae.correlation import GPU_DEVICE_FILES
+
+    if any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        pytest.skip("this machine has a GPU device file: auto may use CUDA through torch")
+    code = ("import sys, wmppc; wmppc.main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, "--source", "A", "--target", "B", "--features_dir",
+                           str(runs[0]), "--json", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["target_layers"] == [1, 2]
+    assert done.stderr.strip().splitlines()[-1] == "no torch"
