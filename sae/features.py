@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -97,16 +98,23 @@ class SparseCodes:
         )
 
     def to_torch(self, device: str = "cpu"):
-        """As a `torch.sparse_csr_tensor` [n_rows, d_sae] on `device`."""
+        """As a `torch.sparse_csr_tensor` [n_rows, d_sae] on `device` (read-only memory maps are copied)."""
         import torch
 
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(np.ascontiguousarray(self.indptr)),
-            torch.from_numpy(np.ascontiguousarray(self.indices, dtype=np.int64)),
-            torch.from_numpy(np.ascontiguousarray(self.values)),
-            size=(self.n_rows, self.d_sae),
-            device=device,
-        )
+        def tensor(a: np.ndarray, dtype: Any = None) -> "torch.Tensor":
+            a = np.ascontiguousarray(a, dtype=dtype)
+            return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                tensor(self.indptr),
+                tensor(self.indices, np.int64),
+                tensor(self.values),
+                size=(self.n_rows, self.d_sae),
+                device=device,
+                check_invariants=True,  # files from disk: an error rather than a crash if they are corrupt
+            )
 
     def rows(self, start: int, stop: int) -> SparseCodes:
         """Rows start:stop as a new SparseCodes (views where possible)."""
