@@ -251,11 +251,15 @@ class FeatureRun:
         return SparseCodes.from_dense(dense.float().numpy())
 
 
-def available_runs(features_dir: str | Path) -> list[str]:
+def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]:
+    """Names of the runs in `features_dir`: complete ones (run.json written, or the original format's
+    layerNN.pt files), or with complete=False the other folders (runs stopped or still going)."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         return []
-    return sorted(p.name for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(p.name for p in folders
+                  if ((p / "run.json").is_file() or any(p.glob("layer*.pt"))) == complete)
 
 
 def open_run(features_dir: str | Path, name: str) -> FeatureRun:
@@ -264,5 +268,8 @@ def open_run(features_dir: str | Path, name: str) -> FeatureRun:
     if not path.is_dir():
         runs = available_runs(features_dir)
         listing = ", ".join(runs) if runs else "none"
+        unfinished = available_runs(features_dir, complete=False)
+        if unfinished:
+            listing += f"; unfinished: {', '.join(unfinished)}"
         raise InputError(f"no run '{name}' in {features_dir} (available: {listing})")
     return FeatureRun(path)

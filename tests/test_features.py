@@ -59,5 +59,9 @@ def test_original_dense_format_and_layer_order(tmp_path):
 def test_missing_run_lists_available(tmp_path):
     write_layer(tmp_path / "a", 0, SparseCodes.from_dense(np.eye(3, dtype=np.float32)))
     write_run_info(tmp_path / "a", {})
-    with pytest.raises(ValueError, match=r"no run 'b'.*available: a"):
+    (tmp_path / "orig").mkdir()
+    torch.save(torch.zeros(3, 2), tmp_path / "orig" / "layer-1.pt")
+    (tmp_path / "stopped").mkdir()  # a run killed before recording: not offered as available
+    (tmp_path / "stopped" / "settings.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"no run 'b' in .* \(available: a, orig; unfinished: stopped\)$"):
         open_run(tmp_path, "b")
