@@ -6,7 +6,7 @@ import torch
 
 from sae.checkpoint import load_sae, save_sae
 from sae.config import SAEConfig
-from sae.model import SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
+from sae.model import DENSE_AUX_RATIO, SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
 
 
 def _sae(arch="topk", d_in=12, d_sae=40, k=5, **kw):
@@ -63,8 +63,9 @@ def _dense_reference_loss(arch, P, xs, k, dead, k_aux):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("k_aux", [0, 10])
+@pytest.mark.parametrize("k_aux", [0, 4, 10])  # 30 dead latents: AuxK's sparse path at 4, its dense one at 10
 def test_sparse_training_loss_and_gradients_equal_the_dense_path_in_float64(arch, k_aux):
+    assert (30 <= DENSE_AUX_RATIO * k_aux) == (k_aux == 10)
     torch.manual_seed(1)
     sae = SparseAutoencoder(SAEConfig(architecture=arch, d_in=16, d_sae=96, k=6, k_aux=k_aux)).double()
     with torch.no_grad():
@@ -73,6 +74,8 @@ def test_sparse_training_loss_and_gradients_equal_the_dense_path_in_float64(arch
     xs = torch.randn(50, 16, dtype=torch.float64) * torch.rand(50, 1, dtype=torch.float64) * 3  # uneven rows
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:30]] = True
+    with torch.no_grad():  # dead latents fire rarely: some rows' AuxK picks are negative, so the ReLU matters
+        sae.b_enc[dead] -= 1.5
     out = sae.training_loss(xs, dead)
     out.loss.backward()
     P = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
