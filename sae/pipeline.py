@@ -50,7 +50,7 @@ def build_parser(modality: str, description: str) -> argparse.ArgumentParser:
     """All flags of train_image.py (modality 'image') or train_text.py ('text')."""
     import wrappedmodels
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     wrappedmodels.add_model_args(parser, modality)
     parser.add_argument("--runname", default=None,
                         help="name of the run under --features_dir (default: the --model name, lowercased)")
