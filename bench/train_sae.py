@@ -106,7 +106,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"device {device} ({where}), d_in {args.d_in}, batch {args.batch}, median of {args.steps} interleaved "
           f"steps after 1 warm-up; msae_* levels k, 2k, d_sae; +auxk rows: {args.dead_fraction:.0%} of latents "
-          f"dead, k_aux {args.d_in // 2}", flush=True)
+          f"dead, k_aux {SAEConfig(d_in=args.d_in).aux_k}", flush=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.d_in, generator=gen).to(device)
     for expansion in args.expansions:

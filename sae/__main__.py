@@ -10,10 +10,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sae.cli import dataclass_from_args, run_cli
-from sae.config import SAEConfig, TrainConfig, add_sae_args, sae_config_from_args
+from sae.config import TrainConfig, add_sae_args, sae_config_from_args
 
 
 def cmd_train(args: argparse.Namespace) -> int:

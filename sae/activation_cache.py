@@ -689,7 +689,8 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
                     stored = _stored(raw, cfg.cache_dtype)
                     _check_finite(layer, raw, stored, token_rows, pairs, positions, cfg.cache_dtype)
                     arrays[layer] = _to_numpy(stored, cfg.cache_dtype)
-                    counts[layer] = float(n_tok.float().mean())
+                if not checked_space:  # tokens per row, for the disk-space estimate below
+                    counts.update(dict.fromkeys(group, float(n_tok.float().mean())))
             for layer in layers:
                 stored = _stored(out.pooled[layer], cfg.cache_dtype)
                 _check_finite(layer, out.pooled[layer], stored, torch.arange(B), pairs, positions, cfg.cache_dtype)

@@ -97,7 +97,7 @@ def last_touched(path: Path) -> float:
     return time.time() - max(times)
 
 
-def remove_dead_temporaries(root: str | Path, recursive: bool = True, min_age_s: float = STALE_S) -> list[Path]:
+def remove_dead_temporaries(root: str | Path, min_age_s: float = STALE_S) -> list[Path]:
     """Delete `.<name>.tmp-<pid>` / `.<name>.old-<pid>` files and folders (the temporary names of `atomic_path`)
     left under `root` by processes that no longer exist and untouched for `min_age_s` (a folder shared
     by several hosts may hold the live temporaries of another host's process). Returns them."""
@@ -105,7 +105,7 @@ def remove_dead_temporaries(root: str | Path, recursive: bool = True, min_age_s:
     if not root.is_dir():
         return []
     removed = []
-    for p in list(root.rglob(".*") if recursive else root.glob(".*")):
+    for p in list(root.rglob(".*")):
         m = _TMP_PID.match(p.name)
         if not m or pid_alive(int(m.group(1))):
             continue

@@ -113,11 +113,20 @@ class MatchColumn:
     matches: dict[int, tuple[int, int, float]]
     full: bool  # every source feature covered (a best-matches file), not just selected ones
     origin: str  # file name
-    label: str = ""  # "<target> · <methods> · <layers>"
     key: str = ""  # data-key of the index column
     methods: list[str] = field(default_factory=list)  # every method whose file gave these matches
     origins: list[str] = field(default_factory=list)  # and those files
     layers_text: str = ""  # "all layers (0, 1, 2)" or "L2"
+
+    @property
+    def compared(self) -> str:
+        """'<methods> · <layers>', e.g. 'sharedness + wMPPC · L4'."""
+        return " + ".join(METHOD_NAMES.get(m, m) for m in self.methods) + f" · {self.layers_text}"
+
+    @property
+    def label(self) -> str:
+        """'<target> · <methods> · <layers>'."""
+        return f"{self.target} · {self.compared}"
 
 
 @dataclass
@@ -263,8 +272,6 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
     per_target = [c.target for c in merged]
     for c in merged:
         c.layers_text = _layers_text(c.target_layers, _run_layers(features_dir, c.target))
-        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
-        c.label = f"{c.target} · {methods} · {c.layers_text}"
         c.key = (_key("rho_", c.target) if per_target.count(c.target) == 1 else
                  _key("rho_", f"{c.target}_{'+'.join(c.methods)}_L{'-'.join(map(str, c.target_layers))}"))
     out.matches = merged
@@ -539,8 +546,7 @@ def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview],
         heads.append((d.key, "num", d.label, "sharedness", (f"comparative sharedness Delta, G = {' '.join(d.min_group)}"
                       f", H = {' '.join(d.max_group)} ({d.origin}); blank: not selected")))
     for c in comps.matches:
-        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
-        heads.append((c.key, "num", f"best in {c.target}", f"{methods} · {c.layers_text}",
+        heads.append((c.key, "num", f"best in {c.target}", c.compared,
                       (f"best-matching feature of {c.target} over its layers {c.target_layers or '?'}: target layer, "
                        f"feature and correlation; from {', '.join(c.origins)}")))
     heads.append(("caption", "txt", "top caption", "", "caption of the top row"))
@@ -590,9 +596,10 @@ def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview],
 
 def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
     """One row per compared run and set of layers: where the feature's best match is, and its correlation."""
+    if not any(p.index in c.matches for c in comps.matches):
+        return "<p class='muted'>No comparison results for this feature.</p>"
     rows = []
     for c in comps.matches:
-        methods = " + ".join(METHOD_NAMES.get(m, m) for m in c.methods)
         if p.index in c.matches:
             b, j, r = c.matches[p.index]
             href = links.page(c.target, b, j, 1)
@@ -601,10 +608,8 @@ def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
             rho = f"{r:.3f}"
         else:
             match, rho = '<span class="muted">–</span>', ""
-        rows.append(f"<tr><td>{_e(c.target)}</td><td>{_e(methods)} · {_e(c.layers_text)}</td><td>{match}</td>"
+        rows.append(f"<tr><td>{_e(c.target)}</td><td>{_e(c.compared)}</td><td>{match}</td>"
                     f"<td>{rho}</td><td class=\"muted\">{_e(', '.join(c.origins))}</td></tr>")
-    if not any(p.index in c.matches for c in comps.matches):
-        return "<p class='muted'>No comparison results for this feature.</p>"
     return ("<table class='matches'><tr><th>run</th><th>compared (method · layers)</th><th>best match</th>"
             f"<th>ρ</th><th>from</th></tr>{''.join(rows)}</table>")
 

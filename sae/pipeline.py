@@ -38,7 +38,7 @@ from sae.atomic import read_json, remove_dead_temporaries, write_json
 from sae.cli import InputError, add_dataclass_args, dataclass_from_args
 from sae.config import TrainConfig, add_sae_args, sae_config_from_args
 from sae.data import DataConfig, pairs_from_config
-from sae.features import FORMAT, LayerWriter, SparseCodes, write_run_info
+from sae.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
 from sae.provenance import provenance
 from sae.sources import ActivationSource
 from sae.trainer import SAESpec, train_saes
@@ -120,8 +120,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
                 "seeds": seeds}
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
     settings_path = run_dir / SETTINGS_FILE
-    if run_dir.is_dir():
-        remove_dead_temporaries(run_dir)
+    remove_dead_temporaries(run_dir)
     if settings_path.exists() and read_json(settings_path).get("fingerprint") != fingerprint:
         if _replaceable(run_dir):
             print(f"run '{runname}' had no outputs yet: starting it again with these settings")
@@ -144,8 +143,8 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     trained: dict[str, Any] = {}
     n_tokens: dict[int, int] = {}
     for group in groups:
-        source = ActivationSource({_key(layer): cache.token_shards(layer) for layer in group})
-        specs = [SAESpec(_key(layer) + (f"_seed{seed}" if i else ""), _key(layer),
+        source = ActivationSource({layer_dir_name(layer): cache.token_shards(layer) for layer in group})
+        specs = [SAESpec(layer_dir_name(layer) + (f"_seed{seed}" if i else ""), layer_dir_name(layer),
                          sae_config_from_args(args, cache.d_of(layer), seed=seed))
                  for layer in group for i, seed in enumerate(seeds)]
         out_dir = run_dir / "saes" if len(groups) == 1 else run_dir / "saes" / f"group{group[0]:02d}"
@@ -156,7 +155,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         trained.update(train_saes(source, specs, tcfg, out_dir, progress=progress))
         n_tokens.update(dict.fromkeys(group, source.n_rows))
 
-    saes = {layer: trained[_key(layer)].sae for layer in layers}
+    saes = {layer: trained[layer_dir_name(layer)].sae for layer in layers}
     for layer in layers:
         _record(saes[layer], cache.pooled(layer), run_dir, layer, progress)
     first = saes[layers[0]].cfg
@@ -171,7 +170,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         "bad_rows": cache.meta["bad_rows"], "architecture": first.architecture,
         "d_sae": _one_or_map(d_sae),
         "d_in": {str(layer): cache.d_of(layer) for layer in layers}, "k": first.k, "seeds": seeds,
-        "sae_metrics": {str(layer): trained[_key(layer)].metrics for layer in layers},
+        "sae_metrics": {str(layer): trained[layer_dir_name(layer)].metrics for layer in layers},
         "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
         "activation_cache": str(cache.path), "format": FORMAT, "provenance": provenance(),
     }
@@ -187,10 +186,6 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
 def _one_or_map(values: dict[str, int]) -> int | dict[str, int]:
     """The value shared by every layer, or the per-layer map when they differ (CLIP ResNets)."""
     return next(iter(values.values())) if len(set(values.values())) == 1 else values
-
-
-def _key(layer: int) -> str:
-    return f"layer{layer:02d}"
 
 
 _SAE_FLAGS = ("sae", "expansion_factor", "d_sae", "k", "k_levels", "prefixes", "l1_coef", "k_aux", "aux_coef",

