@@ -155,16 +155,17 @@ def _require(**flags: Any) -> None:
         raise InputError(f"missing {', '.join(missing)}")
 
 
-def _clean(obj: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so the output is strict JSON."""
+def _clean(obj: Any, strict: bool = True) -> Any:
+    """numpy -> Python, and with `strict` NaN/inf -> None, so the output is strict JSON (the text
+    reports take strict=False: they print nan)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): _clean(v, strict) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [_clean(v, strict) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return _clean(obj.tolist(), strict)
     if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
+        return float(obj) if math.isfinite(obj) or not strict else None
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
@@ -263,7 +264,7 @@ def cmd_bridge(a: BridgeArgs) -> int:
     if a.out:
         _save_npz(a.out, report.per_concept())
         js["out"] = a.out
-    print(dumps(js) if a.json else format_report(_clean(js), top=a.top))
+    print(dumps(js) if a.json else format_report(_clean(js, strict=False), top=a.top))
     return 0
 
 
@@ -306,7 +307,7 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     if a.json:
         print(dumps(out))
     else:
-        js = _clean(out)
+        js = _clean(out, strict=False)
         for name, rep in js["saes"].items():
             print(f"== {name}: {rep['path']} (FVU {rep['metrics']['fvu']:.3f}, L0 {rep['metrics']['l0']:.1f})")
             print(format_report(rep, top=min(a.top, 10)))
@@ -362,7 +363,7 @@ def cmd_overlap(a: OverlapArgs) -> int:
     if a.out:
         _save_npz(a.out, res.arrays())
         js["out"] = a.out
-    print(dumps(js) if a.json else format_overlap(_clean(js), top=a.top))
+    print(dumps(js) if a.json else format_overlap(_clean(js, strict=False), top=a.top))
     return 0
 
 

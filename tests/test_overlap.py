@@ -213,3 +213,18 @@ def test_overlap_cli_json_text_npz_and_errors(tmp_path, capsys):
         analyze.main(["overlap", "--run_a", "A", "--run_b", "E", "--features_dir", str(tmp_path)])
     with pytest.raises(InputError, match="no layer 5"):
         analyze.main(base + ["--layer_a", "5"])
+
+
+def test_overlap_text_report_when_no_feature_is_live(tmp_path, capsys):
+    """Every feature fires on fewer than k rows: the means are NaN, and the text report prints them."""
+    dense = np.zeros((20, 5), np.float32)
+    dense[0] = 1.0
+    write_run(tmp_path, "A", {0: dense})
+    write_run(tmp_path, "B", {0: dense})
+    assert analyze.main(["overlap", "--run_a", "A", "--run_b", "B", "--features_dir", str(tmp_path),
+                         "--no-progress", "--null", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "live features (>= 9 rows) A 0/5, B 0/5" in out and "mean best overlap A->B nan, B->A nan" in out
+    assert analyze.main(["overlap", "--run_a", "A", "--run_b", "B", "--features_dir", str(tmp_path),
+                         "--no-progress", "--null", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_best_overlap_a_to_b"] is None  # strict JSON: NaN -> null
