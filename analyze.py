@@ -199,9 +199,9 @@ def cmd_stability(a: StabilityArgs) -> int:
                          f"{sae_b.cfg.d_in}); stability compares SAEs trained on the same activations")
     stats = None
     if a.activations:
-        from sae.bridge import load_embeddings
+        from sae.sources import load_npy
 
-        x = load_embeddings(a.activations, "activation")
+        x = load_npy(a.activations, "activation")
         stats = code_stats(iter_codes(sae_a, x, batch_size=a.batch_size, device=a.device, progress=a.progress))
     elif a.run:
         from sae.features import open_run
@@ -228,7 +228,8 @@ def cmd_stability(a: StabilityArgs) -> int:
 
 def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(image [N, d], text [N, d], where they came from) from --embeddings DIR or the two .npy flags."""
-    from sae.bridge import check_embeddings, load_embeddings
+    from sae.bridge import check_embeddings
+    from sae.sources import load_npy
 
     if a.embeddings is not None:
         if a.image_embeddings is not None or a.text_embeddings is not None:
@@ -244,8 +245,8 @@ def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict
     else:
         if a.image_embeddings is None or a.text_embeddings is None:
             raise InputError("missing --embeddings DIR (or both --image_embeddings and --text_embeddings)")
-        img = load_embeddings(a.image_embeddings, "image embeddings")
-        txt = load_embeddings(a.text_embeddings, "text embeddings")
+        img = load_npy(a.image_embeddings, "image embeddings")
+        txt = load_npy(a.text_embeddings, "text embeddings")
         source = {"image_embeddings": a.image_embeddings, "text_embeddings": a.text_embeddings}
     check_embeddings(img, txt, paired=True)
     return img, txt, source
@@ -389,9 +390,9 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
                                             batch_size=a.batch_size, progress=a.progress)
         vocab_source = {"text_model": text_spec.name, "vocab_cache": str(cache_file), "cached": cached}
     else:
-        from sae.bridge import load_embeddings
+        from sae.sources import load_npy
 
-        V = np.asarray(load_embeddings(a.vocab_embeddings, "vocabulary embeddings"))
+        V = np.asarray(load_npy(a.vocab_embeddings, "vocabulary embeddings"))
         vocab_source = {"vocab_embeddings": a.vocab_embeddings}
     targets = []
     if a.run:

@@ -337,16 +337,6 @@ def check_embeddings(img: np.ndarray, txt: np.ndarray, paired: bool = True) -> N
                          "row n of both files to be one (image, caption) pair")
 
 
-def load_embeddings(path: str | Path, what: str) -> np.ndarray:
-    """A .npy array [N, d] (memory-mapped); one-line InputError if missing or unreadable."""
-    try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise InputError(f"{what} file not found: {path}") from None
-    except ValueError as e:
-        raise InputError(f"cannot read {path} as a .npy array: {e}") from None
-
-
 def training_rows(n_image: int, n_text: int, image_fraction: float | None) -> tuple[int, int]:
     """How many image and text rows a joint SAE trains on: all of both, or the largest counts with
     n_img / (n_img + n_txt) = image_fraction (a data diet)."""

@@ -21,6 +21,27 @@ import torch
 from sae.cli import InputError
 
 
+def load_npy(path: str | Path, what: str = "activation") -> np.ndarray:
+    """A .npy file holding a 2-D float array [rows, d_in], memory-mapped. Anything else (missing file,
+    a directory, an .npz archive, another shape or dtype) is a one-line InputError naming it."""
+    if Path(path).is_dir():
+        raise InputError(f"{path} is a directory, not a .npy file [rows, d_in]")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read {path} as a .npy array: {e}") from None
+    if not isinstance(arr, np.ndarray):  # np.load opened an .npz archive
+        arr.close()
+        raise InputError(f"{path} is an .npz archive, not a .npy array [rows, d_in]")
+    if arr.ndim != 2:
+        raise InputError(f"{path} must hold a 2-D array [rows, d_in], got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise InputError(f"{path} must hold floats, got dtype {arr.dtype}")
+    return arr
+
+
 class ActivationSource:
     """Row-aligned activations: `read(key, rows)` -> float32 tensor [len(rows), d_in(key)]."""
 
@@ -48,22 +69,7 @@ class ActivationSource:
     @classmethod
     def from_npy(cls, path: str, key: str = "x") -> ActivationSource:
         """One .npy file [rows, d_in] of any float dtype, memory-mapped (never read whole into RAM)."""
-        if Path(path).is_dir():
-            raise InputError(f"{path} is a directory, not a .npy file [rows, d_in]")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise InputError(f"activation file not found: {path}") from None
-        except (ValueError, OSError) as e:
-            raise InputError(f"cannot read {path} as a .npy array: {e}") from None
-        if not isinstance(arr, np.ndarray):  # np.load opened an .npz archive
-            arr.close()
-            raise InputError(f"{path} is an .npz archive, not a .npy array [rows, d_in]")
-        if arr.ndim != 2:
-            raise InputError(f"{path} must hold a 2-D array [rows, d_in], got shape {arr.shape}")
-        if arr.dtype.kind != "f":
-            raise InputError(f"{path} must hold floats, got dtype {arr.dtype}")
-        return cls({key: [arr]})
+        return cls({key: [load_npy(path)]})
 
     @property
     def keys(self) -> list[str]:

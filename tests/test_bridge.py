@@ -213,9 +213,14 @@ def test_bridge_and_joint_cli(joint, tmp_path, capsys):
     with pytest.raises(InputError, match="width"):
         analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "narrow.npy"),
                       "--text_embeddings", str(tmp_path / "narrow.npy")])
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="image embeddings file not found"):
         analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "nope.npy"),
                       "--text_embeddings", str(tmp_path / "txt.npy")])
+    np.savez(tmp_path / "both.npz", img=img, txt=txt)
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "both.npz", "an .npz archive")):
+        with pytest.raises(InputError, match=why):
+            analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(bad),
+                          "--text_embeddings", str(tmp_path / "txt.npy")])
 
 
 def test_joint_relu_reports_the_saved_sae_with_folded_decoder_norms(joint, tmp_path, capsys):
