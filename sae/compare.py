@@ -48,6 +48,29 @@ def _progress(total: int, desc: str, enabled: bool):
 # Loading and checking layers
 
 
+def check_same_rows(runs: Sequence[FeatureRun]) -> None:
+    """InputError unless the runs declare (in run.json) the same number of rows and the same row ids in the
+    same order; checked before any layer is read."""
+    declared = [(run, _declared_rows(run)) for run in runs]
+    declared = [(run, n) for run, n in declared if n is not None]
+    for run, n in declared[1:]:
+        ref, n_ref = declared[0]
+        if n != n_ref:
+            raise InputError(f"runs '{ref.name}' (N={n_ref}) and '{run.name}' (N={n}) have different "
+                             "numbers of rows; compare runs recorded on the same data")
+    with_ids = [run for run in runs if run.row_ids is not None]
+    for run in with_ids[1:]:
+        ref = with_ids[0]
+        a, b = np.asarray(ref.row_ids), np.asarray(run.row_ids)
+        if len(a) != len(b):
+            raise InputError(f"runs '{ref.name}' (N={len(a)}) and '{run.name}' (N={len(b)}) have "
+                             "different numbers of rows")
+        diff = np.flatnonzero(a != b)
+        if len(diff):
+            raise InputError(f"runs '{ref.name}' and '{run.name}' hold different rows: row_ids "
+                             f"differ first at row {diff[0]} ({a[diff[0]]} vs {b[diff[0]]})")
+
+
 class LayerLoader:
     """Reads (run, layer) pairs, checks them, and prepares them for an engine.
 
@@ -63,27 +86,6 @@ class LayerLoader:
         self.n_rows: int | None = None
         self._first: tuple[str, int] = ("", 0)
         self.reads: list[tuple[str, int]] = []  # every layer read, in order (tests check "once")
-
-    def check_runs(self, runs: Sequence[FeatureRun]) -> None:
-        """Compare the row counts and row ids the runs declare in run.json, before reading layers."""
-        declared = [(run, _declared_rows(run)) for run in runs]
-        declared = [(run, n) for run, n in declared if n is not None]
-        for run, n in declared[1:]:
-            ref, n_ref = declared[0]
-            if n != n_ref:
-                raise InputError(f"runs '{ref.name}' (N={n_ref}) and '{run.name}' (N={n}) have different "
-                                 "numbers of rows; compare runs recorded on the same data")
-        with_ids = [run for run in runs if run.row_ids is not None]
-        for run in with_ids[1:]:
-            ref = with_ids[0]
-            a, b = np.asarray(ref.row_ids), np.asarray(run.row_ids)
-            if len(a) != len(b):
-                raise InputError(f"runs '{ref.name}' (N={len(a)}) and '{run.name}' (N={len(b)}) have "
-                                 "different numbers of rows")
-            diff = np.flatnonzero(a != b)
-            if len(diff):
-                raise InputError(f"runs '{ref.name}' and '{run.name}' hold different rows: row_ids "
-                                 f"differ first at row {diff[0]} ({a[diff[0]]} vs {b[diff[0]]})")
 
     def load(self, run: FeatureRun, layer: int) -> PreparedLayer:
         """Read one layer (once: the caller keeps what it needs), check it, and prepare it."""
@@ -264,7 +266,7 @@ def wmppc(
         raise InputError(f"--null must be >= 0, not {null}")
     engine = engine or make_engine()
     loader = loader or LayerLoader(engine)
-    loader.check_runs([source, target])
+    check_same_rows([source, target])
     src_layers = _select_layers(source, source_layers)
     tgt_layers = _select_layers(target, target_layers)
     perms: list[np.ndarray] = []
@@ -539,7 +541,7 @@ def comparative_sharedness(
     engine = engine or make_engine()
     loader = loader or LayerLoader(engine)
     runs = {r.name: r for r in [*min_group, *max_group]}
-    loader.check_runs([source, *runs.values()])
+    check_same_rows([source, *runs.values()])
     src_layer = _select_layers(source, [layer])[0] if layer is not None else source.layers[-1]
     plan = {name: _compared_layers(run, spec) for name, run in runs.items()}
     bar = _progress(sum(len(v) for v in plan.values()), f"sharedness {source.name}", progress)

@@ -36,6 +36,7 @@ import scipy.sparse
 from tqdm.auto import tqdm
 
 from sae.cli import InputError
+from sae.compare import check_same_rows as check_declared_rows
 from sae.features import FeatureRun, SparseCodes
 
 METHODS = ("argmax", "mutual", "hungarian")
@@ -352,13 +353,12 @@ def load_layer(run: FeatureRun, layer: int | None) -> tuple[int, SparseCodes]:
 
 
 def check_same_rows(run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int) -> None:
-    """InputError unless both runs cover the same rows in the same order."""
+    """InputError unless both runs cover the same rows in the same order: n_a, n_b the rows of the layers
+    read, then what run.json declares (`sae.compare.check_same_rows`)."""
     if n_a != n_b:
         raise InputError(f"run '{run_a.name}' has {n_a} rows, run '{run_b.name}' {n_b}: top-k overlap "
                          "needs features recorded on the same rows")
-    ra, rb = run_a.row_ids, run_b.row_ids
-    if ra is not None and rb is not None and list(ra) != list(rb):
-        raise InputError(f"runs '{run_a.name}' and '{run_b.name}' list different row_ids in run.json")
+    check_declared_rows([run_a, run_b])
 
 
 def format_overlap(js: dict[str, Any], top: int = 10) -> str:
