@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
+
+from sae.util.errors import InputError
 
 PER_FEATURE_JSON_LIMIT = 1024  # stability: per-feature arrays go into --json up to this many features
 
@@ -187,8 +189,8 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def cmd_stability(a: StabilityArgs) -> int:
-    from sae.checkpoint import load_sae
-    from sae.stability import code_stats, dictionary_of, format_stability, iter_codes, stability
+    from sae.nn.checkpoint import load_sae
+    from sae.analysis.stability import code_stats, dictionary_of, format_stability, iter_codes, stability
 
     _require(sae_a=a.sae_a, sae_b=a.sae_b)
     if a.activations and a.run:
@@ -199,13 +201,13 @@ def cmd_stability(a: StabilityArgs) -> int:
                          f"{sae_b.cfg.d_in}); stability compares SAEs trained on the same activations")
     stats = None
     if a.activations:
-        from sae.sources import load_npy
+        from sae.nn.sources import load_npy
 
         x = load_npy(a.activations, "activation")
         stats = code_stats(iter_codes(sae_a, x, batch_size=a.batch_size, device=a.device, progress=a.progress))
     elif a.run:
-        from sae.features import open_run
-        from sae.overlap import load_layer
+        from sae.data.features import open_run
+        from sae.analysis.overlap import load_layer
 
         layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
         if codes.d_sae != sae_a.cfg.d_sae:
@@ -228,13 +230,13 @@ def cmd_stability(a: StabilityArgs) -> int:
 
 def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(image [N, d], text [N, d], where they came from) from --embeddings DIR or the two .npy flags."""
-    from sae.bridge import check_embeddings
-    from sae.sources import load_npy
+    from sae.analysis.bridge import check_embeddings
+    from sae.nn.sources import load_npy
 
     if a.embeddings is not None:
         if a.image_embeddings is not None or a.text_embeddings is not None:
             raise InputError("give --embeddings DIR or --image_embeddings/--text_embeddings, not both")
-        from sae.embed import open_embeddings
+        from sae.analysis.embed import open_embeddings
 
         emb = open_embeddings(a.embeddings)
         img, txt = emb.image, emb.text
@@ -253,8 +255,8 @@ def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict
 
 
 def cmd_bridge(a: BridgeArgs) -> int:
-    from sae.bridge import analyze_joint, format_report
-    from sae.checkpoint import load_sae
+    from sae.analysis.bridge import analyze_joint, format_report
+    from sae.nn.checkpoint import load_sae
 
     _require(sae=a.sae)
     sae = load_sae(a.sae)
@@ -270,10 +272,10 @@ def cmd_bridge(a: BridgeArgs) -> int:
 
 
 def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
-    from sae.bridge import analyze_joint, format_report, train_joint_saes
-    from sae.checkpoint import load_sae
-    from sae.config import TrainConfig, sae_config_from_args
-    from sae.stability import CodeStats, format_stability, stability
+    from sae.analysis.bridge import analyze_joint, format_report, train_joint_saes
+    from sae.nn.checkpoint import load_sae
+    from sae.nn.config import TrainConfig, sae_config_from_args
+    from sae.analysis.stability import CodeStats, format_stability, stability
 
     _require(out=a.out)
     img, txt, source = _embeddings(a)
@@ -319,8 +321,8 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
-    from sae.data import DataConfig, pairs_from_config
-    from sae.embed import embed_pairs, embedding_identity, existing, specs_from_args
+    from sae.data.datasets import DataConfig, pairs_from_config
+    from sae.analysis.embed import embed_pairs, embedding_identity, existing, specs_from_args
 
     _require(out=a.out)
     image_spec, text_spec = specs_from_args(args)
@@ -347,8 +349,8 @@ def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
 
 
 def cmd_overlap(a: OverlapArgs) -> int:
-    from sae.features import open_run
-    from sae.overlap import check_same_rows, format_overlap, load_layer, overlap_analysis
+    from sae.data.features import open_run
+    from sae.analysis.overlap import check_same_rows, format_overlap, load_layer, overlap_analysis
 
     _require(run_a=a.run_a, run_b=a.run_b)
     if a.null < 0:
@@ -369,8 +371,8 @@ def cmd_overlap(a: OverlapArgs) -> int:
 
 
 def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
-    from sae.checkpoint import load_sae
-    from sae.naming import DEFAULT_VOCAB, feature_directions, load_vocab, name_features, names_path, write_names
+    from sae.nn.checkpoint import load_sae
+    from sae.analysis.naming import DEFAULT_VOCAB, feature_directions, load_vocab, name_features, names_path, write_names
 
     _require(sae=a.sae)
     if (a.vocab_embeddings is None) == (args.vlm is None):
@@ -382,7 +384,7 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
     words = load_vocab(a.vocab or DEFAULT_VOCAB)
     vocab_source: dict[str, Any]
     if args.vlm is not None:
-        from sae.embed import embed_texts, specs_from_args
+        from sae.analysis.embed import embed_texts, specs_from_args
 
         _, text_spec = specs_from_args(args)
         _warn_other_model(a.sae, text_spec.identity().get("name") or text_spec.name)
@@ -390,14 +392,14 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
                                             batch_size=a.batch_size, progress=a.progress)
         vocab_source = {"text_model": text_spec.name, "vocab_cache": str(cache_file), "cached": cached}
     else:
-        from sae.sources import load_npy
+        from sae.nn.sources import load_npy
 
         V = np.asarray(load_npy(a.vocab_embeddings, "vocabulary embeddings"))
         vocab_source = {"vocab_embeddings": a.vocab_embeddings}
     targets = []
     if a.run:
-        from sae.features import open_run
-        from sae.overlap import load_layer
+        from sae.data.features import open_run
+        from sae.analysis.overlap import load_layer
 
         layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
         if codes.d_sae != sae.cfg.d_sae:
@@ -456,18 +458,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (cls, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "joint":
-            from sae.config import add_sae_args
+            from sae.nn.config import add_sae_args
 
             add_dataclass_args(p, cls, skip=("device",))  # --device comes with the training flags
             add_sae_args(p)
         else:
             add_dataclass_args(p, cls)
         if name in ("embed", "names"):
-            from sae.embed import add_vlm_args
+            from sae.analysis.embed import add_vlm_args
 
             add_vlm_args(p, default="clip" if name == "embed" else None)
         if name == "embed":
-            from sae.data import DataConfig
+            from sae.data.datasets import DataConfig
 
             add_dataclass_args(p.add_argument_group("dataset"), DataConfig)
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@
 
 Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2), rho^+ = max(rho, 0); prints the top features by Delta.
 Definitions: docs/comparison.md.
-Unless --no-save, the results are also saved next to M for the feature browser (sae/browser.py):
+Unless --no-save, the results are also saved next to M for the feature browser (sae/viz/browser.py):
 <features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json, the best match of every feature
 in each compared run, and comparisons/sharedness_L{layer:02d}.json, the full result. Only runs recorded
 by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
@@ -17,7 +17,9 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
+
+from sae.util.errors import InputError
 
 
 @dataclass
@@ -35,7 +37,7 @@ class SharednessConfig:
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
     csv: str | None = field(default=None, metadata={"help": "also write the selected features to this CSV"})
     plot: str | None = field(default=None, metadata={
-        "help": "save the Delta-against-S scatter of every feature (.png; see sae/plots.py)"})
+        "help": "save the Delta-against-S scatter of every feature (.png; see sae/viz/plots.py)"})
     save: bool = field(default=True, metadata={
         "help": "save the best matches and the result in M's comparisons/ folder"})
     original_scaling: bool = field(default=False, metadata={
@@ -58,10 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import sys
 
-    from sae.compare import (comparative_sharedness, dumps, format_sharedness, save_sharedness, saved_message,
+    from sae.analysis.compare import (comparative_sharedness, dumps, format_sharedness, save_sharedness, saved_message,
                              write_sharedness_csv)
-    from sae.correlation import make_engine
-    from sae.features import open_run
+    from sae.analysis.correlation import make_engine
+    from sae.data.features import open_run
 
     source = open_run(cfg.features_dir, cfg.source)
     groups = [[open_run(cfg.features_dir, name) for name in names] for names in (cfg.min_group, cfg.max_group)]
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.csv:
         write_sharedness_csv(result, cfg.csv)
     if cfg.plot:
-        from sae.plots import plot_sharedness
+        from sae.viz.plots import plot_sharedness
 
         plot_sharedness(result, cfg.plot)
     print(dumps(result.to_json()) if cfg.json else format_sharedness(result))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from sae.cli import add_dataclass_args, dataclass_from_args, run_cli
-from sae.previews import ShowConfig, show
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
+from sae.viz.previews import ShowConfig, show
 
 
 def main(argv: Sequence[str] | None = None) -> int:

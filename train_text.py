@@ -5,7 +5,7 @@
 
 import sys
 
-from sae.cli import run_cli
+from sae.util.cli import run_cli
 from sae.pipeline import run
 
 

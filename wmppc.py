@@ -6,7 +6,7 @@ Prints `All Layers : x | Last layer : y` (the only line with `All Layers :`), MP
 per-layer-pair matrix. Reads this toolkit's runs and the original repo's dense `layerNN.pt` runs.
 Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to the source run for the feature browser
-(sae/browser.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json, per source layer a, the best
+(sae/viz/browser.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json, per source layer a, the best
 match of every feature over all of B's layers, and comparisons/wmppc__B.json, the full result. Only runs
 recorded by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
 """
@@ -17,7 +17,9 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args, run_cli
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
+
+from sae.util.errors import InputError
 
 
 @dataclass
@@ -50,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import sys
 
-    from sae.compare import dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
-    from sae.correlation import make_engine
-    from sae.features import open_run
+    from sae.analysis.compare import dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
+    from sae.analysis.correlation import make_engine
+    from sae.data.features import open_run
 
     source = open_run(cfg.features_dir, cfg.source)
     target = open_run(cfg.features_dir, cfg.target)

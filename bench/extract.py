@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wrappedmodels as wm  # noqa: E402
-from sae.activation_cache import CacheConfig, _Collate, default_workers, extract_activations  # noqa: E402
-from sae.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
-from sae.data import DataConfig, Pairs, pairs_from_config  # noqa: E402
-from sae.tiny_models import minilm_dir  # noqa: E402
+from sae.data.cache import CacheConfig, _Collate, default_workers, extract_activations  # noqa: E402
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
+from sae.data.datasets import DataConfig, Pairs, pairs_from_config  # noqa: E402
+from sae.encoders.tiny import minilm_dir  # noqa: E402
 
 
 def _minilm_dir() -> str | None:

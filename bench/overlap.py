@@ -24,8 +24,8 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae.features import SparseCodes  # noqa: E402
-from sae.overlap import max_weight_matching, overlap_matrix, topk_rows  # noqa: E402
+from sae.data.features import SparseCodes  # noqa: E402
+from sae.analysis.overlap import max_weight_matching, overlap_matrix, topk_rows  # noqa: E402
 
 
 def synthetic_runs(rng: np.random.Generator, n: int, d: int, active: int) -> tuple[SparseCodes, SparseCodes]:

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae.config import ARCHITECTURES, SAEConfig  # noqa: E402
-from sae.model import SparseAutoencoder  # noqa: E402
+from sae.nn.config import ARCHITECTURES, SAEConfig  # noqa: E402
+from sae.nn.model import SparseAutoencoder  # noqa: E402
 
 AUXK_ARCHS = ("topk", "batchtopk", "matryoshka")
 
@@ -58,7 +58,7 @@ def dense_topk_step(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
 
 def our_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor,
              dead: torch.Tensor | None) -> float:
-    """One step exactly as sae/trainer.py takes it."""
+    """One step exactly as sae/nn/trainer.py takes it."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
     with autocast:
         out = sae.training_loss(x, dead)

@@ -97,7 +97,7 @@ def make_runs(work: Path, n: int, d: int, k: int, n_layers: int, seed: int = 0) 
     """Two runs whose rows share concepts: each row holds k concepts (Zipf-like popularity) with a
     strength; every layer of every run maps concepts to its own features, replaces a layer-dependent
     fraction of them by random features, and jitters the values. Values are fp16-exact."""
-    from sae.features import SparseCodes, write_layer, write_run_info
+    from sae.data.features import SparseCodes, write_layer, write_run_info
 
     rng = np.random.default_rng(seed)
     log_pop = -1.1 * np.log(np.arange(1, d + 1))[rng.permutation(d)]
@@ -158,7 +158,7 @@ def write_original_layers(work: Path, layers: dict[str, list[int]]) -> None:
     """The baseline's input: dense fp16 [n, d] tensors `layerNN.pt`, like the original repo's."""
     import torch
 
-    from sae.features import open_run
+    from sae.data.features import open_run
 
     for run, wanted in layers.items():
         src = open_run(work / "toolkit", run)
@@ -224,9 +224,9 @@ def baseline(work: Path, src_layers: list[int], tgt_layers: list[int]) -> dict:
 
 
 def toolkit(work: Path, src_layers: list[int] | None, tgt_layers: list[int] | None, tag: str, fmt: str) -> dict:
-    from sae.compare import wmppc
-    from sae.correlation import make_engine
-    from sae.features import open_run
+    from sae.analysis.compare import wmppc
+    from sae.analysis.correlation import make_engine
+    from sae.data.features import open_run
 
     engine = make_engine("auto")
     base = _reset_peak()

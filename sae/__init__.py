@@ -1,3 +1,5 @@
 """share-concepts: sparse autoencoders on encoder activations, and the concepts encoders share."""
 
-__version__ = "0.1.0"
+from sae.util.provenance import __version__
+
+__all__ = ["__version__"]

@@ -11,13 +11,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from sae.cli import dataclass_from_args, run_cli
-from sae.config import TrainConfig, add_sae_args, sae_config_from_args
+from sae.util.cli import dataclass_from_args, run_cli
+from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sae.sources import ActivationSource
-    from sae.trainer import train_saes, SAESpec
+    from sae.nn.sources import ActivationSource
+    from sae.nn.trainer import train_saes, SAESpec
 
     source = ActivationSource.from_npy(args.activations)
     source.check_finite("x")

@@ -17,11 +17,11 @@ import io
 import sys
 from pathlib import Path
 
-from sae.provenance import REPO_ROOT
+from sae.util.provenance import REPO_ROOT
 
 
 def _minilm_dir() -> Path | None:
-    from sae.tiny_models import minilm_dir
+    from sae.encoders.tiny import minilm_dir
 
     try:
         path = minilm_dir()
@@ -39,7 +39,7 @@ def run_demo(out: str | Path = "demo_out", n_rows: int = 400, quiet: bool = Fals
     import train_text
     import wmppc
 
-    from sae.tiny_models import build_dino, build_open_clip
+    from sae.encoders.tiny import build_dino, build_open_clip
 
     out = Path(out).resolve()
     models = out / "models"

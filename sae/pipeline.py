@@ -33,25 +33,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.activation_cache import CacheConfig, extract_activations
-from sae.atomic import read_json, remove_dead_temporaries, write_json
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args
-from sae.config import TrainConfig, add_sae_args, sae_config_from_args
-from sae.data import DataConfig, pairs_from_config
-from sae.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
-from sae.provenance import provenance
-from sae.sources import ActivationSource
-from sae.trainer import SAESpec, train_saes
+from sae.data.cache import CacheConfig, extract_activations
+from sae.util.atomic import read_json, remove_dead_temporaries, write_json
+from sae.util.cli import add_dataclass_args, dataclass_from_args
+from sae.util.errors import InputError
+from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
+from sae.data.datasets import DataConfig, pairs_from_config
+from sae.data.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
+from sae.util.provenance import provenance
+from sae.nn.sources import ActivationSource
+from sae.nn.trainer import SAESpec, train_saes
 
 SETTINGS_FILE = "settings.json"
 
 
 def build_parser(modality: str, description: str) -> argparse.ArgumentParser:
     """All flags of train_image.py (modality 'image') or train_text.py ('text')."""
-    import wrappedmodels
+    from sae.encoders import registry
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    wrappedmodels.add_model_args(parser, modality)
+    registry.add_model_args(parser, modality)
     parser.add_argument("--runname", default=None,
                         help="name of the run under --features_dir (default: the --model name, lowercased)")
     parser.add_argument("--features_dir", default="sae_features", help="where runs are written")
@@ -98,10 +99,10 @@ def sae_groups(cache: Any, layers: Sequence[int]) -> list[list[int]]:
 
 def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     """Parse the flags and run the three stages; returns the exit status."""
-    import wrappedmodels
+    from sae.encoders import registry
 
     args = build_parser(modality, description).parse_args(argv)
-    spec = wrappedmodels.spec_from_args(args)
+    spec = registry.spec_from_args(args)
     layers = spec.info().resolve_layers(args.layers)
     data_cfg = dataclass_from_args(DataConfig, args)
     cache_cfg = dataclass_from_args(CacheConfig, args)

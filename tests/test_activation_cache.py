@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import wrappedmodels as wm
-from sae.activation_cache import CacheConfig, cache_key, extract_activations, open_cache
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args
-from sae.data import DataConfig, load_pairs, make_shapes_dataset, pairs_from_config
-from sae.tiny_models import minilm_dir
+from sae.data.cache import CacheConfig, cache_key, extract_activations, open_cache
+from sae.util.cli import add_dataclass_args, dataclass_from_args
+from sae.util.errors import InputError
+from sae.data.datasets import DataConfig, load_pairs, make_shapes_dataset, pairs_from_config
+from sae.encoders.tiny import minilm_dir
 
 MINILM = minilm_dir()
 
@@ -242,7 +243,7 @@ def test_float16_overflow_is_an_error(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def resnet(setup):
-    from sae.tiny_models import build_open_clip_resnet
+    from sae.encoders.tiny import build_open_clip_resnet
 
     with contextlib.redirect_stderr(io.StringIO()):
         return wm.ModelSpec("ClipVision", str(build_open_clip_resnet(setup["root"])))
@@ -294,7 +295,7 @@ def test_clip_resnet_layers_keep_their_own_layout(setup, resnet, tmp_path):
 def test_siglip_text_trains_on_its_pooled_position(tmp_path):
     """SiglipText attends to every position and pools the last one (usually padding): its training tokens
     are the real tokens plus that position, so the recorded vector is one of them."""
-    from sae.tiny_models import build_siglip
+    from sae.encoders.tiny import build_siglip
 
     with contextlib.redirect_stderr(io.StringIO()):
         spec = wm.ModelSpec("SiglipText", str(build_siglip(tmp_path)))

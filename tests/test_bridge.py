@@ -10,13 +10,13 @@ import torch
 
 import analyze
 from helpers import one_thread
-from sae.bridge import (alignment_terms, analyze_codes, analyze_joint, bridge_matrix, bridge_summary,
+from sae.analysis.bridge import (alignment_terms, analyze_codes, analyze_joint, bridge_matrix, bridge_summary,
                         modality_buckets, modality_stats, train_joint_saes, training_rows)
-from sae.cli import InputError
-from sae.config import SAEConfig, TrainConfig
-from sae.features import SparseCodes
-from sae.model import SparseAutoencoder
-from sae.stability import encode_codes
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.data.features import SparseCodes
+from sae.nn.model import SparseAutoencoder
+from sae.analysis.stability import encode_codes
 
 
 
@@ -226,7 +226,7 @@ def test_bridge_and_joint_cli(joint, tmp_path, capsys):
 def test_joint_relu_reports_the_saved_sae_with_folded_decoder_norms(joint, tmp_path, capsys):
     """A ReLU SAE's decoder rows are not unit-norm in memory; the checkpoint folds them. `joint` must
     report what `bridge` reports on the saved checkpoint, with true cosines of its decoder rows."""
-    from sae.checkpoint import load_sae
+    from sae.nn.checkpoint import load_sae
 
     img, txt = joint[0][:600], joint[1][:600]
     np.save(tmp_path / "img.npy", img)

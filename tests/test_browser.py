@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import show
-from sae.browser import COMPARISONS, MATCH_FORMAT, THUMB, load_comparisons, match_text, save_best_matches
-from sae.features import open_run
-from sae.naming import names_path, write_names
+from sae.viz.browser import COMPARISONS, MATCH_FORMAT, THUMB, load_comparisons, match_text, save_best_matches
+from sae.data.features import open_run
+from sae.analysis.naming import names_path, write_names
 from tests.test_show import D_SAE, N_DATASET, N_ROWS, TILE, WORDS, make_codes, make_dataset, write_run
 
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def concept_names(j: int) -> list[list]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from sae.compare import comparative_sharedness, save_sharedness, save_wmppc, wmppc
+    from sae.analysis.compare import comparative_sharedness, save_sharedness, save_wmppc, wmppc
 
     root = tmp_path_factory.mktemp("browser")
     data = make_dataset(root / "data")
@@ -452,7 +452,7 @@ def test_plot_sharedness(site, tmp_path):
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
-    from sae.plots import plot_sharedness, sharedness_figure
+    from sae.viz.plots import plot_sharedness, sharedness_figure
 
     res = site["res"]
     path = tmp_path / "sharedness.png"

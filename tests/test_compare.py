@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae.cli import InputError
-from sae.compare import LayerLoader, comparative_sharedness, wmppc
-from sae.correlation import DEAD_RANGE, Budget, NumpyEngine, TorchEngine, column_stats
-from sae.features import SparseCodes, open_run, write_layer, write_run_info
+from sae.util.errors import InputError
+from sae.analysis.compare import LayerLoader, comparative_sharedness, wmppc
+from sae.analysis.correlation import DEAD_RANGE, Budget, NumpyEngine, TorchEngine, column_stats
+from sae.data.features import SparseCodes, open_run, write_layer, write_run_info
 
 # ------------------------------------------------------------------------------------------------
 # helpers: data, runs on disk, float64 references

@@ -13,7 +13,7 @@ import pytest
 
 import comp_sharedness
 import wmppc
-from sae.cli import InputError
+from sae.util.errors import InputError
 from tests.test_compare import ref_wmppc, sharedness_runs, sparse_matrix, write_original, write_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def test_scripts_as_subprocesses(runs):
 
 def test_wmppc_on_a_cpu_machine_never_imports_torch(runs):
     """--device auto without a GPU device file runs on numpy and leaves torch (~600 MB resident) unloaded."""
-    from sae.correlation import GPU_DEVICE_FILES
+    from sae.analysis.correlation import GPU_DEVICE_FILES
 
     if any(Path(f).exists() for f in GPU_DEVICE_FILES):
         pytest.skip("this machine has a GPU device file: auto may use CUDA through torch")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args
-from sae.data import (COCO, COLOURS, BadRow, DataConfig, load_pairs, make_shapes_dataset, pairs_from_config,
+from sae.util.cli import add_dataclass_args, dataclass_from_args
+
+from sae.util.errors import InputError
+from sae.data.datasets import (COCO, COLOURS, BadRow, DataConfig, load_pairs, make_shapes_dataset, pairs_from_config,
                       read_row_ids, shapes_dataset)
 
 

@@ -14,12 +14,12 @@ import torch
 
 import analyze
 import wrappedmodels as wm
-from sae.checkpoint import load_sae
-from sae.cli import InputError
-from sae.data import load_pairs, make_shapes_dataset
-from sae.embed import open_embeddings
-from sae.naming import feature_directions, name_features
-from sae.tiny_models import build_open_clip, build_siglip
+from sae.nn.checkpoint import load_sae
+from sae.util.errors import InputError
+from sae.data.datasets import load_pairs, make_shapes_dataset
+from sae.analysis.embed import open_embeddings
+from sae.analysis.naming import feature_directions, name_features
+from sae.encoders.tiny import build_open_clip, build_siglip
 
 N = 24
 WORDS = ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "small", "large",
@@ -104,9 +104,9 @@ def test_embed_then_joint_then_bridge_identity(setup, tmp_path, capsys):
 
 
 def test_names_with_a_vocabulary_embedded_by_the_text_tower(setup, tmp_path, capsys, monkeypatch):
-    from sae.checkpoint import save_sae
-    from sae.config import SAEConfig
-    from sae.model import SparseAutoencoder
+    from sae.nn.checkpoint import save_sae
+    from sae.nn.config import SAEConfig
+    from sae.nn.model import SparseAutoencoder
 
     sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=24, k=2, seed=0))
     save_sae(sae, tmp_path / "S")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.features import FORMAT, LayerWriter, SparseCodes, open_run, write_layer, write_run_info
+from sae.data.features import FORMAT, LayerWriter, SparseCodes, open_run, write_layer, write_run_info
 
 
 def _random_codes(rng, n=50, d=40, density=0.1):

@@ -1,4 +1,4 @@
-"""sae.metrics against direct float64 numpy computations on the concatenated data."""
+"""sae.nn.metrics against direct float64 numpy computations on the concatenated data."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.metrics import MetricsAccumulator, per_sample_fvu
+from sae.nn.metrics import MetricsAccumulator, per_sample_fvu
 
 D_IN, D_SAE = 12, 30
 DEAD, ALWAYS = 0, 1  # latent that never fires / fires on every row (in _batches)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae.checkpoint import load_sae, save_sae
-from sae.config import SAEConfig
-from sae.model import DENSE_AUX_RATIO, SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
+from sae.nn.checkpoint import load_sae, save_sae
+from sae.nn.config import SAEConfig
+from sae.nn.model import DENSE_AUX_RATIO, SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
 
 
 def _sae(arch="topk", d_in=12, d_sae=40, k=5, **kw):

@@ -10,16 +10,16 @@ import torch
 
 import analyze
 from helpers import one_thread
-from sae.checkpoint import save_sae
-from sae.cli import InputError
-from sae.config import SAEConfig, TrainConfig
-from sae.features import SparseCodes, write_layer, write_run_info
-from sae.model import SparseAutoencoder
-from sae.naming import (DEFAULT_VOCAB, embed_vocab, feature_directions, load_names, load_vocab, name_features,
+from sae.nn.checkpoint import save_sae
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.data.features import SparseCodes, write_layer, write_run_info
+from sae.nn.model import SparseAutoencoder
+from sae.analysis.naming import (DEFAULT_VOCAB, embed_vocab, feature_directions, load_names, load_vocab, name_features,
                         names_path)
-from sae.sources import ActivationSource
-from sae.synthetic import planted_activations
-from sae.trainer import SAESpec, train_saes
+from sae.nn.sources import ActivationSource
+from sae.nn.synthetic import planted_activations
+from sae.nn.trainer import SAESpec, train_saes
 
 
 

@@ -13,9 +13,9 @@ import scipy.sparse
 from scipy.optimize import linear_sum_assignment
 
 import analyze
-from sae.cli import InputError
-from sae.features import SparseCodes, write_layer, write_run_info
-from sae.overlap import (best_matches, max_weight_matching, overlap_analysis, overlap_matrix, topk_rows)
+from sae.util.errors import InputError
+from sae.data.features import SparseCodes, write_layer, write_run_info
+from sae.analysis.overlap import (best_matches, max_weight_matching, overlap_analysis, overlap_matrix, topk_rows)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ HANG_CASE = [[0, 0, 0, 0, 0, 4, 0, 0], [0, 0, 3, 7, 0, 0, 0, 0], [6, 0, 0, 0, 0,
 def test_max_weight_matching_terminates_on_the_case_that_hung_lapjvsp():
     """Regression: scipy's min_weight_full_bipartite_matching with -O and 1e-9 dummy edges never
     returned on this matrix. Run in a subprocess so that a hang fails the test instead of blocking."""
-    code = ("import numpy as np, scipy.sparse, json; from sae.overlap import max_weight_matching; "
+    code = ("import numpy as np, scipy.sparse, json; from sae.analysis.overlap import max_weight_matching; "
             f"r, c = max_weight_matching(scipy.sparse.csr_matrix(np.array({HANG_CASE}) / 9)); "
             "print(json.dumps([r.tolist(), c.tolist()]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -23,13 +23,13 @@ import train_image
 import train_text
 import wrappedmodels as wm
 from sae import pipeline
-from sae.activation_cache import open_cache
-from sae.cli import InputError
-from sae.data import load_pairs
-from sae.features import open_run
-from sae.provenance import REPO_ROOT
-from sae.tiny_models import build_open_clip, build_open_clip_resnet, minilm_dir
-from sae.trainer import TrainingInterrupted
+from sae.data.cache import open_cache
+from sae.util.errors import InputError
+from sae.data.datasets import load_pairs
+from sae.data.features import open_run
+from sae.util.provenance import REPO_ROOT
+from sae.encoders.tiny import build_open_clip, build_open_clip_resnet, minilm_dir
+from sae.nn.trainer import TrainingInterrupted
 
 N = 40
 VERSIONS = ("torch", "transformers", "open_clip_torch", "datasets", "tokenizers", "pillow", "numpy", "python")
@@ -52,7 +52,7 @@ def common(root: Path, features: Path, *extra: str) -> list[str]:
 
 
 def reference_codes(sae_dir: Path, x: np.ndarray) -> np.ndarray:
-    """TopK codes [n, d_sae] in float64 from the checkpoint files alone (sae/checkpoint.py's formula)."""
+    """TopK codes [n, d_sae] in float64 from the checkpoint files alone (sae/nn/checkpoint.py's formula)."""
     w = {k: v.astype(np.float64) for k, v in load_file(sae_dir / "sae.safetensors").items()}
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     pre = (cfg["input_scale"] * x.astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from sae.config import SAEConfig, TrainConfig
-from sae.model import SparseAutoencoder
-from sae.sources import ActivationSource
-from sae.synthetic import planted_activations, recovery
-from sae.trainer import SAESpec, train_saes
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.nn.model import SparseAutoencoder
+from sae.nn.sources import ActivationSource
+from sae.nn.synthetic import planted_activations, recovery
+from sae.nn.trainer import SAESpec, train_saes
 
 
 @pytest.fixture(scope="module")

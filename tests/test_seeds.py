@@ -13,8 +13,8 @@ from scipy.optimize import linear_sum_assignment
 
 import analyze
 import train_image
-from sae.checkpoint import load_sae
-from sae.tiny_models import build_open_clip
+from sae.nn.checkpoint import load_sae
+from sae.encoders.tiny import build_open_clip
 
 
 def test_train_image_seeds_then_stability(tmp_path, capsys):

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import show
-from sae.cli import InputError
-from sae.features import SparseCodes, write_layer, write_run_info
-from sae.previews import TOP, FeatureColumns, make_grid, mass_key, preview_stem, select_features
+from sae.util.errors import InputError
+from sae.data.features import SparseCodes, write_layer, write_run_info
+from sae.viz.previews import TOP, FeatureColumns, make_grid, mass_key, preview_stem, select_features
 
 REPO = Path(__file__).resolve().parent.parent
 N_DATASET, N_ROWS, D_SAE, TILE = 50, 40, 24, 20

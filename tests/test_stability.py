@@ -11,15 +11,15 @@ import torch
 
 import analyze
 from helpers import one_thread
-from sae.checkpoint import save_sae
-from sae.cli import InputError
-from sae.config import SAEConfig, TrainConfig
-from sae.features import SparseCodes
-from sae.model import SparseAutoencoder
-from sae.sources import ActivationSource
-from sae.stability import (code_stats, encode_codes, match_dictionaries, quantile_bins, stability,
+from sae.nn.checkpoint import save_sae
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.data.features import SparseCodes
+from sae.nn.model import SparseAutoencoder
+from sae.nn.sources import ActivationSource
+from sae.analysis.stability import (code_stats, encode_codes, match_dictionaries, quantile_bins, stability,
                            top_k_curve)
-from sae.trainer import SAESpec, train_saes
+from sae.nn.trainer import SAESpec, train_saes
 
 
 

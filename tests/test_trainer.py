@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sae.__main__ import main as sae_main
-from sae.cli import InputError
-from sae.config import SAEConfig, TrainConfig
-from sae.sources import ActivationSource, epoch_batches
-from sae.synthetic import planted_activations
-from sae.trainer import SAESpec, TrainingInterrupted, _prepare, default_dead_window, lr_factor, train_saes
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.nn.sources import ActivationSource, epoch_batches
+from sae.nn.synthetic import planted_activations
+from sae.nn.trainer import SAESpec, TrainingInterrupted, _prepare, default_dead_window, lr_factor, train_saes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
 
 def test_metrics_json_holds_the_firing_histogram_of_the_saved_sae(tmp_path, data):
     """Recomputed with numpy from the checkpoint's own codes on every row."""
-    from sae.checkpoint import load_sae
+    from sae.nn.checkpoint import load_sae
 
     out = train_saes(ActivationSource({"x": [data]}), _specs()[:1], _tcfg(epochs=1), tmp_path, progress=False)["a"]
     hist = json.loads((tmp_path / "a" / "metrics.json").read_text())["firing_histogram"]

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import wrappedmodels as wm
-from sae.cli import InputError
-from sae.tiny_models import (SPECIAL_IDS, TINY_TEXT, build_dino, build_open_clip, build_open_clip_resnet,
+from sae.util.errors import InputError
+from sae.encoders.tiny import (SPECIAL_IDS, TINY_TEXT, build_dino, build_open_clip, build_open_clip_resnet,
                              build_siglip, build_vit, minilm_dir)
 
 MINILM = minilm_dir()

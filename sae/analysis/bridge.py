@@ -41,9 +41,9 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
-from sae.cli import InputError
-from sae.features import SparseCodes
-from sae.stability import encode_codes
+from sae.util.errors import InputError
+from sae.data.features import SparseCodes
+from sae.analysis.stability import encode_codes
 
 Codes = np.ndarray | torch.Tensor | SparseCodes | scipy.sparse.spmatrix
 DEAD_ENERGY = 1e-9
@@ -356,14 +356,14 @@ def train_joint_saes(img: np.ndarray, txt: np.ndarray, cfgs: dict[str, Any], tcf
                      out_dir: str | Path, *, image_fraction: float | None = None,
                      source: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train one SAE per entry of `cfgs` (name -> SAEConfig; e.g. several seeds) on the image rows
-    and the text rows together, in one pass (`sae.trainer.train_saes`).
+    and the text rows together, in one pass (`sae.nn.trainer.train_saes`).
 
     The training source is two shards of one key: rows [0, n_img) are images, [n_img, n_img + n_txt)
     texts (the first n_img / n_txt rows; all unless `image_fraction` asks for a data diet). Each
     SAE's folder gets `joint.json` recording this and `source` (where the embeddings came from: files,
     or an `analyze.py embed` folder and its models). Returns `train_saes`'s dict of TrainedSAE."""
-    from sae.sources import ActivationSource
-    from sae.trainer import SAESpec, train_saes
+    from sae.nn.sources import ActivationSource
+    from sae.nn.trainer import SAESpec, train_saes
 
     check_embeddings(img, txt, paired=False)
     ni, nt = training_rows(img.shape[0], txt.shape[0], image_fraction)
@@ -371,7 +371,7 @@ def train_joint_saes(img: np.ndarray, txt: np.ndarray, cfgs: dict[str, Any], tcf
     rows_source.check_finite("x")
     specs = [SAESpec(name, "x", cfg) for name, cfg in cfgs.items()]
     results = train_saes(rows_source, specs, tcfg, out_dir, progress=progress)
-    from sae.atomic import write_json
+    from sae.util.atomic import write_json
 
     for res in results.values():
         write_json(res.path / "joint.json", {

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.atomic import atomic_path, read_json, write_json
-from sae.cli import InputError
-from sae.config import SAEConfig
-from sae.model import SparseAutoencoder
-from sae.provenance import provenance
+from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig
+from sae.nn.model import SparseAutoencoder
+from sae.util.provenance import provenance
 
 FORMAT = "share-concepts-sae-v1"
 

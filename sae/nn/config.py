@@ -7,7 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from sae.cli import InputError, add_dataclass_args, dataclass_from_args
+from sae.util.cli import add_dataclass_args, dataclass_from_args
+
+from sae.util.errors import InputError
 
 ARCHITECTURES = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka", "relu")
 

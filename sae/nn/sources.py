@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.cli import InputError
+from sae.util.errors import InputError
 
 
 def load_npy(path: str | Path, what: str = "activation") -> np.ndarray:

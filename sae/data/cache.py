@@ -13,7 +13,7 @@ max_samples, skip_bad), the layers, the storage dtype and the recorded token:
         pooled.npy             [N, d_L]         the recorded position of each row (--token)
 
 The training tokens are the real (non-padding) tokens of each row; for SiglipText also its final
-position, the model's own pooled position (see wrappedmodels.EncoderOutput.train_mask_of).
+position, the model's own pooled position (see sae.encoders.adapter.EncoderOutput.train_mask_of).
 
 Shards are row-aligned across all layers: shard s holds the same rows (`meta["shard_rows"][s]` of
 them) in every layer, and no row straddles two shards. When every layer has the same token layout
@@ -57,12 +57,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.atomic import (STALE_S, _fsync_dir, atomic_path, last_touched, read_json, remove_dead_temporaries,
+from sae.util.atomic import (STALE_S, _fsync_dir, atomic_path, last_touched, read_json, remove_dead_temporaries,
                         write_json)
-from sae.cli import InputError
-from sae.data import BadRow, Pairs
+from sae.util.errors import InputError
+from sae.data.datasets import BadRow, Pairs
 
 FORMAT = "actcache-v2"
+TOKEN_CHOICES = ("pooled", "first", "last", "mean", "eot")  # the recorded position per row (encoders: TOKEN_HELP)
 DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16)}
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -540,7 +541,7 @@ def extract_activations(spec: Any, pairs: Pairs, layers: Sequence[int], cfg: Cac
                         token: str = "pooled", skip_bad: bool = False, device: str = "auto",
                         adapter: Any = None, shard_tokens: int | None = None,
                         progress: bool = True) -> ActivationCache:
-    """The activation cache of `spec` (a wrappedmodels.ModelSpec) on `pairs` for `layers`: reused when a
+    """The activation cache of `spec` (a sae.encoders.registry.ModelSpec) on `pairs` for `layers`: reused when a
     finished one exists (the model is then never loaded), else extracted (resuming a killed run).
 
     adapter: an already loaded adapter of `spec` (else `spec.load(device)` when needed).
@@ -554,8 +555,6 @@ def extract_activations(spec: Any, pairs: Pairs, layers: Sequence[int], cfg: Cac
         raise InputError("--extract_batch_size must be positive")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise InputError("--num_workers must be 0 or more")
-    from wrappedmodels import TOKEN_CHOICES
-
     if token not in TOKEN_CHOICES:
         raise InputError(f"--token {token!r} is not one of {', '.join(TOKEN_CHOICES)}")
     if token == "eot" and spec.modality != "text":
@@ -597,7 +596,7 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
            root: Path, key: str, shard_tokens: int | None, show: bool) -> None:
     from torch.utils.data import DataLoader
 
-    from sae.provenance import provenance
+    from sae.util.provenance import provenance
 
     skip_bad = material["skip_bad"]
     partial = root / f".{key}.partial"

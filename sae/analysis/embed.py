@@ -13,7 +13,7 @@ one folder, atomically (the folder appears complete or not at all):
 `embed_texts` embeds a word list with a text tower, cached as `<cache>/<key>.npy` keyed by the text
 model's identity and a hash of the words (analyze.py names --vlm).
 
-VLMS maps `--vlm` to the (image, text) families of wrappedmodels: clip -> ClipVision + ClipText
+VLMS maps `--vlm` to the (image, text) families of sae.encoders.registry: clip -> ClipVision + ClipText
 (OpenAI CLIP, DFN and any open_clip model via --clip_model_name), siglip2 -> SigLIP2Vision + SiglipText.
 """
 
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sae.atomic import atomic_path, read_json, write_json
-from sae.cli import InputError
-from sae.data import BadRow, Pairs
+from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.errors import InputError
+from sae.data.datasets import BadRow, Pairs
 
 FORMAT = "share-concepts-embeddings-v1"
 VLMS = {"clip": ("ClipVision", "ClipText", "clip_model_name"),
@@ -48,15 +48,15 @@ FILES = ("image.npy", "text.npy", "row_ids.npy", "meta.json")
 
 def add_vlm_args(parser: argparse.ArgumentParser, default: str | None = "clip") -> None:
     """--vlm, --clip_model_name, --siglip2_model_name and --clip_pretrained (defaults as in
-    wrappedmodels.add_model_args)."""
-    import wrappedmodels
+    registry.add_model_args)."""
+    from sae.encoders import registry
 
     group = parser.add_argument_group("vision-language model")
     group.add_argument("--vlm", default=default, choices=tuple(VLMS),
                        help="clip: the open_clip towers of --clip_model_name (OpenAI CLIP, DFN, ...); siglip2: the "
                             "transformers towers of --siglip2_model_name" + (f" (default: {default})" if default else ""))
     for flag in ("clip_model_name", "siglip2_model_name"):
-        name, help_text = wrappedmodels.NAME_FLAGS[flag]
+        name, help_text = registry.NAME_FLAGS[flag]
         group.add_argument(f"--{flag}", default=name, help=f"{help_text} (default: {name})")
     group.add_argument("--clip_pretrained", default="openai",
                        help="open_clip weights tag for builtin names (default: openai; ignored for hf-hub: names "
@@ -66,14 +66,14 @@ def add_vlm_args(parser: argparse.ArgumentParser, default: str | None = "clip") 
 def vlm_specs(vlm: str, clip_model_name: str | None = None, siglip2_model_name: str | None = None,
               clip_pretrained: str | None = "openai") -> tuple[Any, Any]:
     """(image ModelSpec, text ModelSpec) of a --vlm choice."""
-    import wrappedmodels
+    from sae.encoders import registry
 
     if vlm not in VLMS:
         raise InputError(f"--vlm must be one of {', '.join(VLMS)} (got {vlm!r})")
     image_model, text_model, flag = VLMS[vlm]
     name = clip_model_name if flag == "clip_model_name" else siglip2_model_name
-    return (wrappedmodels.ModelSpec(image_model, name, clip_pretrained),
-            wrappedmodels.ModelSpec(text_model, name, clip_pretrained))
+    return (registry.ModelSpec(image_model, name, clip_pretrained),
+            registry.ModelSpec(text_model, name, clip_pretrained))
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -83,7 +83,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 def _check_embed(adapter: Any) -> None:
     if not callable(getattr(adapter, "embed", None)) or getattr(adapter, "d_embed", None) is None:
         raise InputError(f"{adapter.model} '{adapter.name}' gives no final projected embedding (a SigLIP vision "
-                         "tower without its head, or a wrappedmodels.py without Adapter.embed)")
+                         "tower without its head, or an adapter without Adapter.embed)")
 
 
 def _embed(adapter: Any, batch: dict[str, Any]) -> np.ndarray:
@@ -160,7 +160,7 @@ def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | 
     `skip_bad` are dropped from both files and listed in meta.json."""
     from torch.utils.data import DataLoader
 
-    from sae.provenance import provenance
+    from sae.util.provenance import provenance
 
     for adapter in (image_adapter, text_adapter):
         _check_embed(adapter)
@@ -268,7 +268,7 @@ def embed_texts(text_spec: Any, words: Sequence[str], cache_dir: str | Path, *, 
     `<cache_dir>/<key>.npy` when present (key: sha256 of the model's identity and the words), else
     computed and written there (with `<key>.json`: model, number of words, words hash).
     Returns (embeddings, cache file, whether it was read from the cache)."""
-    from sae.naming import embed_vocab
+    from sae.analysis.naming import embed_vocab
 
     ident = {"text_model": text_spec.identity(), "words_sha256": words_sha(words), "n_words": len(words)}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -35,9 +35,9 @@ import numpy as np
 import scipy.sparse
 from tqdm.auto import tqdm
 
-from sae.cli import InputError
-from sae.compare import check_same_rows as check_declared_rows
-from sae.features import FeatureRun, SparseCodes
+from sae.util.errors import InputError
+from sae.analysis.compare import check_same_rows as check_declared_rows
+from sae.data.features import FeatureRun, SparseCodes
 
 METHODS = ("argmax", "mutual", "hungarian")
 DENOMINATORS = ("k", "min")
@@ -354,7 +354,7 @@ def load_layer(run: FeatureRun, layer: int | None) -> tuple[int, SparseCodes]:
 
 def check_same_rows(run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int) -> None:
     """InputError unless both runs cover the same rows in the same order: n_a, n_b the rows of the layers
-    read, then what run.json declares (`sae.compare.check_same_rows`)."""
+    read, then what run.json declares (`sae.analysis.compare.check_same_rows`)."""
     if n_a != n_b:
         raise InputError(f"run '{run_a.name}' has {n_a} rows, run '{run_b.name}' {n_b}: top-k overlap "
                          "needs features recorded on the same rows")

@@ -36,8 +36,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from sae.atomic import atomic_path, read_json, write_json
-from sae.cli import InputError
+from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.errors import InputError
 
 FORMAT = "csr-v1"
 _LAYER_DIR = re.compile(r"^layer(-?\d+)$")

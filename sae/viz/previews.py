@@ -1,6 +1,6 @@
 """What each SAE feature means, at a glance: its top-activating rows as image grids and captions.
 
-`show(cfg)` (the body of show.py) reads one layer of a recorded run (`sae/features.py`), finds for every
+`show(cfg)` (the body of show.py) reads one layer of a recorded run (`sae/data/features.py`), finds for every
 live feature its `TOP` = 9 highest-activating rows, fetches those rows from the run's own dataset by
 row id (run.json `dataset` + `row_ids`; nothing assumes COCO), and writes into the preview folder
 (`previews/<run>` by default):
@@ -13,7 +13,7 @@ row id (run.json `dataset` + `row_ids`; nothing assumes COCO), and writes into t
                                            (rank, activation, dataset row id, caption; tab-separated)
     features.json                          per shown feature: statistics, top rows, captions, names,
                                            histogram
-    index.html, features/f{i:05d}.html     with --html: the static browser (sae/browser.py)
+    index.html, features/f{i:05d}.html     with --html: the static browser (sae/viz/browser.py)
 
 K = mass_key(S) encodes the feature's activation mass S = sum_n z[n, i] over all rows (the S_i weight
 of wMPPC and of comparative sharedness) as fixed-width text that sorts like the number, for any finite
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from sae.atomic import atomic_path, read_json, write_json
-from sae.cli import InputError
-from sae.features import FeatureRun, SparseCodes, open_run
-from sae.naming import load_names, names_path
+from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.errors import InputError
+from sae.data.features import FeatureRun, SparseCodes, open_run
+from sae.analysis.naming import load_names, names_path
 
 TOP = 9  # rows shown per feature (a 3x3 grid)
 GRID = 3
@@ -157,7 +157,7 @@ def select_features(cols: FeatureColumns, min_support: int = 16,
 
 
 # ------------------------------------------------------------------------------------------------
-# Rows of the run's dataset (the adapter that isolates sae/data.py)
+# Rows of the run's dataset (the adapter that isolates sae/data/datasets.py)
 
 
 class RowSource:
@@ -179,7 +179,7 @@ class RowSource:
 
     def image(self, n: int) -> Any | None:
         """The n-th row's image (RGB PIL), or None when it cannot be read."""
-        from sae.data import BadRow
+        from sae.data.datasets import BadRow
 
         item = self.pairs.read(n, "image")
         return None if isinstance(item, BadRow) else item
@@ -220,7 +220,7 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
     """
     from dataclasses import replace
 
-    from sae.data import load_pairs
+    from sae.data.datasets import load_pairs
 
     info = run.info.get("dataset") or {}
     source = dataset or info.get("name")
@@ -389,7 +389,7 @@ class FeaturePreview:
     grid: str  # file name of the grid JPEG, relative to the preview folder
     captions_file: str | None
     hist: dict[str, Any]
-    names: list[tuple[str, float]] | None = None  # concept names (word, cosine), best first (sae/naming.py)
+    names: list[tuple[str, float]] | None = None  # concept names (word, cosine), best first (sae/analysis/naming.py)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -436,7 +436,7 @@ def _fingerprint(codes: SparseCodes) -> str:
 
 
 def _load_names(run: FeatureRun, layer: int) -> dict[int, list[tuple[str, float]]]:
-    """The run's concept names for `layer` (sae/naming.py), {} when it has none; a broken file is reported."""
+    """The run's concept names for `layer` (sae/analysis/naming.py), {} when it has none; a broken file is reported."""
     try:
         return load_names(names_path(run.path.parent, run.name, layer)) or {}
     except (InputError, OSError) as e:
@@ -535,7 +535,7 @@ def show(cfg: ShowConfig) -> ShowResult:
     result = ShowResult(out, manifest, previews, written, skipped)
     keep = {p.grid for p in previews} | {p.captions_file for p in previews if p.captions_file}
     if html:
-        from sae.browser import feature_page_name, write_browser
+        from sae.viz.browser import feature_page_name, write_browser
 
         result.browser = write_browser(result, run_dir=run.path)
         keep |= {f"features/{feature_page_name(p.index)}" for p in previews}

@@ -17,11 +17,9 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from sae.util.errors import InputError
+
 T = TypeVar("T")
-
-
-class InputError(ValueError):
-    """Bad user input (flags, files, data). Its message is one line shown to the user as is."""
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

@@ -1,4 +1,4 @@
-"""Tiny random-weight encoders saved as local model directories, loadable by wrappedmodels.
+"""Tiny random-weight encoders saved as local model directories, loadable by sae.encoders.registry.
 
 They stand in for real checkpoints where no hub is reachable: the embedded demo and the tests build
 them from small configs with fixed seeds, and load them through the same code users run

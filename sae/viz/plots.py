@@ -1,7 +1,7 @@
 """Comparison pictures readable at a glance: comparative sharedness Delta against the feature mass S.
 
 `plot_sharedness(result, path)` saves `sharedness_figure(result)`, one point per feature of the source
-layer of a `sae.compare.SharednessResult` (duck-typed: source, layer, min_group, max_group, weight [d],
+layer of a `sae.analysis.compare.SharednessResult` (duck-typed: source, layer, min_group, max_group, weight [d],
 delta [d], rho_min_group [d], rho_max_group [d], selected [n_top], top):
 
     x = S_i (the feature's summed activation; log scale when it spans more than two decades)
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sae.cli import InputError
+from sae.util.errors import InputError
 
 DPI = 150
 DIFF = r"$\rho_G^2-\rho_H^2$"
@@ -63,7 +63,7 @@ def sharedness_figure(result: Any, *, label_top: int = 8) -> Any:
     delta = np.asarray(result.delta, dtype=np.float64)
     selected = np.asarray(result.selected, dtype=np.int64)
     live = s > 0
-    # the colour is Delta / S: rho_G^2 - rho_H^2 exactly as Delta uses it (sae/compare.py clips negative rho)
+    # the colour is Delta / S: rho_G^2 - rho_H^2 exactly as Delta uses it (sae/analysis/compare.py clips negative rho)
     diff = np.divide(delta, s, out=np.zeros_like(delta), where=live)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     lim = max(float(np.abs(diff[live]).max()) if live.any() else 1.0, 1e-6)

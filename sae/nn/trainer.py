@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.atomic import atomic_path, write_json
-from sae.checkpoint import save_sae
-from sae.cli import InputError
-from sae.config import SAEConfig, TrainConfig
-from sae.metrics import MetricsAccumulator
-from sae.model import SparseAutoencoder
-from sae.sources import ActivationSource, epoch_batches
+from sae.util.atomic import atomic_path, write_json
+from sae.nn.checkpoint import save_sae
+from sae.util.device import resolve_device
+from sae.util.errors import InputError
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.nn.metrics import MetricsAccumulator
+from sae.nn.model import SparseAutoencoder
+from sae.nn.sources import ActivationSource, epoch_batches
 
 STATE_FILE = "trainer_state.pt"
 
@@ -60,14 +61,6 @@ class TrainedSAE:
     sae: SparseAutoencoder
     metrics: dict[str, Any]  # evaluate()'s numbers and firing histogram
     path: Path
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def default_lr(d_sae: int) -> float:

@@ -6,9 +6,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-from sae import __version__
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__version__ = "0.1.0"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.cli import InputError
-from sae.features import SparseCodes
+from sae.util.device import resolve_device
+from sae.util.errors import InputError
+from sae.data.features import SparseCodes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,12 +58,6 @@ def unit_rows(W: np.ndarray | torch.Tensor) -> np.ndarray:
     return (W / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def pick_device(device: str | torch.device) -> torch.device:
-    from sae.trainer import resolve_device
-
-    return device if isinstance(device, torch.device) else resolve_device(device)
-
-
 def cosine_matrix(A: np.ndarray, B: np.ndarray, *, negate: bool = False, dtype: Any = np.float32,
                   device: str | torch.device = "auto", block: int = 2048,
                   progress: bool = False) -> np.ndarray:
@@ -73,7 +68,7 @@ def cosine_matrix(A: np.ndarray, B: np.ndarray, *, negate: bool = False, dtype: 
     """
     if A.shape[1] != B.shape[1]:
         raise InputError(f"dictionaries have different widths d_in: {A.shape[1]} vs {B.shape[1]}")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     a = torch.from_numpy(unit_rows(A)).to(dev)
     b = torch.from_numpy(unit_rows(B)).to(dev)
     out = np.empty((A.shape[0], B.shape[0]), dtype=dtype)
@@ -161,7 +156,7 @@ def iter_codes(sae: torch.nn.Module, x: np.ndarray | torch.Tensor, *, batch_size
                desc: str = "encoding") -> Iterable[SparseCodes]:
     """Encode x [N, d_in] (input units; memmaps are read chunk by chunk) with `sae`, yielding the
     codes as SparseCodes chunks of `batch_size` rows."""
-    dev = pick_device(device)
+    dev = resolve_device(device)
     sae = sae.to(dev)
     d_in = sae.cfg.d_in
     if x.ndim != 2 or x.shape[1] != d_in:

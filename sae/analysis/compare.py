@@ -1,7 +1,7 @@
 """Compare runs through their SAE features: wMPPC and (generalized) comparative sharedness.
 
 Runs A and B hold SAE features for the same N rows; A_a is layer a of A, [N, d_A]. With exact Pearson
-correlations (see sae/correlation.py):
+correlations (see sae/analysis/correlation.py):
 
     rho_i(a->b) = max_j corr(A_a[:, i], B_b[:, j])            best match of feature i of A_a in B_b
     S_i         = sum_n A_a[n, i]                              the feature's summed activation
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from sae.cli import InputError
-from sae.correlation import (DEAD_RANGE, LayerData, NonFiniteError, NumpyEngine, PreparedLayer, column_stats,
+from sae.util.errors import InputError
+from sae.analysis.correlation import (DEAD_RANGE, LayerData, NonFiniteError, NumpyEngine, PreparedLayer, column_stats,
                              make_engine)
-from sae.features import FORMAT, FeatureRun, SparseCodes
+from sae.data.features import FORMAT, FeatureRun, SparseCodes
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -392,7 +392,7 @@ def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0
 
 def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
     """The run's comparisons/ folder, or None and why results cannot be saved there."""
-    from sae.browser import COMPARISONS
+    from sae.viz.browser import COMPARISONS
 
     if run.format != FORMAT or not (run.path / "run.json").exists():
         return None, (f"run '{run.name}' is in the {run.format} format (no run.json); "
@@ -401,7 +401,7 @@ def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
 
 
 def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str]:
-    """Save, in the source run's comparisons/ folder, for the feature browser (sae/browser.py):
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/viz/browser.py):
 
     L{a:02d}__{target}__wmppc.json   per source layer a, every feature's best match over all target layers
                                      (best-matches-v1: target feature, -1 for dead; its layer; rho)
@@ -409,8 +409,8 @@ def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str
 
     Returns the paths written and, when nothing could be written, why.
     """
-    from sae.atomic import write_json
-    from sae.browser import save_best_matches
+    from sae.util.atomic import write_json
+    from sae.viz.browser import save_best_matches
 
     folder, why = _comparisons_dir(source)
     if folder is None:
@@ -637,7 +637,7 @@ def dumps(obj: dict[str, Any]) -> str:
 
 
 def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[Path], str]:
-    """Save, in the source run's comparisons/ folder, for the feature browser (sae/browser.py):
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/viz/browser.py):
 
     L{layer:02d}__{run}__comp_sharedness.json   per compared run (G and H), the best match of every feature
                                                 of the source layer (best-matches-v1)
@@ -645,8 +645,8 @@ def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[
 
     Returns the paths written and, when nothing could be written, why.
     """
-    from sae.atomic import write_json
-    from sae.browser import save_best_matches
+    from sae.util.atomic import write_json
+    from sae.viz.browser import save_best_matches
 
     folder, why = _comparisons_dir(source)
     if folder is None:

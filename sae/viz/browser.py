@@ -1,9 +1,9 @@
 """A static HTML feature browser (no server: open index.html from disk), and the comparison files it reads.
 
-Pages, in the preview folder show.py writes (sae/previews.py):
+Pages, in the preview folder show.py writes (sae/viz/previews.py):
 
     index.html              one table row per shown feature: grid thumbnail (hover: full size), concept
-                            names (where the run has a names file, sae/naming.py), support, firing
+                            names (where the run has a names file, sae/analysis/naming.py), support, firing
                             frequency, mean activation (over the rows where it fires), max, mass S,
                             comparative sharedness Delta (where a sharedness result exists), the
                             best-matching feature in each compared run ("L1 #142 ρ=0.166": target layer,
@@ -58,10 +58,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sae.atomic import read_json, write_json
+from sae.util.atomic import read_json, write_json
 
 if TYPE_CHECKING:
-    from sae.previews import FeaturePreview, ShowResult
+    from sae.viz.previews import FeaturePreview, ShowResult
 
 MATCH_FORMAT = "best-matches-v1"
 COMPARISONS = "comparisons"
@@ -180,7 +180,7 @@ def _is_sharedness_result(obj: dict[str, Any]) -> bool:
 
 def _run_layers(features_dir: Path, run: str) -> list[int] | None:
     """The layers recorded for `run` beside the source run, None when it is not there."""
-    from sae.features import FeatureRun
+    from sae.data.features import FeatureRun
 
     path = features_dir / run
     try:
@@ -536,7 +536,7 @@ def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview],
     heads = [("index", "num", "feature", "", ""), ("", "", "top rows", "", "hover: full size")]
     if has_names:
         heads.append(("names", "txt", "names", "", ("concept names: the vocabulary words nearest the feature's "
-                                                   "decoder direction (sae/naming.py), best first")))
+                                                   "decoder direction (sae/analysis/naming.py), best first")))
     heads += [("support", "num", "support", "", "rows where the feature fires"),
               ("freq", "num", "freq", "", "firing frequency: support / rows"),
               ("mean", "num", "mean act", "", "mean activation over the rows where it fires"),
@@ -633,7 +633,7 @@ def _feature_page(man: dict[str, Any], p: FeaturePreview, comps: Comparisons, li
         names = ("<h2>Concept names</h2><table class='names'><tr><th>name</th><th>cosine</th></tr>"
                  + "".join(f"<tr><td>{_e(w)}</td><td>{c:.3f}</td></tr>" for w, c in p.names)
                  + "</table><p class='muted'>vocabulary words nearest the feature's decoder direction "
-                   "(sae/naming.py)</p>")
+                   "(sae/analysis/naming.py)</p>")
     has_caps = p.captions is not None
     rows = "".join(
         f"<tr><td>{r + 1}</td><td>{rid}</td><td>{_num(a)}</td>"

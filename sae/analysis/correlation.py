@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-from sae.features import SparseCodes
+from sae.data.features import SparseCodes
 
 DEAD_RANGE = 2.0**-20
 SHIFT_KAPPA = 16.0
@@ -642,10 +642,10 @@ def make_engine(device: str = "auto", path: str = "auto") -> NumpyEngine:
         return TorchEngine("cuda", path) if torch.cuda.is_available() else NumpyEngine(path)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            from sae.cli import InputError
+            from sae.util.errors import InputError
 
             raise InputError(f"--device {device}: torch sees no CUDA device here")
         return TorchEngine(device, path)
-    from sae.cli import InputError
+    from sae.util.errors import InputError
 
     raise InputError(f"--device must be auto, cpu or cuda[:N], not '{device}'")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from sae.atomic import atomic_path, write_json
-from sae.cli import InputError
+from sae.util.atomic import atomic_path, write_json
+from sae.util.errors import InputError
 
 COCO = "wangherr/coco2017_train_image_caption"
 FLOWERS = "efekankavalci/flowers102-captions"

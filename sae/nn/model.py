@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.config import SAEConfig
+from sae.nn.config import SAEConfig
 
 CONSTRAINED = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka")
 # AuxK is computed densely (BLAS products over the dead columns only) when there are at most this many

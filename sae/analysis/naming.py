@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.atomic import write_json
-from sae.cli import InputError
+from sae.util.atomic import write_json
+from sae.util.errors import InputError
 
 OFFSETS = ("none", "b_dec")
-DEFAULT_VOCAB = Path(__file__).resolve().parent.parent / "vocab" / "default.txt"
+DEFAULT_VOCAB = Path(__file__).resolve().parents[2] / "vocab" / "default.txt"
 
 
 def load_vocab(path: str | Path = DEFAULT_VOCAB) -> list[str]:
@@ -108,7 +108,8 @@ def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.nd
     """Name each row of directions [c, d] by the `top` words of vocab_embeddings [V, d] (rows aligned
     with `words`) with the highest cosine. `center_vocab` subtracts the vocabulary's mean embedding
     first. Zero directions (dead features) get cosines 0."""
-    from sae.stability import pick_device, unit_rows
+    from sae.analysis.stability import unit_rows
+    from sae.util.device import resolve_device
 
     A = directions.detach().cpu().numpy() if isinstance(directions, torch.Tensor) else np.asarray(directions)
     V = vocab_embeddings.detach().cpu().numpy() if isinstance(vocab_embeddings, torch.Tensor) \
@@ -126,7 +127,7 @@ def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.nd
     if center_vocab:
         V = V - V.mean(0)
     top = min(top, V.shape[0])
-    dev = pick_device(device)
+    dev = resolve_device(device)
     v = torch.from_numpy(unit_rows(V)).to(dev)
     a_all = unit_rows(A)
     idx = np.empty((A.shape[0], top), dtype=np.int64)
