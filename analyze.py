@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
-
 from sae.util.errors import InputError
 
 PER_FEATURE_JSON_LIMIT = 1024  # stability: per-feature arrays go into --json up to this many features
@@ -46,21 +45,33 @@ class Common:
 class StabilityArgs(Common):
     sae_a: str | None = field(default=None, metadata=_h("SAE checkpoint folder A (cfg.json + sae.safetensors)"))
     sae_b: str | None = field(default=None, metadata=_h("SAE checkpoint folder B (same d_in as A)"))
-    use: str = field(default="decoder", metadata=_h(
-        "match decoder rows (the paper) or encoder columns (MSAE's default)", choices=("decoder", "encoder")))
-    activations: str | None = field(default=None, metadata=_h(
-        "optional .npy [rows, d_in] of A's inputs: energy / frequency of A's features for the binned report"))
+    use: str = field(
+        default="decoder",
+        metadata=_h(
+            "match decoder rows (the paper) or encoder columns (MSAE's default)", choices=("decoder", "encoder")
+        ),
+    )
+    activations: str | None = field(
+        default=None,
+        metadata=_h(
+            "optional .npy [rows, d_in] of A's inputs: energy / frequency of A's features for the binned report"
+        ),
+    )
     features_dir: str = field(default="sae_features", metadata=_h("folder of feature runs (with --run)"))
-    run: str | None = field(default=None, metadata=_h(
-        "optional feature run recorded with SAE A (instead of --activations) for energy / frequency"))
+    run: str | None = field(
+        default=None,
+        metadata=_h("optional feature run recorded with SAE A (instead of --activations) for energy / frequency"),
+    )
     layer: int | None = field(default=None, metadata=_h("layer of --run (default: its deepest)"))
     threshold: float = field(default=0.7, metadata=_h("a feature is shared when its matched cosine >= this"))
     bins: int = field(default=10, metadata=_h("equal-count energy / frequency bins"))
     null: bool = field(default=False, metadata=_h("also match A against a random dictionary of B's shape"))
     seed: int = field(default=0, metadata=_h("seed of --null"))
     batch_size: int = field(default=1024, metadata=_h("rows encoded at a time"))
-    out: str | None = field(default=None, metadata=_h(
-        "save per-feature arrays (stability, partner, energy, energy_sq, frequency) to this .npz"))
+    out: str | None = field(
+        default=None,
+        metadata=_h("save per-feature arrays (stability, partner, energy, energy_sq, frequency) to this .npz"),
+    )
 
 
 EMBEDDINGS_HELP = "folder written by `analyze.py embed` (image.npy + text.npy of the same pairs)"
@@ -71,8 +82,9 @@ class BridgeArgs(Common):
     sae: str | None = field(default=None, metadata=_h("joint SAE checkpoint folder"))
     embeddings: str | None = field(default=None, metadata=_h(EMBEDDINGS_HELP + "; or give the two .npy flags"))
     image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
-    text_embeddings: str | None = field(default=None, metadata=_h(
-        ".npy [N, d]: text embeddings, row n pairs with image n"))
+    text_embeddings: str | None = field(
+        default=None, metadata=_h(".npy [N, d]: text embeddings, row n pairs with image n")
+    )
     top: int = field(default=20, metadata=_h("bridge pairs listed"))
     eps: float = field(default=0.05, metadata=_h("modality buckets: text-only mu < eps, image-only mu > 1 - eps"))
     batch_size: int = field(default=1024, metadata=_h("rows encoded at a time"))
@@ -83,14 +95,20 @@ class BridgeArgs(Common):
 class JointArgs(Common):
     embeddings: str | None = field(default=None, metadata=_h(EMBEDDINGS_HELP + "; or give the two .npy flags"))
     image_embeddings: str | None = field(default=None, metadata=_h(".npy [N, d]: image embeddings of N pairs"))
-    text_embeddings: str | None = field(default=None, metadata=_h(
-        ".npy [N, d]: text embeddings, row n pairs with image n"))
+    text_embeddings: str | None = field(
+        default=None, metadata=_h(".npy [N, d]: text embeddings, row n pairs with image n")
+    )
     out: str | None = field(default=None, metadata=_h("output folder (one SAE, or seed<S>/ per --seeds)"))
-    seeds: list[int] | None = field(default=None, metadata=_h(
-        "train one SAE per initialisation seed in the same pass (folders seed<S>/); stability of the first "
-        "against each other is reported"))
-    image_fraction: float | None = field(default=None, metadata=_h(
-        "data diet: train on image:text rows in this proportion (default: all rows of both)"))
+    seeds: list[int] | None = field(
+        default=None,
+        metadata=_h(
+            "train one SAE per initialisation seed in the same pass (folders seed<S>/); stability of the first "
+            "against each other is reported"
+        ),
+    )
+    image_fraction: float | None = field(
+        default=None, metadata=_h("data diet: train on image:text rows in this proportion (default: all rows of both)")
+    )
     top: int = field(default=20, metadata=_h("bridge pairs listed"))
     eps: float = field(default=0.05, metadata=_h("modality buckets: text-only mu < eps, image-only mu > 1 - eps"))
     threshold: float = field(default=0.7, metadata=_h("stability: shared when matched cosine >= this"))
@@ -98,12 +116,15 @@ class JointArgs(Common):
 
 @dataclass
 class EmbedArgs(Common):
-    out: str | None = field(default=None, metadata=_h(
-        "output folder: image.npy, text.npy [N, d], row_ids.npy, meta.json (written atomically)"))
+    out: str | None = field(
+        default=None,
+        metadata=_h("output folder: image.npy, text.npy [N, d], row_ids.npy, meta.json (written atomically)"),
+    )
     batch_size: int = field(default=256, metadata=_h("pairs embedded at a time"))
     num_workers: int = field(default=0, metadata=_h("DataLoader worker processes (image decoding, preprocessing)"))
-    normalize: bool = field(default=False, metadata=_h("L2-normalise every embedding (as the Bridge Score paper's "
-                                                       "follow-up code does)"))
+    normalize: bool = field(
+        default=False, metadata=_h("L2-normalise every embedding (as the Bridge Score paper's follow-up code does)")
+    )
     overwrite: bool = field(default=False, metadata=_h("replace --out when it holds other embeddings"))
 
 
@@ -115,15 +136,25 @@ class OverlapArgs(Common):
     layer_a: int | None = field(default=None, metadata=_h("layer of A (default: its deepest)"))
     layer_b: int | None = field(default=None, metadata=_h("layer of B (default: its deepest)"))
     k: int = field(default=9, metadata=_h("top rows per feature (the report's top-9 grid; 16 for Fry's 4x4)"))
-    min_rows: int | None = field(default=None, metadata=_h(
-        "a feature is live when it fires on at least this many rows (default: k, so that every live feature "
-        "has a full top-k set)"))
-    denominator: str = field(default="k", metadata=_h(
-        "overlap = |T_A & T_B| / k, or / min(|T_A|, |T_B|) (counts short top-k sets as full)", choices=("k", "min")))
+    min_rows: int | None = field(
+        default=None,
+        metadata=_h(
+            "a feature is live when it fires on at least this many rows (default: k, so that every live feature "
+            "has a full top-k set)"
+        ),
+    )
+    denominator: str = field(
+        default="k",
+        metadata=_h(
+            "overlap = |T_A & T_B| / k, or / min(|T_A|, |T_B|) (counts short top-k sets as full)", choices=("k", "min")
+        ),
+    )
     null: int = field(default=5, metadata=_h("random row permutations of B for the null baseline (0: none)"))
     seed: int = field(default=0, metadata=_h("seed of the null permutations"))
-    pairing: list[str] = field(default_factory=lambda: ["argmax", "mutual", "hungarian"], metadata=_h(
-        "pairings to compute (hungarian: one-to-one, exact)", choices=("argmax", "mutual", "hungarian")))
+    pairing: list[str] = field(
+        default_factory=lambda: ["argmax", "mutual", "hungarian"],
+        metadata=_h("pairings to compute (hungarian: one-to-one, exact)", choices=("argmax", "mutual", "hungarian")),
+    )
     top: int = field(default=10, metadata=_h("pairs listed per pairing"))
     out: str | None = field(default=None, metadata=_h("save best matches and all pairs to this .npz"))
 
@@ -131,21 +162,35 @@ class OverlapArgs(Common):
 @dataclass
 class NamesArgs(Common):
     sae: str | None = field(default=None, metadata=_h("SAE checkpoint folder (trained on embeddings)"))
-    vocab: str | None = field(default=None, metadata=_h(
-        "word list, one word or phrase per line (default: vocab/default.txt of this repository)"))
-    vocab_embeddings: str | None = field(default=None, metadata=_h(
-        ".npy [V, d]: the --vocab words embedded by the text tower of the SAE's model, rows in file order "
-        "(instead of --vlm)"))
-    vocab_cache: str = field(default=str(Path(__file__).resolve().parent / "vocab" / "cache"), metadata=_h(
-        "where --vlm caches the vocabulary's embeddings (one .npy per text model and word list)"))
+    vocab: str | None = field(
+        default=None,
+        metadata=_h("word list, one word or phrase per line (default: vocab/default.txt of this repository)"),
+    )
+    vocab_embeddings: str | None = field(
+        default=None,
+        metadata=_h(
+            ".npy [V, d]: the --vocab words embedded by the text tower of the SAE's model, rows in file order "
+            "(instead of --vlm)"
+        ),
+    )
+    vocab_cache: str = field(
+        default=str(Path(__file__).resolve().parent / "vocab" / "cache"),
+        metadata=_h("where --vlm caches the vocabulary's embeddings (one .npy per text model and word list)"),
+    )
     batch_size: int = field(default=256, metadata=_h("words embedded at a time (--vlm)"))
     top: int = field(default=5, metadata=_h("words per feature"))
-    offset: str = field(default="none", metadata=_h(
-        "feature direction: decoder row (none) or decoder row + b_dec (MSAE's '+ mean')", choices=("none", "b_dec")))
+    offset: str = field(
+        default="none",
+        metadata=_h(
+            "feature direction: decoder row (none) or decoder row + b_dec (MSAE's '+ mean')", choices=("none", "b_dec")
+        ),
+    )
     center_vocab: bool = field(default=False, metadata=_h("subtract the vocabulary's mean embedding first"))
     features_dir: str = field(default="sae_features", metadata=_h("folder of feature runs (with --run)"))
-    run: str | None = field(default=None, metadata=_h(
-        "write <features_dir>/<run>/names_layerNN.json for show.py (the run's features come from --sae)"))
+    run: str | None = field(
+        default=None,
+        metadata=_h("write <features_dir>/<run>/names_layerNN.json for show.py (the run's features come from --sae)"),
+    )
     layer: int | None = field(default=None, metadata=_h("layer of --run (default: its deepest)"))
     out: str | None = field(default=None, metadata=_h("write the names JSON here (instead of / besides --run)"))
     show: int = field(default=20, metadata=_h("features listed in the text report"))
@@ -189,16 +234,18 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def cmd_stability(a: StabilityArgs) -> int:
-    from sae.nn.checkpoint import load_sae
     from sae.analysis.stability import code_stats, dictionary_of, format_stability, iter_codes, stability
+    from sae.nn.checkpoint import load_sae
 
     _require(sae_a=a.sae_a, sae_b=a.sae_b)
     if a.activations and a.run:
         raise InputError("give --activations or --run for the feature statistics, not both")
     sae_a, sae_b = load_sae(a.sae_a), load_sae(a.sae_b)
     if sae_a.cfg.d_in != sae_b.cfg.d_in:
-        raise InputError(f"the SAEs have different d_in ({a.sae_a}: {sae_a.cfg.d_in}, {a.sae_b}: "
-                         f"{sae_b.cfg.d_in}); stability compares SAEs trained on the same activations")
+        raise InputError(
+            f"the SAEs have different d_in ({a.sae_a}: {sae_a.cfg.d_in}, {a.sae_b}: "
+            f"{sae_b.cfg.d_in}); stability compares SAEs trained on the same activations"
+        )
     stats = None
     if a.activations:
         from sae.nn.sources import load_npy
@@ -206,15 +253,24 @@ def cmd_stability(a: StabilityArgs) -> int:
         x = load_npy(a.activations, "activation")
         stats = code_stats(iter_codes(sae_a, x, batch_size=a.batch_size, device=a.device, progress=a.progress))
     elif a.run:
-        from sae.data.features import open_run
         from sae.analysis.overlap import load_layer
+        from sae.data.features import open_run
 
         layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
         if codes.d_sae != sae_a.cfg.d_sae:
             raise InputError(f"run '{a.run}' layer {layer} has {codes.d_sae} features, SAE A {sae_a.cfg.d_sae}")
         stats = code_stats(codes)
-    res = stability(dictionary_of(sae_a, a.use), dictionary_of(sae_b, a.use), stats=stats, threshold=a.threshold,
-                    n_bins=a.bins, null=a.null, seed=a.seed, device=a.device, progress=a.progress)
+    res = stability(
+        dictionary_of(sae_a, a.use),
+        dictionary_of(sae_b, a.use),
+        stats=stats,
+        threshold=a.threshold,
+        n_bins=a.bins,
+        null=a.null,
+        seed=a.seed,
+        device=a.device,
+        progress=a.progress,
+    )
     summary = {"sae_a": a.sae_a, "sae_b": a.sae_b, "use": a.use, **res.summary()}
     if a.out:
         _save_npz(a.out, res.per_feature())
@@ -240,10 +296,13 @@ def _embeddings(a: BridgeArgs | JointArgs) -> tuple[np.ndarray, np.ndarray, dict
 
         emb = open_embeddings(a.embeddings)
         img, txt = emb.image, emb.text
-        source = {"embeddings": str(emb.path), "vlm": emb.meta.get("vlm"),
-                  "image_model": emb.meta.get("identity", {}).get("image", {}).get("name"),
-                  "text_model": emb.meta.get("identity", {}).get("text", {}).get("name"),
-                  "dataset": emb.meta.get("dataset", {}).get("name")}
+        source = {
+            "embeddings": str(emb.path),
+            "vlm": emb.meta.get("vlm"),
+            "image_model": emb.meta.get("identity", {}).get("image", {}).get("name"),
+            "text_model": emb.meta.get("identity", {}).get("text", {}).get("name"),
+            "dataset": emb.meta.get("dataset", {}).get("name"),
+        }
     else:
         if a.image_embeddings is None or a.text_embeddings is None:
             raise InputError("missing --embeddings DIR (or both --image_embeddings and --text_embeddings)")
@@ -261,8 +320,9 @@ def cmd_bridge(a: BridgeArgs) -> int:
     _require(sae=a.sae)
     sae = load_sae(a.sae)
     img, txt, _ = _embeddings(a)
-    report = analyze_joint(sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device,
-                           progress=a.progress)
+    report = analyze_joint(
+        sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device, progress=a.progress
+    )
     js = {"sae": a.sae, **report.to_json()}
     if a.out:
         _save_npz(a.out, report.per_concept())
@@ -273,9 +333,9 @@ def cmd_bridge(a: BridgeArgs) -> int:
 
 def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     from sae.analysis.bridge import analyze_joint, format_report, train_joint_saes
+    from sae.analysis.stability import CodeStats, format_stability, stability
     from sae.nn.checkpoint import load_sae
     from sae.nn.config import TrainConfig, sae_config_from_args
-    from sae.analysis.stability import CodeStats, format_stability, stability
 
     _require(out=a.out)
     img, txt, source = _embeddings(a)
@@ -288,8 +348,9 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         cfg = sae_config_from_args(args, img.shape[1], seed=s)
         cfg.validate()
         cfgs[f"seed{s}" if a.seeds else ""] = cfg
-    trained = train_joint_saes(img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, source=source,
-                               progress=a.progress)
+    trained = train_joint_saes(
+        img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, source=source, progress=a.progress
+    )
     # analyse the saved checkpoints, not the in-memory SAEs: saving folds a ReLU SAE's decoder norms
     saved = {name: load_sae(t.path) for name, t in trained.items()}
     out: dict[str, Any] = {"out": a.out, "saes": {}}
@@ -304,8 +365,14 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         stats = CodeStats(first.n_image + first.n_text, first.energy, first.energy_sq, first.frequency)
         out["stability"] = {}
         for other in names[1:]:
-            res = stability(saved[names[0]].W_dec, saved[other].W_dec, stats=stats,
-                            threshold=a.threshold, device=a.device, progress=a.progress)
+            res = stability(
+                saved[names[0]].W_dec,
+                saved[other].W_dec,
+                stats=stats,
+                threshold=a.threshold,
+                device=a.device,
+                progress=a.progress,
+            )
             out["stability"][f"{names[0]}_vs_{other}"] = res.summary()
     if a.json:
         print(dumps(out))
@@ -321,8 +388,8 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
-    from sae.data.datasets import DataConfig, pairs_from_config
     from sae.analysis.embed import embed_pairs, embedding_identity, existing, specs_from_args
+    from sae.data.datasets import DataConfig, pairs_from_config
 
     _require(out=a.out)
     image_spec, text_spec = specs_from_args(args)
@@ -332,25 +399,46 @@ def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
     reused = emb is not None
     if emb is None:
         image_adapter, text_adapter = image_spec.load(a.device), text_spec.load(a.device)
-        emb = embed_pairs(image_adapter, text_adapter, pairs, a.out, batch_size=a.batch_size,
-                          num_workers=a.num_workers, skip_bad=args.skip_bad, normalize=a.normalize, vlm=args.vlm,
-                          identity=identity, progress=a.progress)
+        emb = embed_pairs(
+            image_adapter,
+            text_adapter,
+            pairs,
+            a.out,
+            batch_size=a.batch_size,
+            num_workers=a.num_workers,
+            skip_bad=args.skip_bad,
+            normalize=a.normalize,
+            vlm=args.vlm,
+            identity=identity,
+            progress=a.progress,
+        )
     m = emb.meta
-    summary = {"out": str(emb.path), "reused": reused, "vlm": m["vlm"], "image_model": image_spec.name,
-               "text_model": text_spec.name, "dataset": m["dataset"], "n_rows": m["n_rows"], "d": m["d"],
-               "normalize": m["normalize"], "n_skipped": len(m["skipped"])}
+    summary = {
+        "out": str(emb.path),
+        "reused": reused,
+        "vlm": m["vlm"],
+        "image_model": image_spec.name,
+        "text_model": text_spec.name,
+        "dataset": m["dataset"],
+        "n_rows": m["n_rows"],
+        "d": m["d"],
+        "normalize": m["normalize"],
+        "n_skipped": len(m["skipped"]),
+    }
     if a.json:
         print(dumps(summary))
     else:
-        print(("reused " if reused else "") + f"{m['n_rows']} pairs x {m['d']} dimensions ({image_spec.model} + "
-              f"{text_spec.model} {image_spec.name}) of {m['dataset']['name']} in {emb.path}"
-              + (f"; {len(m['skipped'])} unreadable rows skipped" if m["skipped"] else ""))
+        print(
+            ("reused " if reused else "") + f"{m['n_rows']} pairs x {m['d']} dimensions ({image_spec.model} + "
+            f"{text_spec.model} {image_spec.name}) of {m['dataset']['name']} in {emb.path}"
+            + (f"; {len(m['skipped'])} unreadable rows skipped" if m["skipped"] else "")
+        )
     return 0
 
 
 def cmd_overlap(a: OverlapArgs) -> int:
-    from sae.data.features import open_run
     from sae.analysis.overlap import check_same_rows, format_overlap, load_layer, overlap_analysis
+    from sae.data.features import open_run
 
     _require(run_a=a.run_a, run_b=a.run_b)
     if a.null < 0:
@@ -359,8 +447,17 @@ def cmd_overlap(a: OverlapArgs) -> int:
     la, ca = load_layer(run_a, a.layer_a)
     lb, cb = load_layer(run_b, a.layer_b)
     check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows)
-    res = overlap_analysis(ca, cb, k=a.k, null=a.null, seed=a.seed, min_rows=a.min_rows, denominator=a.denominator,
-                           methods=a.pairing, progress=a.progress)
+    res = overlap_analysis(
+        ca,
+        cb,
+        k=a.k,
+        null=a.null,
+        seed=a.seed,
+        min_rows=a.min_rows,
+        denominator=a.denominator,
+        methods=a.pairing,
+        progress=a.progress,
+    )
     res.extra.update(run_a=a.run_a, layer_a=la, run_b=a.run_b, layer_b=lb)
     js = res.to_json(top=a.top)
     if a.out:
@@ -371,13 +468,22 @@ def cmd_overlap(a: OverlapArgs) -> int:
 
 
 def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
+    from sae.analysis.naming import (
+        DEFAULT_VOCAB,
+        feature_directions,
+        load_vocab,
+        name_features,
+        names_path,
+        write_names,
+    )
     from sae.nn.checkpoint import load_sae
-    from sae.analysis.naming import DEFAULT_VOCAB, feature_directions, load_vocab, name_features, names_path, write_names
 
     _require(sae=a.sae)
     if (a.vocab_embeddings is None) == (args.vlm is None):
-        raise InputError("give --vlm clip|siglip2 (embeds the --vocab words with that model's text tower) or "
-                         "--vocab_embeddings V.npy (the words already embedded, one row per word in file order)")
+        raise InputError(
+            "give --vlm clip|siglip2 (embeds the --vocab words with that model's text tower) or "
+            "--vocab_embeddings V.npy (the words already embedded, one row per word in file order)"
+        )
     if a.top < 1:
         raise InputError(f"--top must be at least 1 (got {a.top})")
     sae = load_sae(a.sae)
@@ -388,8 +494,9 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
 
         _, text_spec = specs_from_args(args)
         _warn_other_model(a.sae, text_spec.identity().get("name") or text_spec.name)
-        V, cache_file, cached = embed_texts(text_spec, words, a.vocab_cache, device=a.device,
-                                            batch_size=a.batch_size, progress=a.progress)
+        V, cache_file, cached = embed_texts(
+            text_spec, words, a.vocab_cache, device=a.device, batch_size=a.batch_size, progress=a.progress
+        )
         vocab_source = {"text_model": text_spec.name, "vocab_cache": str(cache_file), "cached": cached}
     else:
         from sae.nn.sources import load_npy
@@ -398,8 +505,8 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
         vocab_source = {"vocab_embeddings": a.vocab_embeddings}
     targets = []
     if a.run:
-        from sae.data.features import open_run
         from sae.analysis.overlap import load_layer
+        from sae.data.features import open_run
 
         layer, codes = load_layer(open_run(a.features_dir, a.run), a.layer)
         if codes.d_sae != sae.cfg.d_sae:
@@ -407,8 +514,15 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
         targets.append(names_path(a.features_dir, a.run, layer))
     if a.out:
         targets.append(Path(a.out))
-    names = name_features(feature_directions(sae, a.offset), V, words, a.top, center_vocab=a.center_vocab,
-                          device=a.device, progress=a.progress)
+    names = name_features(
+        feature_directions(sae, a.offset),
+        V,
+        words,
+        a.top,
+        center_vocab=a.center_vocab,
+        device=a.device,
+        progress=a.progress,
+    )
     mapping = names.to_json()
     for path in targets:
         try:
@@ -416,8 +530,19 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
         except OSError as e:
             raise InputError(f"cannot write {path}: {e}") from None
     if a.json:
-        print(dumps({"sae": a.sae, "vocab": str(a.vocab or DEFAULT_VOCAB), "n_words": len(words), **vocab_source,
-                     "offset": a.offset, "written": [str(p) for p in targets], "names": mapping}))
+        print(
+            dumps(
+                {
+                    "sae": a.sae,
+                    "vocab": str(a.vocab or DEFAULT_VOCAB),
+                    "n_words": len(words),
+                    **vocab_source,
+                    "offset": a.offset,
+                    "written": [str(p) for p in targets],
+                    "names": mapping,
+                }
+            )
+        )
     else:
         for p in targets:
             print(f"names of {len(mapping)} features written to {p}")
@@ -438,8 +563,11 @@ def _warn_other_model(sae_dir: str, text_model: str) -> None:
     except (ValueError, AttributeError):
         return
     if trained_on and trained_on != text_model:
-        print(f"warning: {sae_dir} was trained on embeddings of {trained_on}, the vocabulary is embedded with "
-              f"{text_model}", file=sys.stderr)
+        print(
+            f"warning: {sae_dir} was trained on embeddings of {trained_on}, the vocabulary is embedded with "
+            f"{text_model}",
+            file=sys.stderr,
+        )
 
 
 COMMANDS = {

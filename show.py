@@ -20,10 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_dataclass_args(parser, ShowConfig)
     cfg = dataclass_from_args(ShowConfig, parser.parse_args(argv))
     result = show(cfg)
-    print(f"{len(result.previews)} features of run '{result.manifest['run']}' layer {result.manifest['layer']} "
-          f"in {result.out} ({result.written} grids written, {result.skipped} already there"
-          + (f", {len(result.removed)} files of features no longer shown removed" if result.removed else "") + ")"
-          + (f"; browser: {result.browser}" if result.browser else ""))
+    print(
+        f"{len(result.previews)} features of run '{result.manifest['run']}' layer {result.manifest['layer']} "
+        f"in {result.out} ({result.written} grids written, {result.skipped} already there"
+        + (f", {len(result.removed)} files of features no longer shown removed" if result.removed else "")
+        + ")"
+        + (f"; browser: {result.browser}" if result.browser else "")
+    )
     return 0
 
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
-
 from sae.util.errors import InputError
 
 
@@ -29,16 +28,22 @@ class WMPPCConfig:
     features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the text report"})
     plot: str | None = field(default=None, metadata={"help": "save the per-layer matrix as a heatmap (.png)"})
-    plot_autoscale: bool = field(default=False, metadata={
-        "help": "fit the heatmap's colour scale to the matrix (default: fixed 0..1, comparable across pairs)"})
-    save: bool = field(default=True, metadata={
-        "help": "save the best matches and the result in the source run's comparisons/ folder"})
+    plot_autoscale: bool = field(
+        default=False,
+        metadata={
+            "help": "fit the heatmap's colour scale to the matrix (default: fixed 0..1, comparable across pairs)"
+        },
+    )
+    save: bool = field(
+        default=True, metadata={"help": "save the best matches and the result in the source run's comparisons/ folder"}
+    )
     null: int = field(default=0, metadata={"help": "K random row permutations of the target for a null baseline"})
     seed: int = field(default=0, metadata={"help": "seed of the --null permutations"})
     source_layers: list[int] | None = field(default=None, metadata={"help": "only these layers of A"})
     target_layers: list[int] | None = field(default=None, metadata={"help": "only these layers of B"})
-    original_scaling: bool = field(default=False, metadata={
-        "help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"})
+    original_scaling: bool = field(
+        default=False, metadata={"help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
 
@@ -58,9 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     source = open_run(cfg.features_dir, cfg.source)
     target = open_run(cfg.features_dir, cfg.target)
-    result = wmppc(source, target, source_layers=cfg.source_layers, target_layers=cfg.target_layers,
-                   engine=make_engine(cfg.device), original_scaling=cfg.original_scaling,
-                   null=cfg.null, seed=cfg.seed, progress=cfg.progress)
+    result = wmppc(
+        source,
+        target,
+        source_layers=cfg.source_layers,
+        target_layers=cfg.target_layers,
+        engine=make_engine(cfg.device),
+        original_scaling=cfg.original_scaling,
+        null=cfg.null,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     if cfg.plot:
         plot_matrix(result, cfg.plot, **({"vmin": None, "vmax": None} if cfg.plot_autoscale else {}))
     print(dumps(result.to_json()) if cfg.json else format_wmppc(result))

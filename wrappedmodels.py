@@ -11,6 +11,20 @@ from sae.encoders.registry import FAMILIES, NAME_FLAGS, Family, ModelSpec, add_m
 from sae.util.device import resolve_device
 
 __all__ = [
-    "DINO_ALIASES", "FAMILIES", "IMAGE", "TEXT", "NAME_FLAGS", "TOKEN_CHOICES", "Adapter", "EncoderOutput", "Family", "ModelInfo",
-    "ModelSpec", "add_model_args", "pool_tokens", "resolve_device", "resolve_layers", "spec_from_args",
+    "DINO_ALIASES",
+    "FAMILIES",
+    "IMAGE",
+    "TEXT",
+    "NAME_FLAGS",
+    "TOKEN_CHOICES",
+    "Adapter",
+    "EncoderOutput",
+    "Family",
+    "ModelInfo",
+    "ModelSpec",
+    "add_model_args",
+    "pool_tokens",
+    "resolve_device",
+    "resolve_layers",
+    "spec_from_args",
 ]

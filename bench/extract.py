@@ -13,8 +13,9 @@ Each repeat times, alternating: the naive loop over all N rows, a cache extracti
 (on a shared machine other processes only ever add time, so the best run is the steadier figure).
 The cache's fixed overhead (directory set-up, DataLoader start, final concatenation, meta.json with
 provenance) is separated from its per-row cost by the two sizes, from the best runs:
-t(n) = fixed + n / per-row rate. Model loading and one warm-up pass of each loop are excluded. `--compare_workers` also times the cache with each
-given --num_workers, interleaved in the same repeats (how the CPU default of 0 workers was chosen).
+t(n) = fixed + n / per-row rate. Model loading and one warm-up pass of each loop are excluded.
+`--compare_workers` also times the cache with each given --num_workers, interleaved in the same repeats
+(how the CPU default of 0 workers was chosen).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wrappedmodels as wm  # noqa: E402
 from sae.data.cache import CacheConfig, _Collate, default_workers, extract_activations  # noqa: E402
-from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
 from sae.data.datasets import DataConfig, Pairs, pairs_from_config  # noqa: E402
 from sae.encoders.tiny import minilm_dir  # noqa: E402
+from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
 
 
 def _minilm_dir() -> str | None:
@@ -53,8 +54,7 @@ def _naive_call(adapter: wm.Adapter, batch: dict[str, torch.Tensor], layers: lis
         return {i: wm._spatial_tokens(maps[i]) for i in layers}
     if adapter.model == "ClipVision":
         out = m.forward_intermediates(batch["pixel_values"], output_fmt="NLC", output_extra_tokens=True)
-        return {i: torch.cat([out["image_intermediates_prefix"][i], out["image_intermediates"][i]], 1)
-                for i in layers}
+        return {i: torch.cat([out["image_intermediates_prefix"][i], out["image_intermediates"][i]], 1) for i in layers}
     if adapter.model == "ClipText":
         out = m.forward_intermediates(text=batch["input_ids"])
         return {i: out["text_intermediates"][i] for i in layers}
@@ -78,8 +78,9 @@ def naive_seconds(adapter: wm.Adapter, loader: torch.utils.data.DataLoader, laye
     return time.perf_counter() - t0
 
 
-def cache_seconds(spec: wm.ModelSpec, pairs: Pairs, layers: list[int], cfg: CacheConfig, token: str,
-                  adapter: wm.Adapter) -> tuple[float, int, int]:
+def cache_seconds(
+    spec: wm.ModelSpec, pairs: Pairs, layers: list[int], cfg: CacheConfig, token: str, adapter: wm.Adapter
+) -> tuple[float, int, int]:
     """(wall time, stored tokens, bytes written) of one extraction into a fresh directory."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CacheConfig(**{**vars(cfg), "cache_dir": tmp})
@@ -97,12 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(p, CacheConfig, skip=("cache_dir",))
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:i]")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each loop, alternating (medians kept)")
-    p.add_argument("--compare_workers", type=int, nargs="+", default=[],
-                   help="also time the cache with each of these --num_workers values (interleaved)")
+    p.add_argument(
+        "--compare_workers",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also time the cache with each of these --num_workers values (interleaved)",
+    )
     minilm = _minilm_dir()
-    p.set_defaults(model="Bert", dataset="shapes:2048", extract_batch_size=32,
-                   data_root=str(Path(tempfile.gettempdir()) / "share-concepts-bench"),
-                   **({"bert_model_name": minilm} if minilm else {}))
+    p.set_defaults(
+        model="Bert",
+        dataset="shapes:2048",
+        extract_batch_size=32,
+        data_root=str(Path(tempfile.gettempdir()) / "share-concepts-bench"),
+        **({"bert_model_name": minilm} if minilm else {}),
+    )
     args = p.parse_args(argv)
     spec = wm.spec_from_args(args)
     data = dataclass_from_args(DataConfig, args)
@@ -115,21 +125,36 @@ def main(argv: list[str] | None = None) -> int:
         args.num_workers = default_workers(adapter.device)
     cfg = dataclass_from_args(CacheConfig, args, cache_dir="unused")
     widths = sorted({adapter.d_of(layer) for layer in layers})
-    print(f"model: --model {spec.model} {spec.name} ({adapter.n_blocks} blocks, d={'/'.join(map(str, widths))}), "
-          f"device {adapter.device}, loaded in {load_s:.1f}s")
-    print(f"data: {data.dataset} ({len(pairs)} rows, {spec.modality}), layers {layers}, token {args.token}, "
-          f"batch {args.extract_batch_size}, workers {args.num_workers}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: --model {spec.model} {spec.name} ({adapter.n_blocks} blocks, d={'/'.join(map(str, widths))}), "
+        f"device {adapter.device}, loaded in {load_s:.1f}s"
+    )
+    print(
+        f"data: {data.dataset} ({len(pairs)} rows, {spec.modality}), layers {layers}, token {args.token}, "
+        f"batch {args.extract_batch_size}, workers {args.num_workers}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(pairs.torch_dataset(spec.modality), batch_size=args.extract_batch_size,
-                        num_workers=args.num_workers, collate_fn=_Collate(adapter.preprocess),
-                        pin_memory=adapter.device.type == "cuda")
+    loader = DataLoader(
+        pairs.torch_dataset(spec.modality),
+        batch_size=args.extract_batch_size,
+        num_workers=args.num_workers,
+        collate_fn=_Collate(adapter.preprocess),
+        pin_memory=adapter.device.type == "cuda",
+    )
     one_batch = pairs_from_config(DataConfig(**{**vars(data), "max_samples": args.extract_batch_size}))
     n, n1 = len(pairs), len(one_batch)
-    naive_seconds(adapter, DataLoader(one_batch.torch_dataset(spec.modality), batch_size=args.extract_batch_size,
-                                      collate_fn=_Collate(adapter.preprocess)), layers)  # warm-up
+    naive_seconds(
+        adapter,
+        DataLoader(
+            one_batch.torch_dataset(spec.modality),
+            batch_size=args.extract_batch_size,
+            collate_fn=_Collate(adapter.preprocess),
+        ),
+        layers,
+    )  # warm-up
     cache_seconds(spec, one_batch, layers, cfg, args.token, adapter)  # warm-up
     naive, full, small = [], [], []
     by_workers: dict[int, list[float]] = {w: [] for w in args.compare_workers}
@@ -139,24 +164,37 @@ def main(argv: list[str] | None = None) -> int:
         full.append(seconds)
         small.append(cache_seconds(spec, one_batch, layers, cfg, args.token, adapter)[0])
         for w, times in by_workers.items():
-            times.append(cache_seconds(spec, pairs, layers, CacheConfig(**{**vars(cfg), "num_workers": w}),
-                                       args.token, adapter)[0])
+            times.append(
+                cache_seconds(spec, pairs, layers, CacheConfig(**{**vars(cfg), "num_workers": w}), args.token, adapter)[
+                    0
+                ]
+            )
     t_naive, t_full = statistics.median(naive), statistics.median(full)
     # the fixed overhead from the fastest runs: interference from other processes only adds time
     per_row = max(1e-12, (min(full) - min(small)) / max(1, n - n1))
     fixed = max(0.0, min(small) - n1 * per_row)
     spread = lambda xs: f"runs {min(xs):.3f}..{max(xs):.3f} s"  # noqa: E731
-    print(f"naive loop (no_grad, full forward, output_hidden_states, no cache): {n / t_naive:9.1f} rows/s median, "
-          f"{n / min(naive):.1f} best ({n} rows; {spread(naive)})")
-    print(f"activation cache (hooks, early stop, shards on disk, {cfg.cache_dtype}): {n / t_full:9.1f} rows/s median, "
-          f"{n / min(full):.1f} best ({spread(full)}; {n_tok} tokens, {size / 2**20:.1f} MiB written)")
-    print(f"cache fixed overhead per extraction: {fixed:.3f} s (best one-batch extraction {min(small):.3f} s for "
-          f"{n1} rows); per-row rate without it: {1 / per_row:.1f} rows/s")
-    print(f"ratio cache / naive: {t_naive / t_full:.2f}x (medians of {args.repeats}), "
-          f"{min(naive) / min(full):.2f}x (best runs), {min(naive) / (n * per_row):.2f}x without the fixed overhead")
+    print(
+        f"naive loop (no_grad, full forward, output_hidden_states, no cache): {n / t_naive:9.1f} rows/s median, "
+        f"{n / min(naive):.1f} best ({n} rows; {spread(naive)})"
+    )
+    print(
+        f"activation cache (hooks, early stop, shards on disk, {cfg.cache_dtype}): {n / t_full:9.1f} rows/s median, "
+        f"{n / min(full):.1f} best ({spread(full)}; {n_tok} tokens, {size / 2**20:.1f} MiB written)"
+    )
+    print(
+        f"cache fixed overhead per extraction: {fixed:.3f} s (best one-batch extraction {min(small):.3f} s for "
+        f"{n1} rows); per-row rate without it: {1 / per_row:.1f} rows/s"
+    )
+    print(
+        f"ratio cache / naive: {t_naive / t_full:.2f}x (medians of {args.repeats}), "
+        f"{min(naive) / min(full):.2f}x (best runs), {min(naive) / (n * per_row):.2f}x without the fixed overhead"
+    )
     for w, times in by_workers.items():
-        print(f"activation cache with --num_workers {w}: {n / statistics.median(times):9.1f} rows/s median, "
-              f"{n / min(times):.1f} best ({spread(times)})")
+        print(
+            f"activation cache with --num_workers {w}: {n / statistics.median(times):9.1f} rows/s median, "
+            f"{n / min(times):.1f} best ({spread(times)})"
+        )
     return 0
 
 

@@ -24,8 +24,8 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae.data.features import SparseCodes  # noqa: E402
 from sae.analysis.overlap import max_weight_matching, overlap_matrix, topk_rows  # noqa: E402
+from sae.data.features import SparseCodes  # noqa: E402
 
 
 def synthetic_runs(rng: np.random.Generator, n: int, d: int, active: int) -> tuple[SparseCodes, SparseCodes]:
@@ -78,8 +78,10 @@ def main() -> None:
                 counts[f, g] = len(sets_a[f] & sets_b[g]) / a.k
     t_naive = (time.perf_counter() - t) * d / m
     assert np.array_equal(counts, O[:m].toarray()), "naive and sparse overlaps differ"
-    print(f"naive loop over pairs (set intersections): {t_naive:.1f} s extrapolated from {m} features "
-          f"-> {t_naive / t_sparse:.0f}x slower; the values agree")
+    print(
+        f"naive loop over pairs (set intersections): {t_naive:.1f} s extrapolated from {m} features "
+        f"-> {t_naive / t_sparse:.0f}x slower; the values agree"
+    )
 
     t = time.perf_counter()
     r, c = max_weight_matching(O)
@@ -90,8 +92,10 @@ def main() -> None:
     t_hd = time.perf_counter() - t
     s1, s2 = dense[r, c].sum(), dense[r2, c2].sum()
     assert abs(s1 - s2) < 1e-6 * max(1.0, s2), (s1, s2)
-    print(f"one-to-one pairing: per-component matching {t_hs:.2f} s, dense Hungarian on all of O {t_hd:.2f} s "
-          f"-> {t_hd / t_hs:.1f}x (same total overlap {s1:.3f}; {int((dense[r, c] > 0).sum())} pairs)")
+    print(
+        f"one-to-one pairing: per-component matching {t_hs:.2f} s, dense Hungarian on all of O {t_hd:.2f} s "
+        f"-> {t_hd / t_hs:.1f}x (same total overlap {s1:.3f}; {int((dense[r, c] > 0).sum())} pairs)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,8 +57,7 @@ def dense_topk_step(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
     return float(loss.detach())
 
 
-def our_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor,
-             dead: torch.Tensor | None) -> float:
+def our_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor | None) -> float:
     """One step exactly as sae/nn/trainer.py takes it."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
     with autocast:
@@ -70,8 +70,9 @@ def our_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor
     return float(out.loss.detach())
 
 
-def interleaved(steps: dict[str, Callable[[], float]], n_steps: int, device: torch.device
-                ) -> dict[str, tuple[float, list[float]]]:
+def interleaved(
+    steps: dict[str, Callable[[], float]], n_steps: int, device: torch.device
+) -> dict[str, tuple[float, list[float]]]:
     """Median seconds per step of each contender and its losses (warm-up step included), taking
     turns one step at a time after one warm-up step each."""
     losses = {name: [step()] for name, step in steps.items()}
@@ -94,8 +95,12 @@ def main() -> None:
     p.add_argument("--expansions", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64])
     p.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
-    p.add_argument("--dead_fraction", type=float, default=0.1,
-                   help="fraction of latents marked dead in the +auxk rows (0 = no such rows)")
+    p.add_argument(
+        "--dead_fraction",
+        type=float,
+        default=0.1,
+        help="fraction of latents marked dead in the +auxk rows (0 = no such rows)",
+    )
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,21 +109,24 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"device {device} ({where}), d_in {args.d_in}, batch {args.batch}, median of {args.steps} interleaved "
-          f"steps after 1 warm-up; msae_* levels k, 2k, d_sae; +auxk rows: {args.dead_fraction:.0%} of latents "
-          f"dead, k_aux {SAEConfig(d_in=args.d_in).aux_k}", flush=True)
+    print(
+        f"device {device} ({where}), d_in {args.d_in}, batch {args.batch}, median of {args.steps} interleaved "
+        f"steps after 1 warm-up; msae_* levels k, 2k, d_sae; +auxk rows: {args.dead_fraction:.0%} of latents "
+        f"dead, k_aux {SAEConfig(d_in=args.d_in).aux_k}",
+        flush=True,
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.d_in, generator=gen).to(device)
     for expansion in args.expansions:
         d_sae = expansion * args.d_in
         dead = (torch.rand(d_sae, generator=gen) < args.dead_fraction).to(device)
         for k in args.ks:
-            ref = SparseAutoencoder(SAEConfig(architecture="topk", d_in=args.d_in, d_sae=d_sae, k=k, k_aux=0),
-                                    device=device)
+            ref = SparseAutoencoder(
+                SAEConfig(architecture="topk", d_in=args.d_in, d_sae=d_sae, k=k, k_aux=0), device=device
+            )
             params = {n: t.detach().clone().requires_grad_(True) for n, t in ref.named_parameters()}
             base_opt = torch.optim.Adam(params.values(), lr=1e-4)
-            steps: dict[str, Callable[[], float]] = {
-                "baseline": lambda: dense_topk_step(params, base_opt, x, k)}
+            steps: dict[str, Callable[[], float]] = {"baseline": partial(dense_topk_step, params, base_opt, x, k)}
             rows = [(arch, False) for arch in args.archs]
             if args.dead_fraction > 0:
                 rows += [(arch, True) for arch in args.archs if arch in AUXK_ARCHS]
@@ -131,12 +139,16 @@ def main() -> None:
                         t.copy_(dict(ref.named_parameters())[n])
                 opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
                 mask = dead if auxk else None
-                steps[arch + ("+auxk" if auxk else "")] = (
-                    lambda sae=sae, opt=opt, mask=mask: our_step(sae, opt, x, mask))
+                steps[arch + ("+auxk" if auxk else "")] = lambda sae=sae, opt=opt, mask=mask: our_step(
+                    sae, opt, x, mask
+                )
             results = interleaved(steps, args.steps, device)
             base_s, base_losses = results.pop("baseline")
-            print(f"  expansion {expansion:>2} (d_sae {d_sae}), k {k}: dense baseline "
-                  f"{args.batch / base_s:9.0f} samples/s", flush=True)
+            print(
+                f"  expansion {expansion:>2} (d_sae {d_sae}), k {k}: dense baseline "
+                f"{args.batch / base_s:9.0f} samples/s",
+                flush=True,
+            )
             for name, (s, losses) in results.items():
                 note = ""
                 if name == "topk":

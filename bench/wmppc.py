@@ -122,8 +122,10 @@ def make_runs(work: Path, n: int, d: int, k: int, n_layers: int, seed: int = 0) 
             dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
             vals[dup] = 0  # a feature appears once per row; from_topk drops the zeros
             write_layer(work / "toolkit" / run, layer, SparseCodes.from_topk(vals, idx, d))
-        write_run_info(work / "toolkit" / run, {"name": run, "n_rows": n, "row_ids": list(range(n)),
-                                                "layers": list(range(n_layers)), "d_sae": d, "k": k})
+        write_run_info(
+            work / "toolkit" / run,
+            {"name": run, "n_rows": n, "row_ids": list(range(n)), "layers": list(range(n_layers)), "d_sae": d, "k": k},
+        )
 
 
 def make_dense_runs(work: Path, n: int, d: int, density: float, n_layers: int, seed: int = 0) -> float:
@@ -218,9 +220,17 @@ def baseline(work: Path, src_layers: list[int], tgt_layers: list[int]) -> dict:
     anon_peak = anon.stop()
     np.save(work / "baseline_rho.npy", np.stack(rho_all))
     all_layers = float(np.sum([w * c / np.sum(lengths) for w, c in zip(lengths, per_layer)]))
-    return {"seconds": seconds, "rss_base_mb": base, "peak_mb": _status_mb("VmHWM"), "matrix": matrix,
-            "anon_base_mb": anon_base, "anon_peak_mb": anon_peak,
-            "all_layers": all_layers, "last_layer": matrix[-1][-1], "device": device}
+    return {
+        "seconds": seconds,
+        "rss_base_mb": base,
+        "peak_mb": _status_mb("VmHWM"),
+        "matrix": matrix,
+        "anon_base_mb": anon_base,
+        "anon_peak_mb": anon_peak,
+        "all_layers": all_layers,
+        "last_layer": matrix[-1][-1],
+        "device": device,
+    }
 
 
 def toolkit(work: Path, src_layers: list[int] | None, tgt_layers: list[int] | None, tag: str, fmt: str) -> dict:
@@ -232,16 +242,32 @@ def toolkit(work: Path, src_layers: list[int] | None, tgt_layers: list[int] | No
     base = _reset_peak()
     anon_base, anon = _status_mb("RssAnon"), AnonPeak()
     t0 = time.perf_counter()
-    res = wmppc(open_run(work / fmt, "A"), open_run(work / fmt, "B"), source_layers=src_layers,
-                target_layers=tgt_layers, engine=engine, original_scaling=True, progress=False)
+    res = wmppc(
+        open_run(work / fmt, "A"),
+        open_run(work / fmt, "B"),
+        source_layers=src_layers,
+        target_layers=tgt_layers,
+        engine=engine,
+        original_scaling=True,
+        progress=False,
+    )
     seconds = time.perf_counter() - t0
     anon_peak = anon.stop()
     np.save(work / f"toolkit_{tag}_rho.npy", np.stack(res.rho_all_layers))
-    return {"seconds": seconds, "rss_base_mb": base, "peak_mb": _status_mb("VmHWM"),
-            "anon_base_mb": anon_base, "anon_peak_mb": anon_peak,
-            "matrix": res.matrix.tolist(), "all_layers": res.all_layers, "last_layer": res.last_layer,
-            "device": engine.device, "source_layers": res.source_layers, "target_layers": res.target_layers,
-            "dead_source_features": res.dead_source_features}
+    return {
+        "seconds": seconds,
+        "rss_base_mb": base,
+        "peak_mb": _status_mb("VmHWM"),
+        "anon_base_mb": anon_base,
+        "anon_peak_mb": anon_peak,
+        "matrix": res.matrix.tolist(),
+        "all_layers": res.all_layers,
+        "last_layer": res.last_layer,
+        "device": engine.device,
+        "source_layers": res.source_layers,
+        "target_layers": res.target_layers,
+        "dead_source_features": res.dead_source_features,
+    }
 
 
 def exact_rho(work: Path, src_layer: int, tgt_layers: list[int], features: np.ndarray) -> np.ndarray:
@@ -287,13 +313,25 @@ def main() -> None:
     p.add_argument("--n_rows", type=int, default=20_000)
     p.add_argument("--d_sae", type=int, default=None, help="default 6144 (TopK codes), 2048 (--dense_density)")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--dense_density", type=float, default=0.0,
-                   help="> 0: dense ReLU features in the original format with this fraction of non-zeros")
+    p.add_argument(
+        "--dense_density",
+        type=float,
+        default=0.0,
+        help="> 0: dense ReLU features in the original format with this fraction of non-zeros",
+    )
     p.add_argument("--layers", type=int, default=None, help="layers per run (default 6; 2 with --dense_density)")
-    p.add_argument("--baseline_layers", type=int, default=2,
-                   help="the baseline runs the deepest B source layers x the deepest B target layers")
-    p.add_argument("--check_features", type=int, default=32,
-                   help="source features checked against an independent float64 computation")
+    p.add_argument(
+        "--baseline_layers",
+        type=int,
+        default=2,
+        help="the baseline runs the deepest B source layers x the deepest B target layers",
+    )
+    p.add_argument(
+        "--check_features",
+        type=int,
+        default=32,
+        help="source features checked against an independent float64 computation",
+    )
     p.add_argument("--workdir", default=None, help="where to build the runs (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--worker", nargs=4, metavar=("KIND", "SRC", "TGT", "FMT"), help=argparse.SUPPRESS)
@@ -303,8 +341,11 @@ def main() -> None:
         kind, src, tgt, fmt = args.worker
         parse = lambda s: None if s == "all" else [int(v) for v in s.split(",")]  # noqa: E731
         work = Path(args.workdir)
-        out = baseline(work, parse(src), parse(tgt)) if kind == "baseline" else \
-            toolkit(work, parse(src), parse(tgt), kind, fmt)
+        out = (
+            baseline(work, parse(src), parse(tgt))
+            if kind == "baseline"
+            else toolkit(work, parse(src), parse(tgt), kind, fmt)
+        )
         print(json.dumps(out))
         return
 
@@ -317,10 +358,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     subset = list(range(L - B, L))
     sub = ",".join(map(str, subset))
-    what = (f"dense fp16 ReLU features (original format), density {args.dense_density:g}" if dense else
-            f"TopK codes k={args.k} (toolkit format)")
-    print(f"# wMPPC benchmark: N={args.n_rows} rows, d_sae={d}, {what}, {L} layers per run, "
-          f"cpu cores={os.cpu_count()}")
+    what = (
+        f"dense fp16 ReLU features (original format), density {args.dense_density:g}"
+        if dense
+        else f"TopK codes k={args.k} (toolkit format)"
+    )
+    print(f"# wMPPC benchmark: N={args.n_rows} rows, d_sae={d}, {what}, {L} layers per run, cpu cores={os.cpu_count()}")
     try:
         t = time.perf_counter()
         if dense:
@@ -346,31 +389,45 @@ def main() -> None:
 
     pairs_full, pairs_sub = L * L, B * B
     print(f"device: toolkit {full['device']}, baseline {base['device']}")
-    print(f"toolkit  all {L}x{L} pairs  (measured):     {full['seconds']:8.2f} s   "
-          f"All Layers {full['all_layers']:.6f} | Last layer {full['last_layer']:.6f}")
+    print(
+        f"toolkit  all {L}x{L} pairs  (measured):     {full['seconds']:8.2f} s   "
+        f"All Layers {full['all_layers']:.6f} | Last layer {full['last_layer']:.6f}"
+    )
     if B < L:
         print(f"toolkit  {B}x{B} subset {subset} (measured): {part['seconds']:8.2f} s")
-    print(f"baseline {B}x{B} subset {subset} (measured): {base['seconds']:8.2f} s   "
-          f"({base['seconds'] / pairs_sub:.2f} s per pair)   "
-          f"All Layers {base['all_layers']:.6f} | Last layer {base['last_layer']:.6f}")
+    print(
+        f"baseline {B}x{B} subset {subset} (measured): {base['seconds']:8.2f} s   "
+        f"({base['seconds'] / pairs_sub:.2f} s per pair)   "
+        f"All Layers {base['all_layers']:.6f} | Last layer {base['last_layer']:.6f}"
+    )
     print(f"speed-up, same {pairs_sub} pairs, both measured:            {base['seconds'] / part['seconds']:7.1f}x")
     if B < L:
         est = base["seconds"] * pairs_full / pairs_sub
         print(f"baseline all {L}x{L} pairs  (extrapolated = measured x {pairs_full}/{pairs_sub}): {est:8.2f} s")
-        print(f"speed-up, all {pairs_full} pairs (baseline extrapolated):      {est / full['seconds']:7.1f}x  "
-              f"(target >= 20x)")
+        print(
+            f"speed-up, all {pairs_full} pairs (baseline extrapolated):      {est / full['seconds']:7.1f}x  "
+            f"(target >= 20x)"
+        )
 
     inc = lambda r: r["peak_mb"] - r["rss_base_mb"]  # noqa: E731
-    print(f"peak memory above imports: toolkit all pairs {inc(full):7.1f} MB, toolkit subset {inc(part):7.1f} MB, "
-          f"baseline {inc(base):7.1f} MB")
-    print(f"peak RSS (absolute):       toolkit all pairs {full['peak_mb']:7.1f} MB, toolkit subset "
-          f"{part['peak_mb']:7.1f} MB, baseline {base['peak_mb']:7.1f} MB")
-    print(f"memory ratio toolkit(all pairs)/baseline, above imports: {inc(full) / inc(base):.3f}"
-          f"{'' if dense else '  (target <= 0.1)'}; absolute: {full['peak_mb'] / base['peak_mb']:.3f}")
+    print(
+        f"peak memory above imports: toolkit all pairs {inc(full):7.1f} MB, toolkit subset {inc(part):7.1f} MB, "
+        f"baseline {inc(base):7.1f} MB"
+    )
+    print(
+        f"peak RSS (absolute):       toolkit all pairs {full['peak_mb']:7.1f} MB, toolkit subset "
+        f"{part['peak_mb']:7.1f} MB, baseline {base['peak_mb']:7.1f} MB"
+    )
+    print(
+        f"memory ratio toolkit(all pairs)/baseline, above imports: {inc(full) / inc(base):.3f}"
+        f"{'' if dense else '  (target <= 0.1)'}; absolute: {full['peak_mb'] / base['peak_mb']:.3f}"
+    )
     anon = lambda r: r["anon_peak_mb"] - r["anon_base_mb"]  # noqa: E731
-    print(f"private memory (RssAnon, sampled every 5 ms) above imports, i.e. without the page cache of "
-          f"memory-mapped inputs: toolkit all pairs {anon(full):7.1f} MB, baseline {anon(base):7.1f} MB "
-          f"(ratio {anon(full) / anon(base):.3f})")
+    print(
+        f"private memory (RssAnon, sampled every 5 ms) above imports, i.e. without the page cache of "
+        f"memory-mapped inputs: toolkit all pairs {anon(full):7.1f} MB, baseline {anon(base):7.1f} MB "
+        f"(ratio {anon(full) / anon(base):.3f})"
+    )
 
     # equality, on what both computed
     m_full = np.array(full["matrix"])[np.ix_(subset, subset)]
@@ -389,11 +446,15 @@ def main() -> None:
         print(f"max |toolkit - baseline| {name:42s} {v:.2e}")
     err_tk = np.abs(rho_part[-1][checked] - exact).max()
     err_base = np.abs(rho_base[-1][checked] - exact).max()
-    print(f"max |method - float64 reference|, {len(checked)} features of layer {subset[-1]}: "
-          f"toolkit {err_tk:.2e}, baseline {err_base:.2e}")
+    print(
+        f"max |method - float64 reference|, {len(checked)} features of layer {subset[-1]}: "
+        f"toolkit {err_tk:.2e}, baseline {err_base:.2e}"
+    )
     ok = ok and err_tk <= 1e-9
-    print(f"equal to 1e-5: {'yes' if ok else 'NO'}  (toolkit with original_scaling: correlations x (N-1)/N; "
-          "toolkit exact to 1e-9)")
+    print(
+        f"equal to 1e-5: {'yes' if ok else 'NO'}  (toolkit with original_scaling: correlations x (N-1)/N; "
+        "toolkit exact to 1e-9)"
+    )
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -1,7 +1,7 @@
 """`python -m sae <command>`: train an SAE on an activation array, or run the embedded demo (sae/demo.py).
 
-    python -m sae train --activations X.npy --sae topk --k 32 --expansion_factor 8 --epochs 5 --out DIR
-    python -m sae demo
+python -m sae train --activations X.npy --sae topk --k 32 --expansion_factor 8 --epochs 5 --out DIR
+python -m sae demo
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from sae.util.cli import dataclass_from_args, run_cli
 from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
+from sae.util.cli import dataclass_from_args, run_cli
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sae.nn.sources import ActivationSource
-    from sae.nn.trainer import train_saes, SAESpec
+    from sae.nn.trainer import SAESpec, train_saes
 
     source = ActivationSource.from_npy(args.activations)
     source.check_finite("x")
@@ -38,8 +38,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one SAE on a .npy activation array [rows, d_in]")
     train.add_argument("--activations", required=True, help=".npy file [rows, d_in], any float dtype (memory-mapped)")

@@ -34,15 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.data.cache import CacheConfig, extract_activations
+from sae.data.datasets import DataConfig, pairs_from_config
+from sae.data.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
+from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
+from sae.nn.sources import ActivationSource
+from sae.nn.trainer import SAESpec, train_saes
 from sae.util.atomic import read_json, remove_dead_temporaries, write_json
 from sae.util.cli import add_dataclass_args, dataclass_from_args
 from sae.util.errors import InputError
-from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
-from sae.data.datasets import DataConfig, pairs_from_config
-from sae.data.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
 from sae.util.provenance import provenance
-from sae.nn.sources import ActivationSource
-from sae.nn.trainer import SAESpec, train_saes
 
 SETTINGS_FILE = "settings.json"
 
@@ -53,11 +53,17 @@ def build_parser(modality: str, description: str) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     registry.add_model_args(parser, modality)
-    parser.add_argument("--runname", default=None,
-                        help="name of the run under --features_dir (default: the --model name, lowercased)")
+    parser.add_argument(
+        "--runname", default=None, help="name of the run under --features_dir (default: the --model name, lowercased)"
+    )
     parser.add_argument("--features_dir", default="sae_features", help="where runs are written")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="train one SAE per seed and layer in the same pass (features: the first seed)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train one SAE per seed and layer in the same pass (features: the first seed)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(parser.add_argument_group("dataset"), DataConfig)
@@ -72,13 +78,19 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _record(sae: torch.nn.Module, pooled: np.ndarray, run_dir: Path, layer: int, progress: bool,
-            batch: int = 1024) -> None:
+def _record(
+    sae: torch.nn.Module, pooled: np.ndarray, run_dir: Path, layer: int, progress: bool, batch: int = 1024
+) -> None:
     """Encode the recorded vectors [N, d] of one layer and write them as sparse codes."""
     device = sae.W_dec.device
     with LayerWriter(run_dir, layer, sae.cfg.d_sae) as writer, torch.no_grad():
-        for start in tqdm(range(0, len(pooled), batch), desc=f"recording layer {layer}", disable=not progress,
-                          unit="batch", leave=False):
+        for start in tqdm(
+            range(0, len(pooled), batch),
+            desc=f"recording layer {layer}",
+            disable=not progress,
+            unit="batch",
+            leave=False,
+        ):
             x = torch.from_numpy(np.asarray(pooled[start : start + batch], dtype=np.float32)).to(device)
             if pooled.dtype == np.uint16:  # bfloat16 bits
                 x = torch.from_numpy(np.array(pooled[start : start + batch])).view(torch.bfloat16).float().to(device)
@@ -93,8 +105,11 @@ def _replaceable(run_dir: Path) -> bool:
 
 def sae_groups(cache: Any, layers: Sequence[int]) -> list[list[int]]:
     """`layers` grouped by token layout: the SAEs of one group train together on the same token rows."""
-    return [[layer for layer in group if layer in layers] for group in cache.layouts
-            if any(layer in layers for layer in group)]
+    return [
+        [layer for layer in group if layer in layers]
+        for group in cache.layouts
+        if any(layer in layers for layer in group)
+    ]
 
 
 def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
@@ -115,10 +130,17 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     progress = not args.quiet
 
     pairs = pairs_from_config(data_cfg)
-    settings = {"model": spec.identity(), "data": pairs.identity(modality), "layers": layers,
-                "token": args.token, "skip_bad": data_cfg.skip_bad, "cache_dtype": cache_cfg.cache_dtype,
-                "sae": {k: v for k, v in vars(args).items() if k in _SAE_FLAGS}, "train": tcfg.to_dict(),
-                "seeds": seeds}
+    settings = {
+        "model": spec.identity(),
+        "data": pairs.identity(modality),
+        "layers": layers,
+        "token": args.token,
+        "skip_bad": data_cfg.skip_bad,
+        "cache_dtype": cache_cfg.cache_dtype,
+        "sae": {k: v for k, v in vars(args).items() if k in _SAE_FLAGS},
+        "train": tcfg.to_dict(),
+        "seeds": seeds,
+    }
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
     settings_path = run_dir / SETTINGS_FILE
     remove_dead_temporaries(run_dir)
@@ -126,8 +148,10 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         if _replaceable(run_dir):
             print(f"run '{runname}' had no outputs yet: starting it again with these settings")
         elif not args.overwrite:
-            raise InputError(f"run '{runname}' in {args.features_dir} was made with other settings; "
-                             "choose another --runname or pass --overwrite")
+            raise InputError(
+                f"run '{runname}' in {args.features_dir} was made with other settings; "
+                "choose another --runname or pass --overwrite"
+            )
         shutil.rmtree(run_dir)
     elif not settings_path.exists() and run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
@@ -138,21 +162,37 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         return 0
     write_json(settings_path, {"fingerprint": fingerprint, **settings})
 
-    cache = extract_activations(spec, pairs, layers, cache_cfg, token=args.token, skip_bad=data_cfg.skip_bad,
-                                device=tcfg.device, progress=progress)
+    cache = extract_activations(
+        spec,
+        pairs,
+        layers,
+        cache_cfg,
+        token=args.token,
+        skip_bad=data_cfg.skip_bad,
+        device=tcfg.device,
+        progress=progress,
+    )
     groups = sae_groups(cache, layers)
     trained: dict[str, Any] = {}
     n_tokens: dict[int, int] = {}
     for group in groups:
         source = ActivationSource({layer_dir_name(layer): cache.token_shards(layer) for layer in group})
-        specs = [SAESpec(layer_dir_name(layer) + (f"_seed{seed}" if i else ""), layer_dir_name(layer),
-                         sae_config_from_args(args, cache.d_of(layer), seed=seed))
-                 for layer in group for i, seed in enumerate(seeds)]
+        specs = [
+            SAESpec(
+                layer_dir_name(layer) + (f"_seed{seed}" if i else ""),
+                layer_dir_name(layer),
+                sae_config_from_args(args, cache.d_of(layer), seed=seed),
+            )
+            for layer in group
+            for i, seed in enumerate(seeds)
+        ]
         out_dir = run_dir / "saes" if len(groups) == 1 else run_dir / "saes" / f"group{group[0]:02d}"
         widths = sorted({cache.d_of(layer) for layer in group})
-        print(f"training {len(specs)} SAE(s) on {source.n_rows} tokens of {cache.n_rows} rows "
-              f"(layers {group}, d_in {'/'.join(map(str, widths))}, "
-              f"d_sae {'/'.join(str(d) for d in sorted({s.cfg.d_sae for s in specs}))})")
+        print(
+            f"training {len(specs)} SAE(s) on {source.n_rows} tokens of {cache.n_rows} rows "
+            f"(layers {group}, d_in {'/'.join(map(str, widths))}, "
+            f"d_sae {'/'.join(str(d) for d in sorted({s.cfg.d_sae for s in specs}))})"
+        )
         trained.update(train_saes(source, specs, tcfg, out_dir, progress=progress))
         n_tokens.update(dict.fromkeys(group, source.n_rows))
 
@@ -162,24 +202,38 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     first = saes[layers[0]].cfg
     d_sae = {str(layer): int(saes[layer].cfg.d_sae) for layer in layers}
     info = {
-        "name": runname, "modality": modality, "model": args.model, "model_name": spec.name,
-        "layers": layers, "token": args.token, "token_rule": cache.meta["token_rule"],
-        "train_tokens": cache.meta["train_tokens"], "dataset": pairs.describe(),
-        "split": pairs.split, "n_rows": cache.n_rows,
+        "name": runname,
+        "modality": modality,
+        "model": args.model,
+        "model_name": spec.name,
+        "layers": layers,
+        "token": args.token,
+        "token_rule": cache.meta["token_rule"],
+        "train_tokens": cache.meta["train_tokens"],
+        "dataset": pairs.describe(),
+        "split": pairs.split,
+        "n_rows": cache.n_rows,
         "n_tokens": _one_or_map({str(layer): n_tokens[layer] for layer in layers}),
         "row_ids": [int(r) for r in cache.row_ids],
-        "bad_rows": cache.meta["bad_rows"], "architecture": first.architecture,
+        "bad_rows": cache.meta["bad_rows"],
+        "architecture": first.architecture,
         "d_sae": _one_or_map(d_sae),
-        "d_in": {str(layer): cache.d_of(layer) for layer in layers}, "k": first.k, "seeds": seeds,
+        "d_in": {str(layer): cache.d_of(layer) for layer in layers},
+        "k": first.k,
+        "seeds": seeds,
         "sae_metrics": {str(layer): trained[layer_dir_name(layer)].metrics for layer in layers},
         "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
-        "activation_cache": str(cache.path), "format": FORMAT, "provenance": provenance(),
+        "activation_cache": str(cache.path),
+        "format": FORMAT,
+        "provenance": provenance(),
     }
     write_run_info(run_dir, info)
     for layer in layers:
         m = info["sae_metrics"][str(layer)]
-        print(f"layer {layer}: FVU {m['fvu']:.3f}, cosine {m['cosine']:.3f}, L0 {m['l0']:.1f}, "
-              f"dead {m['dead_fraction']:.1%} (on {m['eval_rows']} tokens)")
+        print(
+            f"layer {layer}: FVU {m['fvu']:.3f}, cosine {m['cosine']:.3f}, L0 {m['l0']:.1f}, "
+            f"dead {m['dead_fraction']:.1%} (on {m['eval_rows']} tokens)"
+        )
     print(f"features of {cache.n_rows} rows written to {run_dir}")
     return 0
 
@@ -189,5 +243,15 @@ def _one_or_map(values: dict[str, int]) -> int | dict[str, int]:
     return next(iter(values.values())) if len(set(values.values())) == 1 else values
 
 
-_SAE_FLAGS = ("sae", "expansion_factor", "d_sae", "k", "k_levels", "prefixes", "l1_coef", "k_aux", "aux_coef",
-              "b_dec_init")
+_SAE_FLAGS = (
+    "sae",
+    "expansion_factor",
+    "d_sae",
+    "k",
+    "k_levels",
+    "prefixes",
+    "l1_coef",
+    "k_aux",
+    "aux_coef",
+    "b_dec_init",
+)

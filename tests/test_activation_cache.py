@@ -18,10 +18,10 @@ import torch
 
 import wrappedmodels as wm
 from sae.data.cache import CacheConfig, cache_key, extract_activations, open_cache
-from sae.util.cli import add_dataclass_args, dataclass_from_args
-from sae.util.errors import InputError
 from sae.data.datasets import DataConfig, load_pairs, make_shapes_dataset, pairs_from_config
 from sae.encoders.tiny import minilm_dir
+from sae.util.cli import add_dataclass_args, dataclass_from_args
+from sae.util.errors import InputError
 
 MINILM = minilm_dir()
 
@@ -33,16 +33,36 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     torch.manual_seed(0)
     vit = root / "vit"
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                       intermediate_size=48)).save_pretrained(vit)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    ).save_pretrained(vit)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit)
     bert = root / "bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(bert)
+    BertModel(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(bert)
     AutoTokenizer.from_pretrained(MINILM).save_pretrained(bert)
     shapes = make_shapes_dataset(root / "shapes", n=24, seed=1)
-    return {"root": root, "vit": wm.ModelSpec("ViT", str(vit)), "bert": wm.ModelSpec("Bert", str(bert)),
-            "shapes": shapes}
+    return {
+        "root": root,
+        "vit": wm.ModelSpec("ViT", str(vit)),
+        "bert": wm.ModelSpec("Bert", str(bert)),
+        "shapes": shapes,
+    }
 
 
 def _cfg(path, **kw):
@@ -63,8 +83,9 @@ def test_cache_equals_adapter_outputs(setup, tmp_path, modality):
     spec = setup["vit" if modality == "image" else "bert"]
     pairs = load_pairs(str(setup["shapes"]), max_samples=13)
     adapter = spec.load("cpu")
-    cache = extract_activations(spec, pairs, [0, -1], _cfg(tmp_path, cache_dtype="float32"), adapter=adapter,
-                                shard_tokens=37, progress=False)
+    cache = extract_activations(
+        spec, pairs, [0, -1], _cfg(tmp_path, cache_dtype="float32"), adapter=adapter, shard_tokens=37, progress=False
+    )
     assert cache.path == tmp_path / cache.meta["key"] and cache.layers == [0, 2]
     assert cache.meta["token_rule"] == "first" and cache.d_model == 32 and cache.n_rows == 13
     toks, pooled, rows, pos = _direct(adapter, pairs, modality, [0, 2])
@@ -96,8 +117,9 @@ def test_cache_equals_adapter_outputs(setup, tmp_path, modality):
 def test_half_dtypes(setup, tmp_path, dtype):
     pairs = load_pairs(str(setup["shapes"]), max_samples=6)
     adapter = setup["bert"].load("cpu")
-    cache = extract_activations(setup["bert"], pairs, [1], _cfg(tmp_path, cache_dtype=dtype), adapter=adapter,
-                                token="mean", progress=False)
+    cache = extract_activations(
+        setup["bert"], pairs, [1], _cfg(tmp_path, cache_dtype=dtype), adapter=adapter, token="mean", progress=False
+    )
     shard = cache.token_shards(1)[0]
     assert shard.dtype == (np.float16 if dtype == "float16" else np.uint16)
     toks, pooled, _, _ = _direct(adapter, pairs, "text", [1], token="mean")
@@ -118,8 +140,7 @@ def test_reuse_without_loading_the_model(setup, tmp_path, monkeypatch):
     subset = extract_activations(spec, pairs, [-1], _cfg(tmp_path), progress=False)  # a subset of layers
     assert subset.path == first.path and subset.pooled(2).shape == (8, 32)
     with pytest.raises(AssertionError):  # anything else (here: other rows) needs the model
-        extract_activations(spec, load_pairs(str(setup["shapes"]), max_samples=9), [-1], _cfg(tmp_path),
-                            progress=False)
+        extract_activations(spec, load_pairs(str(setup["shapes"]), max_samples=9), [-1], _cfg(tmp_path), progress=False)
     with pytest.raises(InputError, match=r"layer 5 is not in .*layers: 0, 1, 2"):
         first.pooled(5)
 
@@ -142,14 +163,21 @@ class _Killer:
 def test_killed_run_resumes(setup, tmp_path):
     spec, pairs = setup["bert"], load_pairs(str(setup["shapes"]))
     cfg = _cfg(tmp_path / "a", cache_dtype="float32", bs=3)
-    ref = extract_activations(spec, pairs, [0, 2], _cfg(tmp_path / "ref", cache_dtype="float32", bs=3),
-                              device="cpu", shard_tokens=31, progress=False)
+    ref = extract_activations(
+        spec,
+        pairs,
+        [0, 2],
+        _cfg(tmp_path / "ref", cache_dtype="float32", bs=3),
+        device="cpu",
+        shard_tokens=31,
+        progress=False,
+    )
     adapter = spec.load("cpu")
     killer = _Killer(adapter, kill_at=5)
     with pytest.raises(KeyboardInterrupt):
         extract_activations(spec, pairs, [0, 2], cfg, adapter=adapter, shard_tokens=31, progress=False)
     partial = next((tmp_path / "a").glob(".*.partial"))
-    assert not (tmp_path / "a" / partial.name[1:-len(".partial")]).exists()
+    assert not (tmp_path / "a" / partial.name[1 : -len(".partial")]).exists()
     with pytest.raises(InputError, match="not a finished activation cache"):
         open_cache(partial)
     progress = json.loads((partial / "progress.json").read_text())
@@ -164,8 +192,7 @@ def test_killed_run_resumes(setup, tmp_path):
     assert 0 < killer.calls < 8  # resumed: 24 rows / 3 per batch = 8 batches for a full run
     assert done.meta["layouts"] == ref.meta["layouts"] and done.meta["shard_rows"] == ref.meta["shard_rows"]
     for layer in (0, 2):  # bitwise: the same batches through the same forward
-        np.testing.assert_array_equal(np.concatenate(done.token_shards(layer)),
-                                      np.concatenate(ref.token_shards(layer)))
+        np.testing.assert_array_equal(np.concatenate(done.token_shards(layer)), np.concatenate(ref.token_shards(layer)))
         np.testing.assert_array_equal(done.pooled(layer), ref.pooled(layer))
     np.testing.assert_array_equal(done.token_row(), ref.token_row())
     assert not partial.exists()
@@ -180,16 +207,16 @@ def test_unreadable_image_stops_or_is_dropped(setup, tmp_path):
     pairs = load_pairs(str(bad), max_samples=10)
     with pytest.raises(InputError, match=r"row 3: unreadable image"):
         extract_activations(setup["vit"], pairs, [-1], _cfg(tmp_path / "c"), device="cpu", progress=False)
-    img = extract_activations(setup["vit"], pairs, [-1], _cfg(tmp_path / "c"), device="cpu", skip_bad=True,
-                              progress=False)
+    img = extract_activations(
+        setup["vit"], pairs, [-1], _cfg(tmp_path / "c"), device="cpu", skip_bad=True, progress=False
+    )
     kept = [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert img.row_ids.tolist() == kept and img.meta["bad_rows"] == [3] and img.n_rows == 9
     assert img.pooled(2).shape == (9, 32) and img.n_tokens == 9 * 17
     # the text run restricted to the rows the image run kept: row n is the same pair again
     cfg = DataConfig(dataset=str(bad), row_ids_from=str(img.path))
     text_pairs = pairs_from_config(cfg)
-    txt = extract_activations(setup["bert"], text_pairs, [-1], _cfg(tmp_path / "c"), device="cpu",
-                              progress=False)
+    txt = extract_activations(setup["bert"], text_pairs, [-1], _cfg(tmp_path / "c"), device="cpu", progress=False)
     assert txt.row_ids.tolist() == kept
     assert text_pairs.texts()[3] == load_pairs(str(bad)).texts()[4]
 
@@ -202,14 +229,34 @@ def test_minilm_end_to_end_from_flags(tmp_path):
     wm.add_model_args(p, "text")
     add_dataclass_args(p, DataConfig)
     add_dataclass_args(p, CacheConfig)
-    args = p.parse_args(["--model", "Bert", "--bert_model_name", str(MINILM), "--layers", "0", "-1",
-                         "--dataset", "shapes:20", "--data_root", str(tmp_path / "data"), "--max_samples", "16",
-                         "--cache_dir", str(tmp_path / "cache"), "--num_workers", "1",
-                         "--extract_batch_size", "8"])
+    args = p.parse_args(
+        [
+            "--model",
+            "Bert",
+            "--bert_model_name",
+            str(MINILM),
+            "--layers",
+            "0",
+            "-1",
+            "--dataset",
+            "shapes:20",
+            "--data_root",
+            str(tmp_path / "data"),
+            "--max_samples",
+            "16",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--num_workers",
+            "1",
+            "--extract_batch_size",
+            "8",
+        ]
+    )
     spec = wm.spec_from_args(args)
     pairs = pairs_from_config(dataclass_from_args(DataConfig, args))
-    cache = extract_activations(spec, pairs, args.layers, dataclass_from_args(CacheConfig, args),
-                                token=args.token, device="cpu", progress=False)
+    cache = extract_activations(
+        spec, pairs, args.layers, dataclass_from_args(CacheConfig, args), token=args.token, device="cpu", progress=False
+    )
     assert cache.layers == [0, 5] and cache.d_model == 384 and cache.n_rows == 16
     tok = AutoTokenizer.from_pretrained(MINILM)
     enc = tok(pairs.texts(), padding=True, truncation=True, return_tensors="pt")
@@ -218,8 +265,9 @@ def test_minilm_end_to_end_from_flags(tmp_path):
     assert cache.n_tokens == int(enc["attention_mask"].sum())
     np.testing.assert_allclose(cache.to_tensor(cache.pooled(5)).numpy(), hs[6][:, 0].numpy(), atol=2e-2, rtol=1e-2)
     real = hs[1][enc["attention_mask"].bool()]
-    np.testing.assert_allclose(cache.to_tensor(np.concatenate(cache.token_shards(0))).numpy(), real.numpy(),
-                               atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(
+        cache.to_tensor(np.concatenate(cache.token_shards(0))).numpy(), real.numpy(), atol=2e-2, rtol=1e-2
+    )
     assert cache.path.parent == tmp_path / "cache" and cache.path.name == cache_key(cache.meta["material"])
 
 
@@ -234,8 +282,14 @@ def test_float16_overflow_is_an_error(setup, tmp_path):
 
     adapter.forward = huge
     with pytest.raises(InputError, match=r"layer 2, row 0: activations overflow float16.*bfloat16"):
-        extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=4), [-1],
-                            _cfg(tmp_path), adapter=adapter, progress=False)
+        extract_activations(
+            setup["bert"],
+            load_pairs(str(setup["shapes"]), max_samples=4),
+            [-1],
+            _cfg(tmp_path),
+            adapter=adapter,
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------- layers of different widths and token counts
@@ -261,7 +315,7 @@ def test_clip_resnet_layers_keep_their_own_layout(setup, resnet, tmp_path):
     assert ref.layouts == [[0], [2], [4]] and ref.meta["token_files"] == "per_layer"
     assert [ref.n_tokens_of(l) for l in ref.layers] == [11 * 64, 11 * 4, 11]
     with pytest.raises(InputError, match="different widths"):
-        ref.d_model
+        _ = ref.d_model
     with pytest.raises(InputError, match="different token layouts"):
         ref.token_row()
     # shards close after the batch (2 rows = 128 stage-1 tokens) that brings stage 1 to 150 tokens
@@ -271,8 +325,9 @@ def test_clip_resnet_layers_keep_their_own_layout(setup, resnet, tmp_path):
     items = [pairs.read(n, "image") for n in range(11)]
     out = adapter.forward(adapter.preprocess(items), [0, 2, 4])
     for layer, T in ((0, 64), (2, 4), (4, 1)):
-        np.testing.assert_allclose(np.concatenate(ref.token_shards(layer)), out.hidden[layer].reshape(11 * T, -1),
-                                   rtol=1e-5, atol=1e-6)  # batches of 2 rows against one of 11
+        np.testing.assert_allclose(
+            np.concatenate(ref.token_shards(layer)), out.hidden[layer].reshape(11 * T, -1), rtol=1e-5, atol=1e-6
+        )  # batches of 2 rows against one of 11
         np.testing.assert_array_equal(ref.token_row(layer), np.repeat(np.arange(11), T))
         np.testing.assert_array_equal(ref.token_pos(layer), np.tile(np.arange(T), 11))
         np.testing.assert_allclose(ref.pooled(layer), out.pooled[layer].numpy(), rtol=1e-6, atol=1e-6)
@@ -300,8 +355,9 @@ def test_siglip_text_trains_on_its_pooled_position(tmp_path):
     with contextlib.redirect_stderr(io.StringIO()):
         spec = wm.ModelSpec("SiglipText", str(build_siglip(tmp_path)))
     pairs = load_pairs("shapes:9", data_root=str(tmp_path / "data"))
-    cache = extract_activations(spec, pairs, [-1], _cfg(tmp_path / "c", cache_dtype="float32"), device="cpu",
-                                progress=False)
+    cache = extract_activations(
+        spec, pairs, [-1], _cfg(tmp_path / "c", cache_dtype="float32"), device="cpu", progress=False
+    )
     assert cache.meta["token_rule"] == "final" and cache.meta["train_tokens"].startswith("real tokens + final")
     enc = spec.load("cpu").preprocess(pairs.texts())
     real = enc["attention_mask"].sum(1).numpy()
@@ -326,8 +382,14 @@ def test_nan_in_encoder_output_is_an_error(setup, tmp_path, dtype):
 
     adapter.forward = broken
     with pytest.raises(InputError, match=r"layer 2, row 1: the encoder output holds NaN or inf"):
-        extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=4), [-1],
-                            _cfg(tmp_path, cache_dtype=dtype), adapter=adapter, progress=False)
+        extract_activations(
+            setup["bert"],
+            load_pairs(str(setup["shapes"]), max_samples=4),
+            [-1],
+            _cfg(tmp_path, cache_dtype=dtype),
+            adapter=adapter,
+            progress=False,
+        )
 
 
 def test_leftovers_of_dead_processes_are_removed(setup, tmp_path):
@@ -348,18 +410,34 @@ def test_leftovers_of_dead_processes_are_removed(setup, tmp_path):
         (p / "config.json").write_text(json.dumps({"material": {"format": "actcache-v2"}}))
         (p / "progress.json").write_text(json.dumps({"shards_done": shards}))
     (root / ".Old-v1.partial").mkdir()
-    (root / ".Old-v1.partial" / "config.json").write_text(json.dumps({"material": {"format": "actcache-v1"},
-                                                                       "shards_done": 3}))
+    (root / ".Old-v1.partial" / "config.json").write_text(
+        json.dumps({"material": {"format": "actcache-v1"}, "shards_done": 3})
+    )
     (root / f".recent.json.tmp-{dead}").write_text("x")
     an_hour_ago = time.time() - 3600
     for p in root.rglob("*"):
         if "recent" not in str(p.relative_to(root)):
             os.utime(p, (an_hour_ago, an_hour_ago))
-    extract_activations(setup["bert"], load_pairs(str(setup["shapes"]), max_samples=3), [-1], _cfg(root),
-                        device="cpu", progress=False)
+    extract_activations(
+        setup["bert"], load_pairs(str(setup["shapes"]), max_samples=3), [-1], _cfg(root), device="cpu", progress=False
+    )
     left = {p.relative_to(root).as_posix() for p in root.rglob("*") if ".partial" in str(p) or "tmp-" in p.name}
-    recent = {".Bert-recent.partial", ".Bert-recent.partial/config.json", ".Bert-recent.partial/layer00",
-              ".Bert-recent.partial/progress.json", f".Bert-recent.partial/layer00/.pooled.npy.tmp-{dead}",
-              f".recent.json.tmp-{dead}"}
-    assert left == {f".meta.json.tmp-{os.getpid()}", ".Bert-started.partial", ".Bert-started.partial/config.json",
-                    ".Bert-started.partial/layer00", ".Bert-started.partial/progress.json"} | recent
+    recent = {
+        ".Bert-recent.partial",
+        ".Bert-recent.partial/config.json",
+        ".Bert-recent.partial/layer00",
+        ".Bert-recent.partial/progress.json",
+        f".Bert-recent.partial/layer00/.pooled.npy.tmp-{dead}",
+        f".recent.json.tmp-{dead}",
+    }
+    assert (
+        left
+        == {
+            f".meta.json.tmp-{os.getpid()}",
+            ".Bert-started.partial",
+            ".Bert-started.partial/config.json",
+            ".Bert-started.partial/layer00",
+            ".Bert-started.partial/progress.json",
+        }
+        | recent
+    )

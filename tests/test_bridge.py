@@ -7,17 +7,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread
 
 import analyze
-from helpers import one_thread
-from sae.analysis.bridge import (alignment_terms, analyze_codes, analyze_joint, bridge_matrix, bridge_summary,
-                        modality_buckets, modality_stats, train_joint_saes, training_rows)
-from sae.util.errors import InputError
-from sae.nn.config import SAEConfig, TrainConfig
-from sae.data.features import SparseCodes
-from sae.nn.model import SparseAutoencoder
+from sae.analysis.bridge import (
+    alignment_terms,
+    analyze_codes,
+    analyze_joint,
+    bridge_matrix,
+    bridge_summary,
+    modality_buckets,
+    modality_stats,
+    train_joint_saes,
+    training_rows,
+)
 from sae.analysis.stability import encode_codes
-
+from sae.data.features import SparseCodes
+from sae.nn.config import SAEConfig, TrainConfig
+from sae.nn.model import SparseAutoencoder
+from sae.util.errors import InputError
 
 
 def sparse_codes(rng, n, c, density=0.15):
@@ -40,8 +48,9 @@ def test_bridge_matrix_identity_and_streamed_summary_against_float64():
     mean_dot = np.mean(np.sum((zi @ D) * (zt @ D), axis=1))
     mu = rng.random(c)
     mu[5] = np.nan
-    s = bridge_summary(SparseCodes.from_dense(zi.astype(np.float32)), torch.from_numpy(zt), D, top=15,
-                       modality=mu, block=7)
+    s = bridge_summary(
+        SparseCodes.from_dense(zi.astype(np.float32)), torch.from_numpy(zt), D, top=15, modality=mu, block=7
+    )
     zi32, zt32 = zi.astype(np.float32).astype(np.float64), zt
     ref32 = np.einsum("ni,nj->ij", zi32, zt32) / n * (D @ D.T)
     assert s.total == pytest.approx(ref32.sum(), rel=1e-12)
@@ -108,7 +117,7 @@ def test_modality_score_energy_and_buckets():
     assert np.isnan(mu[5]) and st.dead.tolist() == [False] * 5 + [True]
     both = np.vstack([zi, zt])
     np.testing.assert_allclose(st.energy, both.mean(0))
-    np.testing.assert_allclose(st.energy_sq, (both ** 2).mean(0))
+    np.testing.assert_allclose(st.energy_sq, (both**2).mean(0))
     np.testing.assert_allclose(st.frequency, (both > 0).mean(0))
     # repeating the text rows changes N_txt, not mu (the E_img / (2 E_all) bug would move it)
     np.testing.assert_allclose(modality_stats(zi, np.vstack([zt, zt, zt])).modality[:5], mu[:5])
@@ -147,8 +156,14 @@ def joint(tmp_path_factory):
     img, txt, Di, Dt = planted_pairs()
     out = tmp_path_factory.mktemp("joint")
     with one_thread():
-        res = train_joint_saes(img, txt, {"": SAEConfig(d_sae=32, k=3, seed=0)},
-                               TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"), out, progress=False)
+        res = train_joint_saes(
+            img,
+            txt,
+            {"": SAEConfig(d_sae=32, k=3, seed=0)},
+            TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"),
+            out,
+            progress=False,
+        )
     return img, txt, Di, Dt, res[""], out
 
 
@@ -174,8 +189,14 @@ def test_planted_bridges_are_found_and_vanish_when_pairs_are_shuffled(joint):
     idx = tuple(np.array(sorted(planted)).T)
     assert B_null[idx].mean() < 0.4 * B_true[idx].mean()
     # analyze_codes on the same codes gives the same summary as analyze_joint
-    again = analyze_codes(encode_codes(sae, img, device="cpu"), encode_codes(sae, txt, device="cpu"), W,
-                          b=sae.b_dec.detach().double().numpy(), scale=sae.cfg.input_scale, top=8)
+    again = analyze_codes(
+        encode_codes(sae, img, device="cpu"),
+        encode_codes(sae, txt, device="cpu"),
+        W,
+        b=sae.b_dec.detach().double().numpy(),
+        scale=sae.cfg.input_scale,
+        top=8,
+    )
     assert again.bridge.total == pytest.approx(report.bridge.total, rel=1e-12)
 
 
@@ -183,10 +204,19 @@ def test_bridge_and_joint_cli(joint, tmp_path, capsys):
     img, txt, _, _, trained, out = joint
     np.save(tmp_path / "img.npy", img)
     np.save(tmp_path / "txt.npy", txt)
-    base = ["--image_embeddings", str(tmp_path / "img.npy"), "--text_embeddings", str(tmp_path / "txt.npy"),
-            "--device", "cpu", "--no-progress"]
-    assert analyze.main(["bridge", "--sae", str(out), "--top", "5", "--json", "--out", str(tmp_path / "b.npz")]
-                        + base) == 0
+    base = [
+        "--image_embeddings",
+        str(tmp_path / "img.npy"),
+        "--text_embeddings",
+        str(tmp_path / "txt.npy"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert (
+        analyze.main(["bridge", "--sae", str(out), "--top", "5", "--json", "--out", str(tmp_path / "b.npz")] + base)
+        == 0
+    )
     js = json.loads(capsys.readouterr().out)
     assert len(js["bridge"]["top_pairs"]) == 5 and {"mu_i", "mu_j", "bridge"} <= set(js["bridge"]["top_pairs"][0])
     assert set(js["modality"]["buckets"]) >= {"image", "text", "bimodal"}
@@ -197,30 +227,93 @@ def test_bridge_and_joint_cli(joint, tmp_path, capsys):
     np.save(tmp_path / "img_s.npy", img[:600])
     np.save(tmp_path / "txt_s.npy", txt[:600])
     with one_thread():
-        assert analyze.main(["joint", "--image_embeddings", str(tmp_path / "img_s.npy"), "--text_embeddings",
-                             str(tmp_path / "txt_s.npy"), "--out", str(tmp_path / "j"), "--seeds", "0", "1",
-                             "--d_sae", "32", "--k", "3", "--epochs", "1", "--batch_size", "200", "--device", "cpu",
-                             "--no-progress", "--json", "--top", "3"]) == 0
+        assert (
+            analyze.main(
+                [
+                    "joint",
+                    "--image_embeddings",
+                    str(tmp_path / "img_s.npy"),
+                    "--text_embeddings",
+                    str(tmp_path / "txt_s.npy"),
+                    "--out",
+                    str(tmp_path / "j"),
+                    "--seeds",
+                    "0",
+                    "1",
+                    "--d_sae",
+                    "32",
+                    "--k",
+                    "3",
+                    "--epochs",
+                    "1",
+                    "--batch_size",
+                    "200",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    "--json",
+                    "--top",
+                    "3",
+                ]
+            )
+            == 0
+        )
     js = json.loads(capsys.readouterr().out)
     assert set(js["saes"]) == {"seed0", "seed1"} and "seed0_vs_seed1" in js["stability"]
     assert (tmp_path / "j" / "seed1" / "joint.json").exists()
     # errors: unpaired rows, another width, missing file
     np.save(tmp_path / "short.npy", txt[:10])
     with pytest.raises(InputError, match="pair"):
-        analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "img.npy"),
-                      "--text_embeddings", str(tmp_path / "short.npy")])
+        analyze.main(
+            [
+                "bridge",
+                "--sae",
+                str(out),
+                "--image_embeddings",
+                str(tmp_path / "img.npy"),
+                "--text_embeddings",
+                str(tmp_path / "short.npy"),
+            ]
+        )
     np.save(tmp_path / "narrow.npy", img[:, :8])
     with pytest.raises(InputError, match="width"):
-        analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "narrow.npy"),
-                      "--text_embeddings", str(tmp_path / "narrow.npy")])
+        analyze.main(
+            [
+                "bridge",
+                "--sae",
+                str(out),
+                "--image_embeddings",
+                str(tmp_path / "narrow.npy"),
+                "--text_embeddings",
+                str(tmp_path / "narrow.npy"),
+            ]
+        )
     with pytest.raises(InputError, match="image embeddings file not found"):
-        analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(tmp_path / "nope.npy"),
-                      "--text_embeddings", str(tmp_path / "txt.npy")])
+        analyze.main(
+            [
+                "bridge",
+                "--sae",
+                str(out),
+                "--image_embeddings",
+                str(tmp_path / "nope.npy"),
+                "--text_embeddings",
+                str(tmp_path / "txt.npy"),
+            ]
+        )
     np.savez(tmp_path / "both.npz", img=img, txt=txt)
     for bad, why in ((tmp_path, "is a directory"), (tmp_path / "both.npz", "an .npz archive")):
         with pytest.raises(InputError, match=why):
-            analyze.main(["bridge", "--sae", str(out), "--image_embeddings", str(bad),
-                          "--text_embeddings", str(tmp_path / "txt.npy")])
+            analyze.main(
+                [
+                    "bridge",
+                    "--sae",
+                    str(out),
+                    "--image_embeddings",
+                    str(bad),
+                    "--text_embeddings",
+                    str(tmp_path / "txt.npy"),
+                ]
+            )
 
 
 def test_joint_relu_reports_the_saved_sae_with_folded_decoder_norms(joint, tmp_path, capsys):
@@ -231,11 +324,42 @@ def test_joint_relu_reports_the_saved_sae_with_folded_decoder_norms(joint, tmp_p
     img, txt = joint[0][:600], joint[1][:600]
     np.save(tmp_path / "img.npy", img)
     np.save(tmp_path / "txt.npy", txt)
-    emb = ["--image_embeddings", str(tmp_path / "img.npy"), "--text_embeddings", str(tmp_path / "txt.npy"),
-           "--device", "cpu", "--no-progress", "--json", "--top", "5"]
+    emb = [
+        "--image_embeddings",
+        str(tmp_path / "img.npy"),
+        "--text_embeddings",
+        str(tmp_path / "txt.npy"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--json",
+        "--top",
+        "5",
+    ]
     with one_thread():
-        assert analyze.main(["joint", *emb, "--out", str(tmp_path / "r"), "--sae", "relu", "--l1_coef", "1e-3",
-                             "--d_sae", "32", "--epochs", "2", "--batch_size", "100", "--lr", "3e-2"]) == 0
+        assert (
+            analyze.main(
+                [
+                    "joint",
+                    *emb,
+                    "--out",
+                    str(tmp_path / "r"),
+                    "--sae",
+                    "relu",
+                    "--l1_coef",
+                    "1e-3",
+                    "--d_sae",
+                    "32",
+                    "--epochs",
+                    "2",
+                    "--batch_size",
+                    "100",
+                    "--lr",
+                    "3e-2",
+                ]
+            )
+            == 0
+        )
     joint_js = json.loads(capsys.readouterr().out)["saes"]["sae"]
     saved = load_sae(tmp_path / "r")
     W = saved.W_dec.detach().double().numpy()

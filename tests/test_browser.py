@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import show
-from sae.viz.browser import COMPARISONS, MATCH_FORMAT, THUMB, load_comparisons, match_text, save_best_matches
-from sae.data.features import open_run
 from sae.analysis.naming import names_path, write_names
+from sae.data.features import open_run
+from sae.viz.browser import COMPARISONS, MATCH_FORMAT, THUMB, load_comparisons, match_text, save_best_matches
 from tests.test_show import D_SAE, N_DATASET, N_ROWS, TILE, WORDS, make_codes, make_dataset, write_run
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +85,6 @@ def local_links(page: Path) -> list[str]:
     return [n.attrs[a] for n in d.iter() for a in ("href", "src") if n.attrs.get(a)]
 
 
-
 def has_class(node: Node, name: str) -> bool:
     return name in (node.attrs.get("class") or "").split()
 
@@ -96,8 +95,12 @@ def has_class(node: Node, name: str) -> bool:
 
 def concept_names(j: int) -> list[list]:
     """The names planted for feature j of img (none for j % 4 == 3)."""
-    return [[f"{WORDS[j % len(WORDS)]}ish", round(0.5 - 0.01 * j, 6)], ["zebra", 0.2], [f"word{j}", 0.1],
-            ["tail", 0.05]]
+    return [
+        [f"{WORDS[j % len(WORDS)]}ish", round(0.5 - 0.01 * j, 6)],
+        ["zebra", 0.2],
+        [f"word{j}", 0.1],
+        ["tail", 0.05],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -127,30 +130,58 @@ def site(tmp_path_factory):
     res = comparative_sharedness(run("img"), [run("txt")], [run("other")], top=0.25)
     assert save_sharedness(res, run("img"))[0]
     comp = feats / "img" / COMPARISONS
-    hand = {"format": MATCH_FORMAT, "method": "wmppc", "source": "img", "source_layer": 3, "target": "other",
-            "target_layers": [7], "n_samples": N_ROWS, "feature": [1] * D_SAE, "layer": [7] * D_SAE,
-            "rho": [0.5] * D_SAE}
+    hand = {
+        "format": MATCH_FORMAT,
+        "method": "wmppc",
+        "source": "img",
+        "source_layer": 3,
+        "target": "other",
+        "target_layers": [7],
+        "n_samples": N_ROWS,
+        "feature": [1] * D_SAE,
+        "layer": [7] * D_SAE,
+        "rho": [0.5] * D_SAE,
+    }
     (comp / "L03__other__wmppc.json").write_text(json.dumps(hand))  # another source layer: skipped quietly
     (comp / "stray.json").write_text(json.dumps({"source": "someone_else", "features": []}))
     (comp / "notes.json").write_text(json.dumps({"hello": 1}))
     assert show.main(["--run", "img", "--out", str(prev / "img"), *base]) == 0
-    return {"root": root, "feats": feats, "prev": prev, "img": img, "txt": txt, "txt3": txt3, "ids": ids,
-            "res": res, "w": w}
+    return {
+        "root": root,
+        "feats": feats,
+        "prev": prev,
+        "img": img,
+        "txt": txt,
+        "txt3": txt3,
+        "ids": ids,
+        "res": res,
+        "w": w,
+    }
 
 
 def test_comparison_files_are_read(site):
     comps = load_comparisons(site["feats"] / "img", "img", 7)
     assert [(c.target, c.target_layers, c.methods, c.full) for c in comps.matches] == [
-        ("other", [7], ["comp_sharedness"], True), ("txt", [3, 7], ["wmppc"], True),
-        ("txt", [7], ["comp_sharedness"], True)]
+        ("other", [7], ["comp_sharedness"], True),
+        ("txt", [3, 7], ["wmppc"], True),
+        ("txt", [7], ["comp_sharedness"], True),
+    ]
     assert [c.key for c in comps.matches] == ["rho_other", "rho_txt_wmppc_L3-7", "rho_txt_comp_sharedness_L7"]
-    assert [c.label for c in comps.matches] == ["other · sharedness · L7", "txt · wMPPC · all layers (3, 7)",
-                                                "txt · sharedness · L7 (last)"]
+    assert [c.label for c in comps.matches] == [
+        "other · sharedness · L7",
+        "txt · wMPPC · all layers (3, 7)",
+        "txt · sharedness · L7 (last)",
+    ]
     other, txt_all, txt_last = comps.matches
     assert txt_last.origins == ["L07__txt__comp_sharedness.json", "sharedness_L07.json"]  # merged, full file first
     # the toolkit's own files are all read; only the foreign and unknown ones are reported
-    assert sorted(comps.read) == ["L07__other__comp_sharedness.json", "L07__txt__comp_sharedness.json",
-                                  "L07__txt__wmppc.json", "sharedness_L07.json", "wmppc__txt.json"]
+    assert sorted(comps.read) == [
+        "L07__other__comp_sharedness.json",
+        "L07__txt__comp_sharedness.json",
+        "L07__txt__wmppc.json",
+        "sharedness_L07.json",
+        "wmppc__txt.json",
+    ]
     assert [x.split(":")[0] for x in comps.ignored] == ["notes.json", "stray.json"]
     w, res = site["w"], site["res"]
     [score] = comps.scores
@@ -159,7 +190,9 @@ def test_comparison_files_are_read(site):
     assert sorted(txt_all.matches) == sorted(txt_last.matches) == sorted(other.matches) == live.tolist()
     for i in live:
         b, j, r = txt_all.matches[i]
-        assert (b, j) == (w.best_layer[0][i], w.best_feature[0][i]) and r == pytest.approx(w.rho_all_layers[0][i], abs=1e-6)
+        assert (b, j) == (w.best_layer[0][i], w.best_feature[0][i]) and r == pytest.approx(
+            w.rho_all_layers[0][i], abs=1e-6
+        )
         b, j, r = txt_last.matches[i]
         m = res.matches["txt"]
         assert (b, j) == (7, m.feature[i]) and r == pytest.approx(m.rho[i], abs=1e-6)
@@ -175,8 +208,17 @@ def test_same_target_and_layers_merge_across_methods(tmp_path):
     d = 6
     feature, rho = np.arange(d)[::-1], np.linspace(0.1, 0.6, d)
     for method in ("wmppc", "comp_sharedness"):
-        save_best_matches(tmp_path / "A", source="A", source_layer=2, target="B", target_layers=[4], feature=feature,
-                          layer=4, rho=rho, method=method)
+        save_best_matches(
+            tmp_path / "A",
+            source="A",
+            source_layer=2,
+            target="B",
+            target_layers=[4],
+            feature=feature,
+            layer=4,
+            rho=rho,
+            method=method,
+        )
     comps = load_comparisons(tmp_path / "A", "A", 2)
     [col] = comps.matches
     assert col.methods == ["comp_sharedness", "wmppc"] and col.label == "B · sharedness + wMPPC · L4"
@@ -191,8 +233,21 @@ def test_index_dom(site):
     assert has_class(table.parent, "tablewrap")  # scrolls within its box, captions stay reachable
     heads = table.find_all("th")
     keys = [th.attrs.get("data-key") for th in heads]
-    assert keys == ["index", None, "names", "support", "freq", "mean", "max", "mass", "delta", "rho_other",
-                    "rho_txt_wmppc_L3-7", "rho_txt_comp_sharedness_L7", "caption"]
+    assert keys == [
+        "index",
+        None,
+        "names",
+        "support",
+        "freq",
+        "mean",
+        "max",
+        "mass",
+        "delta",
+        "rho_other",
+        "rho_txt_wmppc_L3-7",
+        "rho_txt_comp_sharedness_L7",
+        "caption",
+    ]
     assert heads[10].all_text() == "best in txtwMPPC · all layers (3, 7)"
     assert heads[11].all_text() == "best in txtsharedness · L7 (last)"
     x, ids, w, res = site["img"], site["ids"], site["w"], site["res"]
@@ -216,7 +271,9 @@ def test_index_dom(site):
         assert (cells[8].attrs["data-v"] != "") == (j in selected)
         # wMPPC over txt's layers 3 and 7: the layer in the cell; a link only to a feature of the layer shown
         b, k, rho = int(w.best_layer[0][j]), int(w.best_feature[0][j]), float(w.rho_all_layers[0][j])
-        assert cells[10].all_text() == match_text(b, k, rho) and float(cells[10].attrs["data-v"]) == pytest.approx(rho, abs=1e-6)
+        assert cells[10].all_text() == match_text(b, k, rho) and float(cells[10].attrs["data-v"]) == pytest.approx(
+            rho, abs=1e-6
+        )
         links = cells[10].find_all("a")
         assert bool(links) == (b == 7 and txt_support[k] >= 10)
         # sharedness over txt's last layer
@@ -278,8 +335,11 @@ def test_feature_pages(site):
         # one row per compared run and layers, none twice
         [matches] = d.find_all("table", **{"class": "matches"})
         got = [[td.all_text() for td in tr.find_all("td")][:4] for tr in matches.find_all("tr")[1:]]
-        assert [g[:2] for g in got] == [["other", "sharedness · L7"], ["txt", "wMPPC · all layers (3, 7)"],
-                                        ["txt", "sharedness · L7 (last)"]]
+        assert [g[:2] for g in got] == [
+            ["other", "sharedness · L7"],
+            ["txt", "wMPPC · all layers (3, 7)"],
+            ["txt", "sharedness · L7 (last)"],
+        ]
         b, k, rho = int(w.best_layer[0][j]), int(w.best_feature[0][j]), float(w.rho_all_layers[0][j])
         assert got[1][2:] == [f"layer {b}, feature {k}", f"{rho:.3f}"]
     # the text run's pages link their captions file
@@ -308,13 +368,30 @@ class Chromium:
         a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (cmd_r, res_w))
         os.close(cmd_r)
         os.close(res_w)
-        args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-                f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1400,1000", "about:blank"]
+        args = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-pipe",
+            "--window-size=1400,1000",
+            "about:blank",
+        ]
         self.log = open(profile.parent / "chromium.log", "w+")  # noqa: SIM115
         trampoline = f"import os, sys; os.dup2({a}, 3); os.dup2({b}, 4); os.execv(sys.argv[1], sys.argv[1:])"
-        self.proc = subprocess.Popen([sys.executable, "-c", trampoline, *args], pass_fds=(a, b),
-                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", trampoline, *args],
+            pass_fds=(a, b),
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+        )
         os.close(a)
         os.close(b)
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
@@ -354,8 +431,10 @@ class Chromium:
         page's script has run to its end."""
         for target in ("about:blank", url):
             self.page("Page.navigate", url=target)
-        check = (f"document.URL.startsWith({json.dumps(url.split('#')[0])}) && document.body !== null"
-                 " && document.body.dataset.ready === '1'")
+        check = (
+            f"document.URL.startsWith({json.dumps(url.split('#')[0])}) && document.body !== null"
+            " && document.body.dataset.ready === '1'"
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             reply = self.page("Runtime.evaluate", expression=check, returnByValue=True)
@@ -366,17 +445,24 @@ class Chromium:
 
     def click(self, selector: str) -> None:
         """A real left click (mouse pressed and released) in the middle of the element."""
-        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-                       " e.scrollIntoView({block: 'center', inline: 'center'});"
-                       " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        x, y = self.js(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center', inline: 'center'});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         self.page("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for kind in ("mousePressed", "mouseReleased"):
             self.page("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
     def rows(self) -> list[tuple[int, bool]]:
         """(feature index, visible) of the index table's rows, in page order."""
-        return [tuple(r) for r in self.js("Array.from(document.querySelectorAll('#features tbody tr'))"
-                                          ".map(r => [Number(r.dataset.index), !r.hidden])")]
+        return [
+            tuple(r)
+            for r in self.js(
+                "Array.from(document.querySelectorAll('#features tbody tr'))"
+                ".map(r => [Number(r.dataset.index), !r.hidden])"
+            )
+        ]
 
     def close(self) -> None:
         try:
@@ -393,8 +479,10 @@ class Chromium:
         self.log.close()
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium); "
-                                                "the DOM-level tests above still ran")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="chromium is not installed (Debian: apt-get install chromium); the DOM-level tests above still ran",
+)
 def test_click_sort_header_and_filter_in_headless_chromium(site, tmp_path):
     index = site["prev"] / "img" / "index.html"
     x = site["img"]
@@ -421,8 +509,9 @@ def test_click_sort_header_and_filter_in_headless_chromium(site, tmp_path):
         browser.page("Input.insertText", text="Zebra")
         named = [j for j in want if j % 4 != 3]
         assert browser.rows() == [(j, j in named) for j in want] and 0 < len(named) < len(want)
-        assert browser.js("document.getElementById('count').textContent") == \
-            f"{len(named)} of {len(want)} features shown"
+        assert (
+            browser.js("document.getElementById('count').textContent") == f"{len(named)} of {len(want)} features shown"
+        )
         # the state lives in the address: opening it again gives the same view
         url = browser.js("location.href")
         assert url.endswith("#sort=delta:desc&filter=Zebra")
@@ -444,7 +533,7 @@ def _check_labels(fig) -> list[str]:
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
     for n, (_, a) in enumerate(boxes):
         assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
-        assert not any(a.overlaps(b) for _, b in boxes[n + 1:])
+        assert not any(a.overlaps(b) for _, b in boxes[n + 1 :])
     return [t for t, _ in boxes]
 
 
@@ -463,7 +552,9 @@ def test_plot_sharedness(site, tmp_path):
     assert ax.get_ylabel() == r"$\Delta = S\,(\rho_G^2-\rho_H^2)$" and cbar.get_ylabel() == r"$\rho_G^2-\rho_H^2$"
     assert "summed activation" in ax.get_xlabel()
     title = ax.get_title()
-    assert "Comparative sharedness of img (layer 7)" in title and "G (min) = txt" in title and "H (max) = other" in title
+    assert (
+        "Comparative sharedness of img (layer 7)" in title and "G (min) = txt" in title and "H (max) = other" in title
+    )
     live_sel = [j for j in res.selected.tolist() if res.weight[j] > 0]
     labels = _check_labels(fig)
     assert labels and set(labels) <= {str(j) for j in live_sel}
@@ -474,7 +565,9 @@ def test_plot_sharedness(site, tmp_path):
     assert texts[2].startswith("selected: top") and "dead not shown" in legend.get_title().get_text()
     sc = ax.collections[0]
     g_colour, h_colour = (np.asarray(h.get_color()) for h in legend.legend_handles[:2])
-    assert np.allclose(g_colour, sc.to_rgba(0.8 * sc.norm.vmax)) and np.allclose(h_colour, sc.to_rgba(0.8 * sc.norm.vmin))
+    assert np.allclose(g_colour, sc.to_rgba(0.8 * sc.norm.vmax)) and np.allclose(
+        h_colour, sc.to_rgba(0.8 * sc.norm.vmin)
+    )
     assert g_colour[0] > g_colour[2] and h_colour[2] > h_colour[0]
     plt.close(fig)
 
@@ -484,8 +577,18 @@ def test_plot_sharedness(site, tmp_path):
     weight = np.concatenate([np.full(20, 50.0) + rng.random(20) * 0.01, rng.random(d - 20) * 40 + 1])
     rho_g, rho_h = np.concatenate([0.9 + rng.random(20) * 1e-3, rng.random(d - 20) * 0.5]), rng.random(d) * 0.2
     delta = weight * (rho_g**2 - rho_h**2)
-    crowded = SimpleNamespace(source="a", layer=1, min_group=["g"], max_group=["h"], weight=weight, delta=delta,
-                              rho_min_group=rho_g, rho_max_group=rho_h, selected=np.argsort(-delta)[:20], top=0.33)
+    crowded = SimpleNamespace(
+        source="a",
+        layer=1,
+        min_group=["g"],
+        max_group=["h"],
+        weight=weight,
+        delta=delta,
+        rho_min_group=rho_g,
+        rho_max_group=rho_h,
+        selected=np.argsort(-delta)[:20],
+        top=0.33,
+    )
     fig = sharedness_figure(crowded, label_top=20)
     assert 1 <= len(_check_labels(fig)) < 20
     plt.close(fig)

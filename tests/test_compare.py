@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae.util.errors import InputError
 from sae.analysis.compare import LayerLoader, comparative_sharedness, wmppc
 from sae.analysis.correlation import DEAD_RANGE, Budget, NumpyEngine, TorchEngine, column_stats
 from sae.data.features import SparseCodes, open_run, write_layer, write_run_info
+from sae.util.errors import InputError
 
 # ------------------------------------------------------------------------------------------------
 # helpers: data, runs on disk, float64 references
@@ -29,8 +29,15 @@ def write_run(root: Path, name: str, layers: dict[int, np.ndarray], row_ids=None
     n = next(iter(layers.values())).shape[0]
     for layer, x in layers.items():
         write_layer(root / name, layer, SparseCodes.from_dense(x))
-    write_run_info(root / name, {"name": name, "n_rows": n, "layers": sorted(layers),
-                                 "row_ids": list(range(n)) if row_ids is None else list(row_ids)})
+    write_run_info(
+        root / name,
+        {
+            "name": name,
+            "n_rows": n,
+            "layers": sorted(layers),
+            "row_ids": list(range(n)) if row_ids is None else list(row_ids),
+        },
+    )
     return root / name
 
 
@@ -76,8 +83,13 @@ def ref_wmppc(a_layers: list[np.ndarray], b_layers: list[np.ndarray]) -> dict:
         per_layer.append((s * best).sum() / s.sum())
         per_layer_mppc.append(best.mean())
     d = np.array([x.shape[1] for x in a_layers])
-    return {"matrix": matrix, "mppc_matrix": mppc, "all": (d * per_layer).sum() / d.sum(),
-            "mppc_all": (d * per_layer_mppc).sum() / d.sum(), "last": matrix[-1, -1]}
+    return {
+        "matrix": matrix,
+        "mppc_matrix": mppc,
+        "all": (d * per_layer).sum() / d.sum(),
+        "mppc_all": (d * per_layer_mppc).sum() / d.sum(),
+        "last": matrix[-1, -1],
+    }
 
 
 def original_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -99,8 +111,9 @@ ENGINES = {
     "numpy-dense-f32": lambda: NumpyEngine("dense", SMALL_DENSE),
     "numpy-dense-f32-1chunk": lambda: NumpyEngine("dense"),
     "torch-sparse": lambda: TorchEngine("cpu", "sparse", Budget(block_entries=64, pair_chunk=37)),
-    "torch-dense": lambda: TorchEngine("cpu", "dense", Budget(dense_acc_entries=600, dense_row_entries=500,
-                                                              dense_min=1)),
+    "torch-dense": lambda: TorchEngine(
+        "cpu", "dense", Budget(dense_acc_entries=600, dense_row_entries=500, dense_min=1)
+    ),
 }
 # float64 dense products; the default float32 ones find the argmax, then its correlation is redone in
 # float64, so both are exact to 1e-12 (up to near-ties, which random data does not have)
@@ -165,8 +178,9 @@ def test_nearly_constant_features_are_exact(engine):
     assert np.all(np.abs(eng.best_match(dense, dense).rho - 1.0) <= tol)
 
 
-@pytest.mark.parametrize("engine", ["numpy-sparse", "numpy-sparse-ragged", "numpy-dense", "numpy-dense-f32",
-                                    "torch-sparse", "torch-dense"])
+@pytest.mark.parametrize(
+    "engine", ["numpy-sparse", "numpy-sparse-ragged", "numpy-dense", "numpy-dense-f32", "torch-sparse", "torch-dense"]
+)
 def test_feature_that_cooccurs_with_nothing_has_its_negative_max(engine):
     n = 30
     x = np.zeros((n, 3), dtype=np.float32)
@@ -251,8 +265,19 @@ def test_wmppc_matches_reference_and_orders_layers_by_index(tmp_path):
         assert res.last_layer == pytest.approx(ref["last"], abs=TOL)  # layer 100 vs 100, not "layer20"
         assert res.dead_source_features == [0, 2, 0]
     j = res.to_json()
-    for key in ("source", "target", "all_layers", "last_layer", "source_layers", "target_layers", "matrix",
-                "mppc_all_layers", "mppc_last_layer", "n_samples", "dead_source_features"):
+    for key in (
+        "source",
+        "target",
+        "all_layers",
+        "last_layer",
+        "source_layers",
+        "target_layers",
+        "matrix",
+        "mppc_all_layers",
+        "mppc_last_layer",
+        "n_samples",
+        "dead_source_features",
+    ):
         assert key in j
     assert j["n_samples"] == n and np.shape(j["matrix"]) == (3, 2)
 
@@ -265,8 +290,9 @@ def test_wmppc_reads_each_layer_once_and_engines_agree(tmp_path):
     makers = (exact_engine, ENGINES["numpy-sparse"], ENGINES["torch-sparse"], ENGINES["numpy-dense"], NumpyEngine)
     for make in makers:
         loader = LayerLoader(make())
-        results.append(wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "A"), engine=loader.engine,
-                             loader=loader, null=2))
+        results.append(
+            wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "A"), engine=loader.engine, loader=loader, null=2)
+        )
         assert sorted(loader.reads) == sorted(set(loader.reads)) and len(loader.reads) == 3
     assert results[0].all_layers == 1.0  # every feature finds itself, and rho is clipped to 1
     for r in results[1:]:
@@ -344,8 +370,7 @@ def test_original_format_reads_like_the_toolkit_format(tmp_path):
     ref = ref_wmppc([layers[0], layers[5], layers[-1]], [other[0], other[5], other[-1]])
     write_run(tmp_path / "csr", "A", layers)
     write_run(tmp_path / "csr", "B", other)
-    null = wmppc(open_run(tmp_path / "csr", "A"), open_run(tmp_path / "csr", "B"), engine=exact_engine(),
-                 null=2).null
+    null = wmppc(open_run(tmp_path / "csr", "A"), open_run(tmp_path / "csr", "B"), engine=exact_engine(), null=2).null
     for eng in (exact_engine(), NumpyEngine(), NumpyEngine("sparse"), ENGINES["torch-dense"]()):
         res = wmppc(open_run(tmp_path / "orig", "A"), open_run(tmp_path / "orig", "B"), engine=eng, null=2)
         assert res.source_layers == [0, 5, -1]  # -1 is the deepest
@@ -367,8 +392,12 @@ def sharedness_runs(tmp_path, rng, n=1200, d=60):
     """M's features by design: 0-5 shared with G1 and G2 but not H1/H2; 6-20 shared with everyone;
     21-30 with G1 only; 31-40 with H1 only; the rest with no one."""
     m = sparse_matrix(rng, n, d, density=0.1)
-    plan = {"G1": list(range(0, 31)), "G2": list(range(0, 21)),
-            "H1": list(range(6, 21)) + list(range(31, 41)), "H2": list(range(6, 21))}
+    plan = {
+        "G1": list(range(0, 31)),
+        "G2": list(range(0, 21)),
+        "H1": list(range(6, 21)) + list(range(31, 41)),
+        "H2": list(range(6, 21)),
+    }
     write_run(tmp_path, "M", {11: m})
     for name, feats in plan.items():
         x = sparse_matrix(rng, n, d, density=0.1)
@@ -384,8 +413,9 @@ def test_sharedness_selects_features_shared_with_all_of_g_and_none_of_h(tmp_path
     m = sharedness_runs(tmp_path, rng)
     run = lambda name: open_run(tmp_path, name)  # noqa: E731
     loader = LayerLoader(exact_engine())
-    res = comparative_sharedness(run("M"), [run("G1"), run("G2")], [run("H1"), run("H2")],
-                                 top=0.1, engine=loader.engine, loader=loader)
+    res = comparative_sharedness(
+        run("M"), [run("G1"), run("G2")], [run("H1"), run("H2")], top=0.1, engine=loader.engine, loader=loader
+    )
     assert sorted(res.selected.tolist()) == [0, 1, 2, 3, 4, 5]
     assert np.all(np.diff(res.delta[res.selected]) <= 0)
     assert len(loader.reads) == 5 and res.layer == 11

@@ -39,7 +39,8 @@ def test_wmppc_text_json_plot_null(runs, capsys):
         out = capsys.readouterr().out
         # a grep for "All Layers :" finds the original's line and nothing else (MPPC, null baseline)
         assert [l for l in out.splitlines() if "All Layers :" in l] == [
-            f"All Layers : {ref['all']:.6f} | Last layer : {ref['last']:.6f}"]
+            f"All Layers : {ref['all']:.6f} | Last layer : {ref['last']:.6f}"
+        ]
         assert f"MPPC (unweighted): all layers {ref['mppc_all']:.6f} | last layer" in out
         assert "src\\tgt" in out
     assert "Null wMPPC (2 row permutations of the target): all layers" in out
@@ -62,16 +63,46 @@ def test_wmppc_reads_the_original_format(tmp_path, capsys):
     rng = np.random.default_rng(1)
     layers = {l: sparse_matrix(rng, 80, 10).astype(np.float16).astype(np.float32) for l in (0, 1, -1)}
     write_original(tmp_path, "orig", layers)
-    assert wmppc.main(["--source", "orig", "--target", "orig", "--features_dir", str(tmp_path), "--json",
-                       "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        wmppc.main(
+            [
+                "--source",
+                "orig",
+                "--target",
+                "orig",
+                "--features_dir",
+                str(tmp_path),
+                "--json",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     j = json.loads(capsys.readouterr().out)
     assert j["source_layers"] == [0, 1, -1] and j["last_layer"] == pytest.approx(1.0)
 
 
 def test_sharedness_table_json_csv(tmp_path, capsys):
     sharedness_runs(tmp_path, np.random.default_rng(2), n=800)
-    base = ["--source", "M", "--min_group", "G1", "G2", "--max_group", "H1", "H2", "--features_dir",
-            str(tmp_path), "--top", "0.1", "--no-progress", "--device", "cpu"]
+    base = [
+        "--source",
+        "M",
+        "--min_group",
+        "G1",
+        "G2",
+        "--max_group",
+        "H1",
+        "H2",
+        "--features_dir",
+        str(tmp_path),
+        "--top",
+        "0.1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert comp_sharedness.main([*base, "--csv", str(tmp_path / "top.csv")]) == 0
     out = capsys.readouterr().out
     assert "rho_G" in out and "best:G1" in out and len(out.strip().splitlines()) == 4 + 6
@@ -94,38 +125,80 @@ def test_cli_errors(runs):
     with pytest.raises(InputError, match=r"^runs 'orig_short' \(N=90, layer -1\) and 'A' \(N=120, layer 0\)"):
         wmppc.main(["--source", "A", "--target", "orig_short", "--features_dir", root, "--device", "cpu"])
     with pytest.raises(InputError, match=r"'A' \(N=120\) and 'short' \(N=100\)"):
-        comp_sharedness.main(["--source", "A", "--min_group", "B", "--max_group", "short", "--features_dir", root,
-                              "--device", "cpu"])
+        comp_sharedness.main(
+            ["--source", "A", "--min_group", "B", "--max_group", "short", "--features_dir", root, "--device", "cpu"]
+        )
     with pytest.raises(InputError, match="available: A, B"):
         wmppc.main(["--source", "A", "--target", "C", "--features_dir", root, "--device", "cpu"])
     with pytest.raises(InputError, match="--source and --target"):
         wmppc.main(["--source", "A", "--features_dir", root])
     with pytest.raises(InputError, match="min group is empty"):
-        comp_sharedness.main(["--source", "A", "--min_group", "--max_group", "B", "--features_dir", root,
-                              "--device", "cpu"])
+        comp_sharedness.main(
+            ["--source", "A", "--min_group", "--max_group", "B", "--features_dir", root, "--device", "cpu"]
+        )
     with pytest.raises(InputError, match="max group is empty"):
         comp_sharedness.main(["--source", "A", "--min_group", "B", "--features_dir", root, "--device", "cpu"])
 
 
 def test_scripts_as_subprocesses(runs):
     root = str(runs[0])
-    done = subprocess.run([sys.executable, "wmppc.py", "--source", "A", "--target", "B", "--features_dir", root,
-                           "--json", "--no-progress", "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "wmppc.py",
+            "--source",
+            "A",
+            "--target",
+            "B",
+            "--features_dir",
+            root,
+            "--json",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["target_layers"] == [1, 2]
-    done = subprocess.run([sys.executable, "comp_sharedness.py", "--source", "A", "--min_group", "B",
-                           "--max_group", "nope", "--features_dir", root, "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "comp_sharedness.py",
+            "--source",
+            "A",
+            "--min_group",
+            "B",
+            "--max_group",
+            "nope",
+            "--features_dir",
+            root,
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: no run 'nope' in {root} (available: A, B)"]
     write_run(runs[0], "short", {0: sparse_matrix(np.random.default_rng(4), 100, 8)})
-    done = subprocess.run([sys.executable, "wmppc.py", "--source", "A", "--target", "short", "--features_dir", root,
-                           "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "wmppc.py", "--source", "A", "--target", "short", "--features_dir", root, "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "error: runs 'A' (N=120) and 'short' (N=100) have different numbers of rows; "
-        "compare runs recorded on the same data"]
+        "compare runs recorded on the same data"
+    ]
 
 
 def test_wmppc_on_a_cpu_machine_never_imports_torch(runs):
@@ -134,11 +207,29 @@ def test_wmppc_on_a_cpu_machine_never_imports_torch(runs):
 
     if any(Path(f).exists() for f in GPU_DEVICE_FILES):
         pytest.skip("this machine has a GPU device file: auto may use CUDA through torch")
-    code = ("import sys, wmppc; wmppc.main(sys.argv[1:]); "
-            "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code, "--source", "A", "--target", "B", "--features_dir",
-                           str(runs[0]), "--json", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, wmppc; wmppc.main(sys.argv[1:]); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--source",
+            "A",
+            "--target",
+            "B",
+            "--features_dir",
+            str(runs[0]),
+            "--json",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["target_layers"] == [1, 2]
     assert done.stderr.strip().splitlines()[-1] == "no torch"

@@ -9,8 +9,8 @@ import pytest
 
 import comp_sharedness
 import wmppc
-from sae.viz.browser import load_comparisons
 from sae.data.features import open_run
+from sae.viz.browser import load_comparisons
 from tests.test_compare import ref_corr, sharedness_runs, sparse_matrix, write_original, write_run
 
 CPU = ["--no-progress", "--device", "cpu"]
@@ -74,9 +74,29 @@ def test_wmppc_says_why_original_runs_are_not_saved(tmp_path, capsys):
 
 def test_sharedness_saves_best_matches_and_plots(tmp_path, capsys):
     m = sharedness_runs(tmp_path, np.random.default_rng(2), n=400, d=50)
-    assert comp_sharedness.main(["--source", "M", "--min_group", "G1", "G2", "--max_group", "H1", "H2",
-                                 "--features_dir", str(tmp_path), "--top", "0.1", "--json",
-                                 "--plot", str(tmp_path / "delta.png"), *CPU]) == 0
+    assert (
+        comp_sharedness.main(
+            [
+                "--source",
+                "M",
+                "--min_group",
+                "G1",
+                "G2",
+                "--max_group",
+                "H1",
+                "H2",
+                "--features_dir",
+                str(tmp_path),
+                "--top",
+                "0.1",
+                "--json",
+                "--plot",
+                str(tmp_path / "delta.png"),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "comparison results saved in" in err
     assert (tmp_path / "delta.png").stat().st_size > 1000

@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sae.data.datasets import (
+    COCO,
+    COLOURS,
+    BadRow,
+    DataConfig,
+    load_pairs,
+    make_shapes_dataset,
+    pairs_from_config,
+    read_row_ids,
+    shapes_dataset,
+)
 from sae.util.cli import add_dataclass_args, dataclass_from_args
-
 from sae.util.errors import InputError
-from sae.data.datasets import (COCO, COLOURS, BadRow, DataConfig, load_pairs, make_shapes_dataset, pairs_from_config,
-                      read_row_ids, shapes_dataset)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +13,30 @@ import torch
 
 import analyze
 import wrappedmodels as wm
-from sae.nn.checkpoint import load_sae
-from sae.util.errors import InputError
-from sae.data.datasets import load_pairs, make_shapes_dataset
 from sae.analysis.embed import open_embeddings
 from sae.analysis.naming import feature_directions, name_features
+from sae.data.datasets import load_pairs, make_shapes_dataset
 from sae.encoders.tiny import build_open_clip, build_siglip
+from sae.nn.checkpoint import load_sae
+from sae.util.errors import InputError
 
 N = 24
-WORDS = ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "small", "large",
-         "top left", "bottom right", "center"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "circle",
+    "square",
+    "triangle",
+    "small",
+    "large",
+    "top left",
+    "bottom right",
+    "center",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +49,23 @@ def setup(tmp_path_factory):
 
 
 def embed_args(setup, out, *extra):
-    return ["embed", "--vlm", "clip", "--clip_model_name", str(setup["clip"]), "--dataset", str(setup["data"]),
-            "--out", str(out), "--device", "cpu", "--no-progress", "--batch_size", "7", *extra]
+    return [
+        "embed",
+        "--vlm",
+        "clip",
+        "--clip_model_name",
+        str(setup["clip"]),
+        "--dataset",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--batch_size",
+        "7",
+        *extra,
+    ]
 
 
 def open_clip_reference(setup):
@@ -52,8 +80,11 @@ def open_clip_reference(setup):
     pairs = load_pairs(str(setup["data"]))
     images = torch.stack([preprocess(pairs.image(n)) for n in range(len(pairs))])
     with torch.no_grad():
-        return (model.encode_image(images).numpy(), model.encode_text(tokenizer(pairs.texts())).numpy(),
-                model.encode_text(tokenizer(WORDS)).numpy())
+        return (
+            model.encode_image(images).numpy(),
+            model.encode_text(tokenizer(pairs.texts())).numpy(),
+            model.encode_text(tokenizer(WORDS)).numpy(),
+        )
 
 
 def test_embed_then_joint_then_bridge_identity(setup, tmp_path, capsys):
@@ -78,8 +109,29 @@ def test_embed_then_joint_then_bridge_identity(setup, tmp_path, capsys):
 
     # joint on the folder, then bridge on it: the bias-free identity sum(B) = mean <z_img D, z_txt D>
     common = ["--embeddings", str(E), "--no-progress", "--json", "--top", "3"]
-    assert analyze.main(["joint", *common, "--out", str(tmp_path / "J"), "--d_sae", "32", "--k", "2",
-                         "--epochs", "2", "--batch_size", "16", "--lr", "1e-2", "--device", "cpu"]) == 0
+    assert (
+        analyze.main(
+            [
+                "joint",
+                *common,
+                "--out",
+                str(tmp_path / "J"),
+                "--d_sae",
+                "32",
+                "--k",
+                "2",
+                "--epochs",
+                "2",
+                "--batch_size",
+                "16",
+                "--lr",
+                "1e-2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert json.loads((tmp_path / "J" / "joint.json").read_text())["source"]["embeddings"] == str(E)
     assert analyze.main(["bridge", "--sae", str(tmp_path / "J"), *common, "--device", "cpu"]) == 0
@@ -95,8 +147,9 @@ def test_embed_then_joint_then_bridge_identity(setup, tmp_path, capsys):
     assert js["bridge"]["sum_B"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     # errors: both sources, a folder that is not an embeddings folder
     with pytest.raises(InputError, match="not both"):
-        analyze.main(["bridge", "--sae", str(tmp_path / "J"), "--embeddings", str(E), "--image_embeddings",
-                      str(E / "image.npy")])
+        analyze.main(
+            ["bridge", "--sae", str(tmp_path / "J"), "--embeddings", str(E), "--image_embeddings", str(E / "image.npy")]
+        )
     with pytest.raises(InputError, match="not an embeddings folder"):
         analyze.main(["bridge", "--sae", str(tmp_path / "J"), "--embeddings", str(tmp_path)])
     with pytest.raises(InputError, match="--embeddings"):
@@ -111,9 +164,25 @@ def test_names_with_a_vocabulary_embedded_by_the_text_tower(setup, tmp_path, cap
     sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=24, k=2, seed=0))
     save_sae(sae, tmp_path / "S")
     (tmp_path / "words.txt").write_text("\n".join(WORDS) + "\n")
-    args = ["names", "--sae", str(tmp_path / "S"), "--vlm", "clip", "--clip_model_name", str(setup["clip"]),
-            "--vocab", str(tmp_path / "words.txt"), "--vocab_cache", str(tmp_path / "cache"), "--top", "3",
-            "--device", "cpu", "--no-progress", "--json"]
+    args = [
+        "names",
+        "--sae",
+        str(tmp_path / "S"),
+        "--vlm",
+        "clip",
+        "--clip_model_name",
+        str(setup["clip"]),
+        "--vocab",
+        str(tmp_path / "words.txt"),
+        "--vocab_cache",
+        str(tmp_path / "cache"),
+        "--top",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--json",
+    ]
     assert analyze.main(args) == 0
     js = json.loads(capsys.readouterr().out)
     assert js["cached"] is False and js["n_words"] == len(WORDS)
@@ -121,8 +190,7 @@ def test_names_with_a_vocabulary_embedded_by_the_text_tower(setup, tmp_path, cap
     _, _, ref_words = open_clip_reference(setup)
     np.testing.assert_allclose(cached, ref_words, rtol=1e-4, atol=1e-5)
     ref = name_features(feature_directions(load_sae(tmp_path / "S")), ref_words, WORDS, 3, device="cpu")
-    assert [[w for w, _ in v] for v in js["names"].values()] == \
-        [[w for w, _ in ref.names(f)] for f in range(24)]
+    assert [[w for w, _ in v] for v in js["names"].values()] == [[w for w, _ in ref.names(f)] for f in range(24)]
     # a second call reads the cache: the model is not loaded
     monkeypatch.setattr(wm.ModelSpec, "load", lambda *a, **k: pytest.fail("the model was loaded again"))
     assert analyze.main(args) == 0
@@ -141,9 +209,29 @@ def test_embed_siglip(setup, tmp_path, capsys):
 
     with contextlib.redirect_stderr(io.StringIO()):
         d = build_siglip(tmp_path)
-    assert analyze.main(["embed", "--vlm", "siglip2", "--siglip2_model_name", str(d), "--dataset",
-                         str(setup["data"]), "--max_samples", "9", "--out", str(tmp_path / "E"), "--device", "cpu",
-                         "--no-progress", "--batch_size", "4"]) == 0
+    assert (
+        analyze.main(
+            [
+                "embed",
+                "--vlm",
+                "siglip2",
+                "--siglip2_model_name",
+                str(d),
+                "--dataset",
+                str(setup["data"]),
+                "--max_samples",
+                "9",
+                "--out",
+                str(tmp_path / "E"),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "9 pairs x 32 dimensions" in capsys.readouterr().out
     emb = open_embeddings(tmp_path / "E")
     model = SiglipModel.from_pretrained(d).eval()

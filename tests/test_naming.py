@@ -7,20 +7,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread
 
 import analyze
-from helpers import one_thread
-from sae.nn.checkpoint import save_sae
-from sae.util.errors import InputError
-from sae.nn.config import SAEConfig, TrainConfig
+from sae.analysis.naming import (
+    DEFAULT_VOCAB,
+    embed_vocab,
+    feature_directions,
+    load_names,
+    load_vocab,
+    name_features,
+    names_path,
+)
 from sae.data.features import SparseCodes, write_layer, write_run_info
+from sae.nn.checkpoint import save_sae
+from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.model import SparseAutoencoder
-from sae.analysis.naming import (DEFAULT_VOCAB, embed_vocab, feature_directions, load_names, load_vocab, name_features,
-                        names_path)
 from sae.nn.sources import ActivationSource
 from sae.nn.synthetic import planted_activations
 from sae.nn.trainer import SAESpec, train_saes
-
+from sae.util.errors import InputError
 
 
 def test_load_vocab_and_the_default_list(tmp_path):
@@ -79,8 +85,13 @@ def planted_sae(tmp_path_factory):
     data = planted_activations(n=3000, d=16, n_concepts=24, active_per_row=2, seed=1)
     out = tmp_path_factory.mktemp("naming")
     with one_thread():
-        res = train_saes(ActivationSource({"x": [data.x]}), [SAESpec("sae", "x", SAEConfig(d_sae=32, k=2))],
-                         TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"), out, progress=False)
+        res = train_saes(
+            ActivationSource({"x": [data.x]}),
+            [SAESpec("sae", "x", SAEConfig(d_sae=32, k=2))],
+            TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"),
+            out,
+            progress=False,
+        )
     rng = np.random.default_rng(2)
     concept_words = [f"concept{c}" for c in range(24)]
     distractors = [f"distractor{i}" for i in range(300)]
@@ -112,9 +123,24 @@ def test_names_cli_writes_the_file_show_reads(planted_sae, tmp_path, capsys):
     run = tmp_path / "features" / "myrun"
     write_layer(run, 4, SparseCodes.from_dense(np.zeros((5, 32), np.float32)))
     write_run_info(run, {"name": "myrun", "n_rows": 5, "layers": [4]})
-    args = ["names", "--sae", str(trained.path), "--vocab", str(tmp_path / "words.txt"), "--vocab_embeddings",
-            str(tmp_path / "vocab.npy"), "--features_dir", str(tmp_path / "features"), "--run", "myrun",
-            "--top", "2", "--device", "cpu", "--no-progress"]
+    args = [
+        "names",
+        "--sae",
+        str(trained.path),
+        "--vocab",
+        str(tmp_path / "words.txt"),
+        "--vocab_embeddings",
+        str(tmp_path / "vocab.npy"),
+        "--features_dir",
+        str(tmp_path / "features"),
+        "--run",
+        "myrun",
+        "--top",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert analyze.main(args + ["--json"]) == 0
     js = json.loads(capsys.readouterr().out)
     path = names_path(tmp_path / "features", "myrun", 4)

@@ -13,9 +13,9 @@ import scipy.sparse
 from scipy.optimize import linear_sum_assignment
 
 import analyze
-from sae.util.errors import InputError
+from sae.analysis.overlap import best_matches, max_weight_matching, overlap_analysis, overlap_matrix, topk_rows
 from sae.data.features import SparseCodes, write_layer, write_run_info
-from sae.analysis.overlap import (best_matches, max_weight_matching, overlap_analysis, overlap_matrix, topk_rows)
+from sae.util.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,8 +63,9 @@ def test_overlap_matrix_equals_set_intersections_in_float64(denominator):
             if ta[f] and tb[g]:
                 d = k if denominator == "k" else min(len(ta[f]), len(tb[g]))
                 ref[f, g] = len(set(ta[f]) & set(tb[g])) / d
-    O = overlap_matrix(topk_rows(SparseCodes.from_dense(a), k), topk_rows(SparseCodes.from_dense(b), k),
-                       denominator=denominator)
+    O = overlap_matrix(
+        topk_rows(SparseCodes.from_dense(a), k), topk_rows(SparseCodes.from_dense(b), k), denominator=denominator
+    )
     np.testing.assert_allclose(O.toarray(), ref, rtol=0, atol=1e-15)
     assert O[0, 0] == 1.0
     assert O[2, 1] == (3 / 5 if denominator == "k" else 1.0)
@@ -89,16 +90,26 @@ def test_sparse_max_weight_matching_equals_dense_hungarian():
             assert O[rows, cols].sum() == pytest.approx(O[r, c].sum(), abs=1e-12)
 
 
-HANG_CASE = [[0, 0, 0, 0, 0, 4, 0, 0], [0, 0, 3, 7, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 9, 0, 0, 0, 2],
-             [9, 1, 0, 0, 0, 8, 5, 0], [4, 0, 0, 0, 0, 3, 0, 8], [0, 0, 3, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 5, 0, 0]]
+HANG_CASE = [
+    [0, 0, 0, 0, 0, 4, 0, 0],
+    [0, 0, 3, 7, 0, 0, 0, 0],
+    [6, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 9, 0, 0, 0, 2],
+    [9, 1, 0, 0, 0, 8, 5, 0],
+    [4, 0, 0, 0, 0, 3, 0, 8],
+    [0, 0, 3, 0, 0, 0, 0, 0],
+    [1, 0, 0, 0, 0, 5, 0, 0],
+]
 
 
 def test_max_weight_matching_terminates_on_the_case_that_hung_lapjvsp():
     """Regression: scipy's min_weight_full_bipartite_matching with -O and 1e-9 dummy edges never
     returned on this matrix. Run in a subprocess so that a hang fails the test instead of blocking."""
-    code = ("import numpy as np, scipy.sparse, json; from sae.analysis.overlap import max_weight_matching; "
-            f"r, c = max_weight_matching(scipy.sparse.csr_matrix(np.array({HANG_CASE}) / 9)); "
-            "print(json.dumps([r.tolist(), c.tolist()]))")
+    code = (
+        "import numpy as np, scipy.sparse, json; from sae.analysis.overlap import max_weight_matching; "
+        f"r, c = max_weight_matching(scipy.sparse.csr_matrix(np.array({HANG_CASE}) / 9)); "
+        "print(json.dumps([r.tolist(), c.tolist()]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows, cols = json.loads(proc.stdout)
@@ -150,8 +161,9 @@ def test_planted_shared_features_are_paired_with_overlap_one_and_the_null_is_nea
     assert [(p["a"], p["b"]) for p in js["pairings"]["hungarian"]["top"][:15]] == sorted(truth)
     # independent runs match the null
     rng = np.random.default_rng(9)
-    ind = overlap_analysis(SparseCodes.from_dense(a), SparseCodes.from_dense(random_codes(rng, 2000, 30, 0.03)),
-                           k=9, null=3)
+    ind = overlap_analysis(
+        SparseCodes.from_dense(a), SparseCodes.from_dense(random_codes(rng, 2000, 30, 0.03)), k=9, null=3
+    )
     assert abs(ind.mean_best_a - ind.null_a.mean()) < 0.05
 
 
@@ -180,8 +192,7 @@ def write_run(root, name, layers, row_ids=None):
     for layer, dense in layers.items():
         write_layer(run, layer, SparseCodes.from_dense(dense))
     n = next(iter(layers.values())).shape[0]
-    write_run_info(run, {"name": name, "n_rows": n, "row_ids": row_ids or list(range(n)),
-                         "layers": list(layers)})
+    write_run_info(run, {"name": name, "n_rows": n, "row_ids": row_ids or list(range(n)), "layers": list(layers)})
 
 
 def test_overlap_cli_json_text_npz_and_errors(tmp_path, capsys):
@@ -199,8 +210,10 @@ def test_overlap_cli_json_text_npz_and_errors(tmp_path, capsys):
     assert analyze.main(base + ["--layer_a", "3", "--pairing", "mutual"]) == 0
     out = capsys.readouterr().out
     assert "mean best overlap" in out and "top mutual pairs" in out and "hungarian" not in out
-    assert analyze.main(base + ["--json", "--pairing", "hungarian", "argmax", "--denominator", "min",
-                                "--min_rows", "1"]) == 0
+    assert (
+        analyze.main(base + ["--json", "--pairing", "hungarian", "argmax", "--denominator", "min", "--min_rows", "1"])
+        == 0
+    )
     js = json.loads(capsys.readouterr().out)
     assert list(js["pairings"]) == ["argmax", "hungarian"] and js["denominator"] == "min" and js["min_rows"] == 1
     write_run(tmp_path, "C", {7: b[:500]})
@@ -221,10 +234,30 @@ def test_overlap_text_report_when_no_feature_is_live(tmp_path, capsys):
     dense[0] = 1.0
     write_run(tmp_path, "A", {0: dense})
     write_run(tmp_path, "B", {0: dense})
-    assert analyze.main(["overlap", "--run_a", "A", "--run_b", "B", "--features_dir", str(tmp_path),
-                         "--no-progress", "--null", "0"]) == 0
+    assert (
+        analyze.main(
+            ["overlap", "--run_a", "A", "--run_b", "B", "--features_dir", str(tmp_path), "--no-progress", "--null", "0"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "live features (>= 9 rows) A 0/5, B 0/5" in out and "mean best overlap A->B nan, B->A nan" in out
-    assert analyze.main(["overlap", "--run_a", "A", "--run_b", "B", "--features_dir", str(tmp_path),
-                         "--no-progress", "--null", "0", "--json"]) == 0
+    assert (
+        analyze.main(
+            [
+                "overlap",
+                "--run_a",
+                "A",
+                "--run_b",
+                "B",
+                "--features_dir",
+                str(tmp_path),
+                "--no-progress",
+                "--null",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["mean_best_overlap_a_to_b"] is None  # strict JSON: NaN -> null

@@ -24,12 +24,12 @@ import train_text
 import wrappedmodels as wm
 from sae import pipeline
 from sae.data.cache import open_cache
-from sae.util.errors import InputError
 from sae.data.datasets import load_pairs
 from sae.data.features import open_run
-from sae.util.provenance import REPO_ROOT
 from sae.encoders.tiny import build_open_clip, build_open_clip_resnet, minilm_dir
 from sae.nn.trainer import TrainingInterrupted
+from sae.util.errors import InputError
+from sae.util.provenance import REPO_ROOT
 
 N = 40
 VERSIONS = ("torch", "transformers", "open_clip_torch", "datasets", "tokenizers", "pillow", "numpy", "python")
@@ -46,9 +46,32 @@ def root(tmp_path_factory) -> Path:
 
 def common(root: Path, features: Path, *extra: str) -> list[str]:
     """Flags of every run here; `extra` flags come last and win over these (argparse keeps the last)."""
-    return ["--dataset", f"shapes:{N}", "--data_root", str(root / "data"), "--cache_dir", str(root / "cache"),
-            "--features_dir", str(features), "--device", "cpu", "--quiet", "--k", "4", "--expansion_factor", "2",
-            "--epochs", "2", "--batch_size", "128", "--lr", "1e-2", "--k_aux", "8", *extra]
+    return [
+        "--dataset",
+        f"shapes:{N}",
+        "--data_root",
+        str(root / "data"),
+        "--cache_dir",
+        str(root / "cache"),
+        "--features_dir",
+        str(features),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--k",
+        "4",
+        "--expansion_factor",
+        "2",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "128",
+        "--lr",
+        "1e-2",
+        "--k_aux",
+        "8",
+        *extra,
+    ]
 
 
 def reference_codes(sae_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -93,8 +116,23 @@ def check_run(features: Path, name: str, model: str, layers: list[int]) -> dict:
 def test_train_image_and_text_clip(root, tmp_path):
     features = tmp_path / "features"
     clip = str(root / "tiny-open-clip")
-    assert train_image.main(["--model", "ClipVision", "--clip_model_name", clip, "--layers", "0", "-1",
-                             "--runname", "img", *common(root, features)]) == 0
+    assert (
+        train_image.main(
+            [
+                "--model",
+                "ClipVision",
+                "--clip_model_name",
+                clip,
+                "--layers",
+                "0",
+                "-1",
+                "--runname",
+                "img",
+                *common(root, features),
+            ]
+        )
+        == 0
+    )
     info = check_run(features, "img", "ClipVision", [0, 2])
     assert info["modality"] == "image" and info["model_name"] == clip and info["token"] == "pooled"
     assert info["token_rule"] == "first" and info["train_tokens"] == "real tokens"
@@ -106,22 +144,68 @@ def test_train_image_and_text_clip(root, tmp_path):
     cache = open_cache(info["activation_cache"])
     torch.testing.assert_close(cache.to_tensor(cache.pooled(2)), out.hidden[2][:, 0], rtol=1e-2, atol=1e-2)
 
-    assert train_text.main(["--model", "ClipText", "--clip_model_name", clip, "--layers", "-1",
-                            "--runname", "txt", "--row_ids_from", str(features / "img"),
-                            *common(root, features)]) == 0
+    assert (
+        train_text.main(
+            [
+                "--model",
+                "ClipText",
+                "--clip_model_name",
+                clip,
+                "--layers",
+                "-1",
+                "--runname",
+                "txt",
+                "--row_ids_from",
+                str(features / "img"),
+                *common(root, features),
+            ]
+        )
+        == 0
+    )
     info = check_run(features, "txt", "ClipText", [2])
     assert info["modality"] == "text" and info["token_rule"] == "last"  # EOT
     ids = wm.ModelSpec("ClipText", clip).load("cpu").preprocess(pairs.texts())["input_ids"]
     assert info["n_tokens"] == int((ids.argmax(1) + 1).sum())  # SOT..EOT of every caption, no padding
     # a second call finds the run complete
-    assert train_text.main(["--model", "ClipText", "--clip_model_name", clip, "--layers", "-1", "--runname", "txt",
-                            "--row_ids_from", str(features / "img"), *common(root, features)]) == 0
+    assert (
+        train_text.main(
+            [
+                "--model",
+                "ClipText",
+                "--clip_model_name",
+                clip,
+                "--layers",
+                "-1",
+                "--runname",
+                "txt",
+                "--row_ids_from",
+                str(features / "img"),
+                *common(root, features),
+            ]
+        )
+        == 0
+    )
 
 
 def test_train_text_real_minilm(root, tmp_path):
     features = tmp_path / "features"
-    assert train_text.main(["--model", "Bert", "--bert_model_name", str(minilm_dir()), "--layers", "1", "-1",
-                            "--runname", "minilm", *common(root, features, "--expansion_factor", "1")]) == 0
+    assert (
+        train_text.main(
+            [
+                "--model",
+                "Bert",
+                "--bert_model_name",
+                str(minilm_dir()),
+                "--layers",
+                "1",
+                "-1",
+                "--runname",
+                "minilm",
+                *common(root, features, "--expansion_factor", "1"),
+            ]
+        )
+        == 0
+    )
     info = check_run_bert(features)
     assert info["layers"] == [1, 5] and info["token_rule"] == "first"  # [CLS]
 
@@ -140,8 +224,9 @@ def check_run_bert(features: Path) -> dict:
     torch.testing.assert_close(cache.to_tensor(cache.pooled(5)), hs[6][:, 0], rtol=1e-2, atol=2e-2)
     run = open_run(features, "minilm")
     for layer in (1, 5):
-        ref = reference_codes(features / "minilm" / info["sae_dirs"][f"layer{layer:02d}"],
-                              cache.to_tensor(cache.pooled(layer)).numpy())
+        ref = reference_codes(
+            features / "minilm" / info["sae_dirs"][f"layer{layer:02d}"], cache.to_tensor(cache.pooled(layer)).numpy()
+        )
         np.testing.assert_allclose(run.load(layer).to_dense(), ref, rtol=1e-4, atol=1e-5)
     return info
 
@@ -151,8 +236,23 @@ def test_train_image_clip_resnet_stage_and_attnpool(root, tmp_path):
     token of width 16) train in separate passes, each SAE sized from its own width."""
     features = tmp_path / "features"
     rn = str(root / "tiny-open-clip-rn")
-    assert train_image.main(["--model", "ClipVision", "--clip_model_name", rn, "--layers", "0", "-1",
-                             "--runname", "rn", *common(root, features)]) == 0
+    assert (
+        train_image.main(
+            [
+                "--model",
+                "ClipVision",
+                "--clip_model_name",
+                rn,
+                "--layers",
+                "0",
+                "-1",
+                "--runname",
+                "rn",
+                *common(root, features),
+            ]
+        )
+        == 0
+    )
     info = check_run(features, "rn", "ClipVision", [0, 4])
     assert info["d_in"] == {"0": 32, "4": 16} and info["d_sae"] == {"0": 64, "4": 32}
     assert info["n_tokens"] == {"0": N * 64, "4": N} and info["token_rule"] == "mean"
@@ -168,8 +268,11 @@ def test_train_image_clip_resnet_stage_and_attnpool(root, tmp_path):
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and (p.suffix == ".npy" or p.name == "sae.safetensors")}
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and (p.suffix == ".npy" or p.name == "sae.safetensors")
+    }
 
 
 def test_kill_and_resume_through_the_cli(root, tmp_path, monkeypatch):
@@ -236,8 +339,19 @@ def test_failed_run_can_be_rerun_with_other_flags(root, tmp_path):
     for p in Path(data.source).iterdir():
         (bad / p.name).write_bytes(p.read_bytes())
     (bad / "000005.png").write_bytes(b"\x89PNG broken")
-    args = ["--model", "ClipVision", "--clip_model_name", str(root / "tiny-open-clip"), "--layers", "-1",
-            "--runname", "b", *common(root, tmp_path / "f"), "--dataset", str(bad)]
+    args = [
+        "--model",
+        "ClipVision",
+        "--clip_model_name",
+        str(root / "tiny-open-clip"),
+        "--layers",
+        "-1",
+        "--runname",
+        "b",
+        *common(root, tmp_path / "f"),
+        "--dataset",
+        str(bad),
+    ]
     with pytest.raises(InputError, match=r"row 5: unreadable image .*--skip_bad"):
         train_image.main(args)
     assert (tmp_path / "f" / "b" / "settings.json").exists()

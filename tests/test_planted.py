@@ -30,8 +30,9 @@ def test_every_architecture_recovers_planted_concepts(tmp_path, planted, arch):
     kwargs, epochs = CASES[arch]
     cfg = SAEConfig(architecture=arch, d_sae=128, **kwargs)
     tcfg = TrainConfig(epochs=epochs, batch_size=256, lr=3e-3, device="cpu")
-    result = train_saes(ActivationSource({"x": [planted.x]}), [SAESpec("", "x", cfg)], tcfg, tmp_path,
-                        progress=False)[""]
+    result = train_saes(ActivationSource({"x": [planted.x]}), [SAESpec("", "x", cfg)], tcfg, tmp_path, progress=False)[
+        ""
+    ]
     score = recovery(planted.dictionary, result.sae.W_dec.detach().numpy())
     assert score >= 0.9, f"{arch}: recovery {score:.3f}"
     assert result.metrics["fvu"] < 0.3, result.metrics

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import show
-from sae.util.errors import InputError
 from sae.data.features import SparseCodes, write_layer, write_run_info
+from sae.util.errors import InputError
 from sae.viz.previews import TOP, FeatureColumns, make_grid, mass_key, preview_stem, select_features
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +35,9 @@ def make_dataset(folder: Path, n: int = N_DATASET, size: tuple[int, int] = (32, 
     lines = []
     for r in range(n):
         Image.new("RGB", size, PALETTE[r]).save(folder / f"{r:06d}.png")
-        lines.append(json.dumps({"file_name": f"{r:06d}.png",
-                                 **({"text": caption(r)} if captions else {"kind": f"k{r % 3}"})}))
+        lines.append(
+            json.dumps({"file_name": f"{r:06d}.png", **({"text": caption(r)} if captions else {"kind": f"k{r % 3}"})})
+        )
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -52,17 +53,36 @@ def make_codes(rng: np.random.Generator, n: int = N_ROWS, d: int = D_SAE) -> np.
     return x
 
 
-def write_run(root: Path, name: str, layers: dict[int, np.ndarray], dataset: Path | None, row_ids,
-              modality: str = "image") -> Path:
+def write_run(
+    root: Path, name: str, layers: dict[int, np.ndarray], dataset: Path | None, row_ids, modality: str = "image"
+) -> Path:
     for layer, x in layers.items():
         write_layer(root / name, layer, SparseCodes.from_dense(x))
     n = next(iter(layers.values())).shape[0]
-    info = {"name": name, "modality": modality, "model": "Fake", "model_name": "fake", "layers": sorted(layers),
-            "token": 0, "n_rows": n, "row_ids": [int(r) for r in row_ids], "architecture": "topk",
-            "d_sae": D_SAE, "k": 4, "sae_metrics": {}, "format": "csr-v1", "provenance": {}}
+    info = {
+        "name": name,
+        "modality": modality,
+        "model": "Fake",
+        "model_name": "fake",
+        "layers": sorted(layers),
+        "token": 0,
+        "n_rows": n,
+        "row_ids": [int(r) for r in row_ids],
+        "architecture": "topk",
+        "d_sae": D_SAE,
+        "k": 4,
+        "sae_metrics": {},
+        "format": "csr-v1",
+        "provenance": {},
+    }
     if dataset is not None:
-        info["dataset"] = {"name": str(dataset), "split": "train", "image_column": "image", "text_column": "text",
-                           "max_samples": None}
+        info["dataset"] = {
+            "name": str(dataset),
+            "split": "train",
+            "image_column": "image",
+            "text_column": "text",
+            "max_samples": None,
+        }
     write_run_info(root / name, info)
     return root / name
 
@@ -106,8 +126,20 @@ def tile_rows(img: Image.Image, size: int = TILE) -> list[int | None]:
 
 
 def run_show(world, out: Path, *extra: str) -> int:
-    return show.main(["--run", "img", "--features_dir", str(world["root"] / "feats"), "--out", str(out),
-                      "--size", str(TILE), "--no-progress", *extra])
+    return show.main(
+        [
+            "--run",
+            "img",
+            "--features_dir",
+            str(world["root"] / "feats"),
+            "--out",
+            str(out),
+            "--size",
+            str(TILE),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,11 +192,34 @@ def test_grid_layout():
 
 def test_file_names_sort_by_mass_for_any_finite_mass():
     assert preview_stem(12, 1234.5678) == "massp403_1.234568_feat00012"
-    assert (mass_key(654.171), mass_key(-654.171), mass_key(0.0)) == ("p402_6.541710", "n597_3.458289",
-                                                                       "o000_0.000000")
+    assert (mass_key(654.171), mass_key(-654.171), mass_key(0.0)) == ("p402_6.541710", "n597_3.458289", "o000_0.000000")
     rng = np.random.default_rng(3)
-    values = [0.0, -0.0, 5e-324, -5e-324, 1e-300, 0.5, 1.0, 9.9999996, 10.0, 999.9999, 1e9, 1e9 + 1, 2.5e9, 1e12,
-              1.7976931348623157e308, -1.7976931348623157e308, -1e9, -2.5e9, -1.0, -0.5, -1e-7, 99.0, 1000.0, 5.5]
+    values = [
+        0.0,
+        -0.0,
+        5e-324,
+        -5e-324,
+        1e-300,
+        0.5,
+        1.0,
+        9.9999996,
+        10.0,
+        999.9999,
+        1e9,
+        1e9 + 1,
+        2.5e9,
+        1e12,
+        1.7976931348623157e308,
+        -1.7976931348623157e308,
+        -1e9,
+        -2.5e9,
+        -1.0,
+        -0.5,
+        -1e-7,
+        99.0,
+        1000.0,
+        5.5,
+    ]
     values += (rng.standard_normal(300) * 10.0 ** rng.integers(-12, 15, 300)).tolist()
     keys = [mass_key(v) for v in values]
     assert {len(k) for k in keys} == {13}  # fixed width: `ls` in any locale compares them field by field
@@ -243,8 +298,24 @@ def test_text_run_captions_and_paired_images(world, tmp_path):
     x, ids = world["layers"][7], world["row_ids"]
     write_run(root, "txt", {7: x}, world["data"], ids, modality="text")
     out = tmp_path / "prev"
-    assert show.main(["--run", "txt", "--features_dir", str(root), "--out", str(out), "--size", str(TILE),
-                      "--min_support", "20", "--no-progress"]) == 0
+    assert (
+        show.main(
+            [
+                "--run",
+                "txt",
+                "--features_dir",
+                str(root),
+                "--out",
+                str(out),
+                "--size",
+                str(TILE),
+                "--min_support",
+                "20",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ref_rows, ref_vals = ref_top(x)
     expected = [j for j in range(D_SAE) if (x[:, j] > 0).sum() >= 20]
     txts = sorted(out.glob("*.txt"))
@@ -273,16 +344,29 @@ def test_runs_without_images(world, tmp_path):
     texts.save_to_disk(str(tmp_path / "textonly"))
     write_run(root, "textonly", {7: x}, tmp_path / "textonly", world["row_ids"], modality="text")
     with pytest.raises(InputError, match=r"run 'textonly' has no images to show: .*no column 'image'"):
-        show.main(["--run", "textonly", "--features_dir", str(root), "--out", str(tmp_path / "p2"),
-                   "--no-progress"])
+        show.main(["--run", "textonly", "--features_dir", str(root), "--out", str(tmp_path / "p2"), "--no-progress"])
     # the script: one line on stderr, exit status 2
-    proc = subprocess.run([sys.executable, str(REPO / "show.py"), "--run", "nodata", "--features_dir", str(root),
-                           "--out", str(tmp_path / "p3")], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "show.py"),
+            "--run",
+            "nodata",
+            "--features_dir",
+            str(root),
+            "--out",
+            str(tmp_path / "p3"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: run 'nodata' has no images to show: its run.json names no dataset; pass --dataset (a dataset "
-        "name or folder; the original repo used --dataset coco)"]
+        "name or folder; the original repo used --dataset coco)"
+    ]
     with pytest.raises(InputError, match="no run 'missing'"):
         show.main(["--run", "missing", "--features_dir", str(root)])
 
@@ -293,8 +377,19 @@ def test_original_format_run_with_dataset_flag(world, tmp_path):
     x = world["layers"][7][:, :]
     (tmp_path / "feats" / "orig").mkdir(parents=True)
     torch.save(torch.from_numpy(x).half(), tmp_path / "feats" / "orig" / "layer-1.pt")
-    base = ["--run", "orig", "--features_dir", str(tmp_path / "feats"), "--out", str(tmp_path / "p"),
-            "--size", str(TILE), "--features", "5", "--no-progress"]
+    base = [
+        "--run",
+        "orig",
+        "--features_dir",
+        str(tmp_path / "feats"),
+        "--out",
+        str(tmp_path / "p"),
+        "--size",
+        str(TILE),
+        "--features",
+        "5",
+        "--no-progress",
+    ]
     with pytest.raises(InputError, match="it has no run.json"):
         show.main(base)
     assert show.main([*base, "--dataset", str(world["data"])]) == 0
@@ -325,8 +420,14 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
         return preview_stem(j, float(x[:, j].astype(np.float64).sum()))
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert files == {"show.json", "features.json", "index.html", *mine,
-                     *(f"{stem(j)}.jpg" for j in few), *(f"features/f{j:05d}.html" for j in few)}
+    assert files == {
+        "show.json",
+        "features.json",
+        "index.html",
+        *mine,
+        *(f"{stem(j)}.jpg" for j in few),
+        *(f"features/f{j:05d}.html" for j in few),
+    }
     from tests.test_browser import dom
 
     rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
@@ -335,8 +436,14 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
     # without --html: the browser written before is kept in step with the grids
     assert run_show(world, out, "--layer", "3", "--min_support", "5") == 0
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert files == {"show.json", "features.json", "index.html", *mine,
-                     *(f"{stem(j)}.jpg" for j in many), *(f"features/f{j:05d}.html" for j in many)}
+    assert files == {
+        "show.json",
+        "features.json",
+        "index.html",
+        *mine,
+        *(f"{stem(j)}.jpg" for j in many),
+        *(f"features/f{j:05d}.html" for j in many),
+    }
     rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
     assert [int(r.attrs["data-index"]) for r in rows] == many
 
@@ -359,8 +466,11 @@ def test_captions_are_optional_for_image_runs_only(world, tmp_path):
     assert "<th>activation</th></tr>" in page and "caption</th>" not in page
 
     write_run(root, "txt", {7: x}, data, ids, modality="text")
-    with pytest.raises(InputError, match=r"^run 'txt' has no captions to show: its dataset '.*nocap' has no caption "
-                                         r"column 'text' \(columns: image, kind\); pass --text_column$"):
+    with pytest.raises(
+        InputError,
+        match=r"^run 'txt' has no captions to show: its dataset '.*nocap' has no caption "
+        r"column 'text' \(columns: image, kind\); pass --text_column$",
+    ):
         show.main(["--run", "txt", "--out", str(tmp_path / "p2"), *base])
     with pytest.raises(InputError, match=r"has no caption column 'caption'"):  # asked for: it must exist
         show.main(["--run", "img", "--out", str(tmp_path / "p3"), "--text_column", "caption", *base])

@@ -8,19 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread
 
 import analyze
-from helpers import one_thread
-from sae.nn.checkpoint import save_sae
-from sae.util.errors import InputError
-from sae.nn.config import SAEConfig, TrainConfig
+from sae.analysis.stability import code_stats, encode_codes, match_dictionaries, quantile_bins, stability, top_k_curve
 from sae.data.features import SparseCodes
+from sae.nn.checkpoint import save_sae
+from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource
-from sae.analysis.stability import (code_stats, encode_codes, match_dictionaries, quantile_bins, stability,
-                           top_k_curve)
 from sae.nn.trainer import SAESpec, train_saes
-
+from sae.util.errors import InputError
 
 
 def unit(rng, c, d):
@@ -52,8 +50,24 @@ def test_permuted_sae_has_stability_one_and_the_permutation_is_recovered(tmp_pat
     # the same through checkpoints and the CLI, with per-feature arrays in the JSON and the .npz
     save_sae(sae_a, tmp_path / "a")
     save_sae(sae_b, tmp_path / "b")
-    assert analyze.main(["stability", "--sae_a", str(tmp_path / "a"), "--sae_b", str(tmp_path / "b"),
-                         "--json", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 0
+    assert (
+        analyze.main(
+            [
+                "stability",
+                "--sae_a",
+                str(tmp_path / "a"),
+                "--sae_b",
+                str(tmp_path / "b"),
+                "--json",
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     js = json.loads(capsys.readouterr().out)
     assert js["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert js["per_feature"]["partner"] == inverse.tolist()
@@ -122,8 +136,13 @@ def two_seeds(tmp_path_factory):
     specs = [SAESpec(f"seed{s}", "x", SAEConfig(d_sae=36, k=3, seed=s)) for s in (0, 1)]
     out = tmp_path_factory.mktemp("seeds")
     with one_thread():
-        res = train_saes(ActivationSource({"x": [x]}), specs,
-                         TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"), out, progress=False)
+        res = train_saes(
+            ActivationSource({"x": [x]}),
+            specs,
+            TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"),
+            out,
+            progress=False,
+        )
     return x, D, res, out
 
 
@@ -151,8 +170,20 @@ def test_frequent_concepts_are_stable_and_rare_ones_are_not(two_seeds):
 def test_stability_cli_with_activations_text_and_errors(two_seeds, tmp_path, capsys):
     x, _, _, out = two_seeds
     np.save(tmp_path / "x.npy", x)
-    args = ["stability", "--sae_a", str(out / "seed0"), "--sae_b", str(out / "seed1"), "--device", "cpu",
-            "--no-progress", "--activations", str(tmp_path / "x.npy"), "--bins", "3"]
+    args = [
+        "stability",
+        "--sae_a",
+        str(out / "seed0"),
+        "--sae_b",
+        str(out / "seed1"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--activations",
+        str(tmp_path / "x.npy"),
+        "--bins",
+        "3",
+    ]
     assert analyze.main(args + ["--null"]) == 0
     text = capsys.readouterr().out
     assert "mean matched cosine" in text and "energy bin" in text and "null" in text

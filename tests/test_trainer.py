@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sae.__main__ import main as sae_main
-from sae.util.errors import InputError
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.sources import ActivationSource, epoch_batches
 from sae.nn.synthetic import planted_activations
 from sae.nn.trainer import SAESpec, TrainingInterrupted, _prepare, default_dead_window, lr_factor, train_saes
+from sae.util.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,10 @@ def data():
 
 
 def _specs():
-    return [SAESpec("a", "x", SAEConfig(d_sae=64, k=4, seed=0)),
-            SAESpec("b", "x", SAEConfig(architecture="batchtopk", d_sae=64, k=4, seed=1))]
+    return [
+        SAESpec("a", "x", SAEConfig(d_sae=64, k=4, seed=0)),
+        SAESpec("b", "x", SAEConfig(architecture="batchtopk", d_sae=64, k=4, seed=1)),
+    ]
 
 
 def _tcfg(**kw):
@@ -60,15 +62,16 @@ def test_other_settings_in_the_same_directory_is_an_error(tmp_path, data):
     source = ActivationSource({"x": [data]})
     train_saes(source, _specs()[:1], _tcfg(), tmp_path, progress=False)
     with pytest.raises(InputError, match="other settings"):
-        train_saes(source, _specs()[:1], TrainConfig(epochs=1, batch_size=128, device="cpu"), tmp_path,
-                   progress=False)
+        train_saes(source, _specs()[:1], TrainConfig(epochs=1, batch_size=128, device="cpu"), tmp_path, progress=False)
 
 
 def test_several_saes_on_several_keys_in_one_pass(tmp_path, data):
     source = ActivationSource({"layer0": [data[:1000], data[1000:]], "layer1": [data[:, ::-1].copy() * 5]})
-    specs = [SAESpec("layer0", "layer0", SAEConfig(d_sae=48, k=3)),
-             SAESpec("layer1", "layer1", SAEConfig(d_sae=48, k=3)),
-             SAESpec("layer1_seed1", "layer1", SAEConfig(d_sae=48, k=3, seed=1))]
+    specs = [
+        SAESpec("layer0", "layer0", SAEConfig(d_sae=48, k=3)),
+        SAESpec("layer1", "layer1", SAEConfig(d_sae=48, k=3)),
+        SAESpec("layer1_seed1", "layer1", SAEConfig(d_sae=48, k=3, seed=1)),
+    ]
     out = train_saes(source, specs, TrainConfig(epochs=1, batch_size=500, device="cpu"), tmp_path, progress=False)
     assert set(out) == {"layer0", "layer1", "layer1_seed1"}
     cfg0 = json.loads((tmp_path / "layer0" / "cfg.json").read_text())
@@ -86,7 +89,9 @@ def test_epoch_batches_cover_every_row_once_and_resume_mid_epoch():
     full = list(epoch_batches(1000, 64, seed=3, epoch=2, window=300))
     rows = np.concatenate(full)
     assert sorted(rows.tolist()) == list(range(1000)) and len(full) == 16
-    assert [b.tolist() for b in epoch_batches(1000, 64, 3, 2, start_step=5, window=300)] == [b.tolist() for b in full[5:]]
+    assert [b.tolist() for b in epoch_batches(1000, 64, 3, 2, start_step=5, window=300)] == [
+        b.tolist() for b in full[5:]
+    ]
     other = np.concatenate(list(epoch_batches(1000, 64, seed=3, epoch=3, window=300)))
     assert not np.array_equal(rows, other)
 
@@ -107,9 +112,26 @@ def test_source_reads_rows_in_any_order_across_shards_and_bf16():
 
 def test_cli_train_writes_checkpoint_and_metrics(tmp_path, data, capsys):
     np.save(tmp_path / "x.npy", data.astype(np.float16))
-    sae_main(["train", "--activations", str(tmp_path / "x.npy"), "--sae", "topk", "--k", "4",
-              "--expansion_factor", "4", "--epochs", "1", "--batch_size", "512", "--out", str(tmp_path / "o"),
-              "--quiet"])
+    sae_main(
+        [
+            "train",
+            "--activations",
+            str(tmp_path / "x.npy"),
+            "--sae",
+            "topk",
+            "--k",
+            "4",
+            "--expansion_factor",
+            "4",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "512",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["l0"] == pytest.approx(4, abs=0.05)
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {"sae.safetensors", "cfg.json", "metrics.json"}
@@ -124,22 +146,41 @@ def test_any_float_dtype_trains_float128_included(tmp_path, data):
     np.save(tmp_path / "x.npy", x)
     src = ActivationSource.from_npy(str(tmp_path / "x.npy"))
     np.testing.assert_array_equal(src.read("x", np.array([5, 0, 1999])).numpy(), data[[5, 0, 1999]])
-    sae_main(["train", "--activations", str(tmp_path / "x.npy"), "--k", "4", "--expansion_factor", "4",
-              "--epochs", "1", "--batch_size", "512", "--out", str(tmp_path / "o"), "--quiet"])
+    sae_main(
+        [
+            "train",
+            "--activations",
+            str(tmp_path / "x.npy"),
+            "--k",
+            "4",
+            "--expansion_factor",
+            "4",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "512",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert (tmp_path / "o" / "sae.safetensors").exists()
 
 
-@pytest.mark.parametrize("setup, args, message", [
-    (None, ["--activations", "missing.npy"], "not found"),
-    ("3d", ["--activations", "x.npy"], "2-D"),
-    ("nan", ["--activations", "x.npy"], "row 7 holds NaN"),
-    ("ok", ["--activations", "x.npy", "--k", "64", "--expansion_factor", "4"], "0 < k < d_sae"),
-    ("ok", ["--activations", "x.npy", "--sae", "nope"], "invalid choice"),
-    ("ok", ["--activations", "x.npy", "--epochs", "0"], "--epochs must be positive"),
-    ("ok", ["--activations", "."], ". is a directory"),
-    ("npz", ["--activations", "x.npz"], "an .npz archive"),
-    ("ok", ["--activations", "x.npy", "--out", "x.npy"], "x.npy is an existing file"),
-])
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, ["--activations", "missing.npy"], "not found"),
+        ("3d", ["--activations", "x.npy"], "2-D"),
+        ("nan", ["--activations", "x.npy"], "row 7 holds NaN"),
+        ("ok", ["--activations", "x.npy", "--k", "64", "--expansion_factor", "4"], "0 < k < d_sae"),
+        ("ok", ["--activations", "x.npy", "--sae", "nope"], "invalid choice"),
+        ("ok", ["--activations", "x.npy", "--epochs", "0"], "--epochs must be positive"),
+        ("ok", ["--activations", "."], ". is a directory"),
+        ("npz", ["--activations", "x.npz"], "an .npz archive"),
+        ("ok", ["--activations", "x.npy", "--out", "x.npy"], "x.npy is an existing file"),
+    ],
+)
 def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
     x = np.ones((20, 16), dtype=np.float32)
     if setup == "3d":
@@ -150,8 +191,13 @@ def test_bad_input_is_one_line_error(tmp_path, setup, args, message):
         np.savez(tmp_path / "x.npz", x=x)
     elif setup:
         np.save(tmp_path / "x.npy", x)
-    proc = subprocess.run([sys.executable, "-m", "sae", "train", "--out", str(tmp_path / "o"), *args],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae", "train", "--out", str(tmp_path / "o"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -13,9 +13,17 @@ import torch
 from PIL import Image
 
 import wrappedmodels as wm
+from sae.encoders.tiny import (
+    SPECIAL_IDS,
+    TINY_TEXT,
+    build_dino,
+    build_open_clip,
+    build_open_clip_resnet,
+    build_siglip,
+    build_vit,
+    minilm_dir,
+)
 from sae.util.errors import InputError
-from sae.encoders.tiny import (SPECIAL_IDS, TINY_TEXT, build_dino, build_open_clip, build_open_clip_resnet,
-                             build_siglip, build_vit, minilm_dir)
 
 MINILM = minilm_dir()
 CAPTIONS = ["a small red circle in the top left", "a large blue square", "green"]
@@ -41,8 +49,15 @@ def build_siglip2_naflex(root: Path) -> Path:
 
     cfg = Siglip2Config(
         text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=32, **SPECIAL_IDS),
-        vision_config=dict(num_patches=16, patch_size=8, hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=48))
+        vision_config=dict(
+            num_patches=16,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=48,
+        ),
+    )
     d = root / "tiny-siglip2-naflex"
     torch.manual_seed(0)
     Siglip2Model(cfg).save_pretrained(d)
@@ -66,8 +81,13 @@ def build_deberta(root: Path) -> Path:
 
     d = root / "tiny-deberta"
     torch.manual_seed(0)
-    cfg = DebertaConfig(**TINY_TEXT, max_position_embeddings=64, relative_attention=True,
-                        pos_att_type=["c2p", "p2c"], max_relative_positions=-1)
+    cfg = DebertaConfig(
+        **TINY_TEXT,
+        max_position_embeddings=64,
+        relative_attention=True,
+        pos_att_type=["c2p", "p2c"],
+        max_relative_positions=-1,
+    )
     DebertaModel(cfg).save_pretrained(d)
     _save_tokenizer(d)
     return d
@@ -76,9 +96,15 @@ def build_deberta(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {"open_clip": build_open_clip(root), "siglip": build_siglip(root),
-            "siglip2": build_siglip2_naflex(root), "vit": build_vit(root), "dino": build_dino(root),
-            "bert": build_bert(root), "deberta": build_deberta(root)}
+    return {
+        "open_clip": build_open_clip(root),
+        "siglip": build_siglip(root),
+        "siglip2": build_siglip2_naflex(root),
+        "vit": build_vit(root),
+        "dino": build_dino(root),
+        "bert": build_bert(root),
+        "deberta": build_deberta(root),
+    }
 
 
 # ----------------------------------------------------------------------- library reference hidden states
@@ -88,10 +114,13 @@ def ref_open_clip_vision(d, batch, layers):
     import open_clip
 
     m = open_clip.create_model("local-dir:" + str(d)).eval()
-    out = m.visual.forward_intermediates(batch["pixel_values"], indices=layers, output_fmt="NLC",
-                                         output_extra_tokens=True, intermediates_only=True)
-    return {layer: torch.cat([p, x], 1) for layer, p, x in
-            zip(layers, out["image_intermediates_prefix"], out["image_intermediates"])}
+    out = m.visual.forward_intermediates(
+        batch["pixel_values"], indices=layers, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
+    )
+    return {
+        layer: torch.cat([p, x], 1)
+        for layer, p, x in zip(layers, out["image_intermediates_prefix"], out["image_intermediates"])
+    }
 
 
 def ref_open_clip_text(d, batch, layers):
@@ -121,18 +150,42 @@ CASES = {
     # family: (checkpoint, reference hidden states)
     "ClipVision": ("open_clip", ref_open_clip_vision),
     "ClipText": ("open_clip", ref_open_clip_text),
-    "SigLIP2Vision": ("siglip", _hf_ref(_siglip_model, lambda m, b: m.vision_model(
-        b["pixel_values"], output_hidden_states=True))),
-    "SiglipText": ("siglip", _hf_ref(_siglip_model, lambda m, b: m.text_model(
-        b["input_ids"], output_hidden_states=True))),
-    "ViT": ("vit", _hf_ref(lambda d: __import__("transformers").ViTForImageClassification.from_pretrained(d)
-                           .eval(), lambda m, b: m.vit(b["pixel_values"], output_hidden_states=True))),
-    "DinoV2": ("dino", _hf_ref(lambda d: __import__("transformers").Dinov2Model.from_pretrained(d).eval(),
-                               lambda m, b: m(b["pixel_values"], output_hidden_states=True))),
-    "Bert": ("bert", _hf_ref(lambda d: __import__("transformers").BertModel.from_pretrained(d).eval(),
-                             lambda m, b: m(**b, output_hidden_states=True))),
-    "Deberta": ("deberta", _hf_ref(lambda d: __import__("transformers").DebertaModel.from_pretrained(d).eval(),
-                                   lambda m, b: m(**b, output_hidden_states=True))),
+    "SigLIP2Vision": (
+        "siglip",
+        _hf_ref(_siglip_model, lambda m, b: m.vision_model(b["pixel_values"], output_hidden_states=True)),
+    ),
+    "SiglipText": (
+        "siglip",
+        _hf_ref(_siglip_model, lambda m, b: m.text_model(b["input_ids"], output_hidden_states=True)),
+    ),
+    "ViT": (
+        "vit",
+        _hf_ref(
+            lambda d: __import__("transformers").ViTForImageClassification.from_pretrained(d).eval(),
+            lambda m, b: m.vit(b["pixel_values"], output_hidden_states=True),
+        ),
+    ),
+    "DinoV2": (
+        "dino",
+        _hf_ref(
+            lambda d: __import__("transformers").Dinov2Model.from_pretrained(d).eval(),
+            lambda m, b: m(b["pixel_values"], output_hidden_states=True),
+        ),
+    ),
+    "Bert": (
+        "bert",
+        _hf_ref(
+            lambda d: __import__("transformers").BertModel.from_pretrained(d).eval(),
+            lambda m, b: m(**b, output_hidden_states=True),
+        ),
+    ),
+    "Deberta": (
+        "deberta",
+        _hf_ref(
+            lambda d: __import__("transformers").DebertaModel.from_pretrained(d).eval(),
+            lambda m, b: m(**b, output_hidden_states=True),
+        ),
+    ),
 }
 
 
@@ -269,8 +322,10 @@ def test_flags_and_defaults():
     spec = wm.spec_from_args(args)
     assert spec == wm.ModelSpec("Deberta", "microsoft/deberta-large")
     assert args.layers == [0, -1] and args.bert_model_name == "bert-large-uncased"
-    assert wm.spec_from_args(p.parse_args(["--clip_model_name", "hf-hub:apple/DFN2B-CLIP-ViT-L-14"])).name \
+    assert (
+        wm.spec_from_args(p.parse_args(["--clip_model_name", "hf-hub:apple/DFN2B-CLIP-ViT-L-14"])).name
         == "hf-hub:apple/DFN2B-CLIP-ViT-L-14"
+    )
     # builtin open_clip configs are read offline: the L-size default tower shapes
     assert wm.ModelSpec("ClipVision").info() == wm.ModelInfo(24, 1024)
     assert wm.ModelSpec("ClipText").info() == wm.ModelInfo(12, 768)
@@ -281,9 +336,13 @@ def test_flags_and_defaults():
 
 
 def test_unavailable_models_fail_in_one_line(tmp_path):
-    for spec in [wm.ModelSpec("Bert", "no-such-org/no-such-bert"), wm.ModelSpec("ClipVision"),
-                 wm.ModelSpec("DinoV2", "dinov2_vitb14"), wm.ModelSpec("ClipText", "hf-hub:no-org/no-clip"),
-                 wm.ModelSpec("ViT", str(tmp_path))]:
+    for spec in [
+        wm.ModelSpec("Bert", "no-such-org/no-such-bert"),
+        wm.ModelSpec("ClipVision"),
+        wm.ModelSpec("DinoV2", "dinov2_vitb14"),
+        wm.ModelSpec("ClipText", "hf-hub:no-org/no-clip"),
+        wm.ModelSpec("ViT", str(tmp_path)),
+    ]:
         with pytest.raises(InputError) as e:
             spec.load("cpu")
         msg = str(e.value)

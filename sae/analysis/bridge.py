@@ -41,9 +41,9 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
-from sae.util.errors import InputError
-from sae.data.features import SparseCodes
 from sae.analysis.stability import encode_codes
+from sae.data.features import SparseCodes
+from sae.util.errors import InputError
 
 Codes = np.ndarray | torch.Tensor | SparseCodes | scipy.sparse.spmatrix
 DEAD_ENERGY = 1e-9
@@ -54,7 +54,8 @@ def as_csr(z: Codes) -> scipy.sparse.csr_matrix:
     if isinstance(z, SparseCodes):
         return scipy.sparse.csr_matrix(
             (np.asarray(z.values, dtype=np.float64), np.asarray(z.indices), np.asarray(z.indptr)),
-            shape=(z.n_rows, z.d_sae))
+            shape=(z.n_rows, z.d_sae),
+        )
     if isinstance(z, torch.Tensor):
         z = z.detach().cpu().numpy()
     if scipy.sparse.issparse(z):
@@ -120,12 +121,14 @@ def modality_buckets(stats: ModalityStats, eps: float = 0.05) -> dict[str, Any]:
     live = ~stats.dead
     e_total = stats.energy[live].sum()
     n_live = int(live.sum())
-    masks = {"text": live & (mu < eps), "image": live & (mu > 1 - eps),
-             "bimodal": live & (mu >= eps) & (mu <= 1 - eps)}
+    masks = {"text": live & (mu < eps), "image": live & (mu > 1 - eps), "bimodal": live & (mu >= eps) & (mu <= 1 - eps)}
     out: dict[str, Any] = {"eps": eps, "n_live": n_live, "n_dead": int((~live).sum())}
     for name, m in masks.items():
-        out[name] = {"count": int(m.sum()), "count_fraction": float(m.sum() / max(1, n_live)),
-                     "energy_fraction": float(stats.energy[m].sum() / e_total) if e_total > 0 else float("nan")}
+        out[name] = {
+            "count": int(m.sum()),
+            "count_fraction": float(m.sum() / max(1, n_live)),
+            "energy_fraction": float(stats.energy[m].sum() / e_total) if e_total > 0 else float("nan"),
+        }
     return out
 
 
@@ -143,8 +146,9 @@ def modality_histogram(stats: ModalityStats, bins: int = 20) -> dict[str, list[f
 # Bridge Score
 
 
-def _paired(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor) -> tuple[scipy.sparse.csr_matrix,
-                                                                              scipy.sparse.csr_matrix, np.ndarray]:
+def _paired(
+    z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor
+) -> tuple[scipy.sparse.csr_matrix, scipy.sparse.csr_matrix, np.ndarray]:
     zi, zt = as_csr(z_img), as_csr(z_txt)
     D = D.detach().cpu().numpy() if isinstance(D, torch.Tensor) else np.asarray(D)
     D = D.astype(np.float64)
@@ -174,12 +178,21 @@ class BridgePair:
     cosine: float  # D_i . D_j
 
     def to_json(self, stats: ModalityStats | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"i": self.i, "j": self.j, "bridge": self.bridge,
-                               "coactivation": self.coactivation, "cosine": self.cosine}
+        out: dict[str, Any] = {
+            "i": self.i,
+            "j": self.j,
+            "bridge": self.bridge,
+            "coactivation": self.coactivation,
+            "cosine": self.cosine,
+        }
         if stats is not None:
             mu = stats.modality
-            out.update(mu_i=_num(mu[self.i]), mu_j=_num(mu[self.j]),
-                       energy_i=float(stats.energy[self.i]), energy_j=float(stats.energy[self.j]))
+            out.update(
+                mu_i=_num(mu[self.i]),
+                mu_j=_num(mu[self.j]),
+                energy_i=float(stats.energy[self.i]),
+                energy_j=float(stats.energy[self.j]),
+            )
         return out
 
 
@@ -233,16 +246,27 @@ class BridgeSummary:
             return np.where(tot > 0, self.mass_image / tot, np.nan)
 
     def to_json(self, stats: ModalityStats | None = None) -> dict[str, Any]:
-        return {"n_pairs": self.n_pairs, "sum_B": self.total, "sum_diagonal": self.diagonal_total,
-                "sum_off_diagonal": self.total - self.diagonal_total,
-                "top_pairs": [p.to_json(stats) for p in self.top_pairs],
-                "top_cross_modal_pairs": [p.to_json(stats) for p in self.top_cross_pairs],
-                "top_diagonal": [p.to_json(stats) for p in self.top_diagonal]}
+        return {
+            "n_pairs": self.n_pairs,
+            "sum_B": self.total,
+            "sum_diagonal": self.diagonal_total,
+            "sum_off_diagonal": self.total - self.diagonal_total,
+            "top_pairs": [p.to_json(stats) for p in self.top_pairs],
+            "top_cross_modal_pairs": [p.to_json(stats) for p in self.top_cross_pairs],
+            "top_diagonal": [p.to_json(stats) for p in self.top_diagonal],
+        }
 
 
-def bridge_summary(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, *, top: int = 20,
-                   modality: np.ndarray | None = None, block: int = 1024,
-                   progress: bool = False) -> BridgeSummary:
+def bridge_summary(
+    z_img: Codes,
+    z_txt: Codes,
+    D: np.ndarray | torch.Tensor,
+    *,
+    top: int = 20,
+    modality: np.ndarray | None = None,
+    block: int = 1024,
+    progress: bool = False,
+) -> BridgeSummary:
     """Stream B = (z_img^T z_txt / N) * (D D^T) in blocks of image-side rows (see the module
     docstring): totals, the `top` largest off-diagonal entries, the `top` largest with
     mu_i > 0.5 > mu_j (needs `modality` [c]; live concepts only), the `top` largest diagonal
@@ -260,7 +284,7 @@ def bridge_summary(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, *, 
     if modality is not None:
         mu = np.asarray(modality, dtype=np.float64)
         img_side = np.nan_to_num(mu, nan=-1.0) > 0.5
-        txt_side = (np.nan_to_num(mu, nan=2.0) < 0.5)
+        txt_side = np.nan_to_num(mu, nan=2.0) < 0.5
     for r0 in tqdm(range(0, c, block), desc="bridge blocks", disable=not progress, leave=False):
         r1 = min(c, r0 + block)
         C = (ziT[r0:r1] @ zt).toarray() / n  # [b, c]
@@ -287,12 +311,19 @@ def bridge_summary(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, *, 
     diag = _TopList(top)
     diag.add(diag_vals[None, :], 0)
     diag.i, diag.j = diag.j.copy(), diag.j.copy()  # the entry (0, i) of that row is B_ii
-    return BridgeSummary(n, float(total), float(diag_vals.sum()), pairs(tops), pairs(cross), pairs(diag),
-                         mass_img, mass_txt)
+    return BridgeSummary(
+        n, float(total), float(diag_vals.sum()), pairs(tops), pairs(cross), pairs(diag), mass_img, mass_txt
+    )
 
 
-def alignment_terms(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, b: np.ndarray | None = None,
-                    scale: float = 1.0, bridge_total: float | None = None) -> dict[str, float]:
+def alignment_terms(
+    z_img: Codes,
+    z_txt: Codes,
+    D: np.ndarray | torch.Tensor,
+    b: np.ndarray | None = None,
+    scale: float = 1.0,
+    bridge_total: float | None = None,
+) -> dict[str, float]:
     """Decompose the mean paired reconstruction dot product (see the module docstring).
 
     Returns sum_B (= mean <z_img D, z_txt D>), image_bias_term = E[z_img] D.b, text_bias_term =
@@ -301,8 +332,9 @@ def alignment_terms(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, b:
     zi, zt, D = _paired(z_img, z_txt, D)
     n = zi.shape[0]
     if bridge_total is None:
-        bridge_total = float(bridge_matrix(zi, zt, D).sum()) if D.shape[0] <= 4096 else \
-            bridge_summary(zi, zt, D, top=0).total
+        bridge_total = (
+            float(bridge_matrix(zi, zt, D).sum()) if D.shape[0] <= 4096 else bridge_summary(zi, zt, D, top=0).total
+        )
     b = np.zeros(D.shape[1]) if b is None else np.asarray(b, dtype=np.float64)
     mi = np.asarray(zi.sum(0)).ravel() / n
     mt = np.asarray(zt.sum(0)).ravel() / n
@@ -310,9 +342,15 @@ def alignment_terms(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, b:
     t_txt = float(b @ D.T @ mt)
     nb = float(b @ b)
     scaled = bridge_total + t_img + t_txt + nb
-    return {"sum_B": float(bridge_total), "image_bias_term": t_img, "text_bias_term": t_txt,
-            "bias_norm_sq": nb, "scale": float(scale), "scaled_total": scaled,
-            "input_units_total": scaled / scale**2}
+    return {
+        "sum_B": float(bridge_total),
+        "image_bias_term": t_img,
+        "text_bias_term": t_txt,
+        "bias_norm_sq": nb,
+        "scale": float(scale),
+        "scaled_total": scaled,
+        "input_units_total": scaled / scale**2,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,11 +368,15 @@ def check_embeddings(img: np.ndarray, txt: np.ndarray, paired: bool = True) -> N
         if a.shape[0] == 0:
             raise InputError(f"{name} embeddings have no rows")
     if img.shape[1] != txt.shape[1]:
-        raise InputError(f"image embeddings have width {img.shape[1]}, text embeddings {txt.shape[1]}: "
-                         "a joint SAE needs one shared embedding space")
+        raise InputError(
+            f"image embeddings have width {img.shape[1]}, text embeddings {txt.shape[1]}: "
+            "a joint SAE needs one shared embedding space"
+        )
     if paired and img.shape[0] != txt.shape[0]:
-        raise InputError(f"{img.shape[0]} image rows vs {txt.shape[0]} text rows: the Bridge Score needs "
-                         "row n of both files to be one (image, caption) pair")
+        raise InputError(
+            f"{img.shape[0]} image rows vs {txt.shape[0]} text rows: the Bridge Score needs "
+            "row n of both files to be one (image, caption) pair"
+        )
 
 
 def training_rows(n_image: int, n_text: int, image_fraction: float | None) -> tuple[int, int]:
@@ -352,9 +394,17 @@ def training_rows(n_image: int, n_text: int, image_fraction: float | None) -> tu
     return ni, nt
 
 
-def train_joint_saes(img: np.ndarray, txt: np.ndarray, cfgs: dict[str, Any], tcfg: Any,
-                     out_dir: str | Path, *, image_fraction: float | None = None,
-                     source: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+def train_joint_saes(
+    img: np.ndarray,
+    txt: np.ndarray,
+    cfgs: dict[str, Any],
+    tcfg: Any,
+    out_dir: str | Path,
+    *,
+    image_fraction: float | None = None,
+    source: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train one SAE per entry of `cfgs` (name -> SAEConfig; e.g. several seeds) on the image rows
     and the text rows together, in one pass (`sae.nn.trainer.train_saes`).
 
@@ -374,10 +424,16 @@ def train_joint_saes(img: np.ndarray, txt: np.ndarray, cfgs: dict[str, Any], tcf
     from sae.util.atomic import write_json
 
     for res in results.values():
-        write_json(res.path / "joint.json", {
-            "n_image": ni, "n_text": nt, "image_fraction": ni / (ni + nt),
-            "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text embeddings",
-            "source": source or {}})
+        write_json(
+            res.path / "joint.json",
+            {
+                "n_image": ni,
+                "n_text": nt,
+                "image_fraction": ni / (ni + nt),
+                "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text embeddings",
+                "source": source or {},
+            },
+        )
     return results
 
 
@@ -398,11 +454,18 @@ class JointReport:
         mu = st.modality
         return {
             **self.extra,
-            "n_image": st.n_image, "n_text": st.n_text, "c": len(st.energy), "n_dead": int(st.dead.sum()),
-            "modality": {"buckets": self.buckets, "histogram": self.histogram,
-                         "mean_mu": _num(float(np.nanmean(mu))) if live.any() else None,
-                         "energy_weighted_mean_mu": _num(float((mu[live] * st.energy[live]).sum()
-                                                               / st.energy[live].sum())) if live.any() else None},
+            "n_image": st.n_image,
+            "n_text": st.n_text,
+            "c": len(st.energy),
+            "n_dead": int(st.dead.sum()),
+            "modality": {
+                "buckets": self.buckets,
+                "histogram": self.histogram,
+                "mean_mu": _num(float(np.nanmean(mu))) if live.any() else None,
+                "energy_weighted_mean_mu": _num(float((mu[live] * st.energy[live]).sum() / st.energy[live].sum()))
+                if live.any()
+                else None,
+            },
             "bridge": self.bridge.to_json(st),
             "alignment": self.alignment,
         }
@@ -410,15 +473,31 @@ class JointReport:
     def per_concept(self) -> dict[str, np.ndarray]:
         """Arrays [c] for `--out FILE.npz`."""
         st = self.stats
-        return {"modality": st.modality, "energy": st.energy, "energy_sq": st.energy_sq,
-                "frequency": st.frequency, "mean_image": st.mean_image, "mean_text": st.mean_text,
-                "bridge_mass_image": self.bridge.mass_image, "bridge_mass_text": self.bridge.mass_text,
-                "bridge_modality": self.bridge.bridge_modality}
+        return {
+            "modality": st.modality,
+            "energy": st.energy,
+            "energy_sq": st.energy_sq,
+            "frequency": st.frequency,
+            "mean_image": st.mean_image,
+            "mean_text": st.mean_text,
+            "bridge_mass_image": self.bridge.mass_image,
+            "bridge_mass_text": self.bridge.mass_text,
+            "bridge_modality": self.bridge.bridge_modality,
+        }
 
 
-def analyze_codes(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, *, b: np.ndarray | None = None,
-                  scale: float = 1.0, top: int = 20, eps: float = 0.05, block: int = 1024,
-                  progress: bool = False) -> JointReport:
+def analyze_codes(
+    z_img: Codes,
+    z_txt: Codes,
+    D: np.ndarray | torch.Tensor,
+    *,
+    b: np.ndarray | None = None,
+    scale: float = 1.0,
+    top: int = 20,
+    eps: float = 0.05,
+    block: int = 1024,
+    progress: bool = False,
+) -> JointReport:
     """The joint-SAE analyses from codes of N pairs (z_img, z_txt [N, c]) and the decoder D [c, d]."""
     stats = modality_stats(z_img, z_txt)
     summary = bridge_summary(z_img, z_txt, D, top=top, modality=stats.modality, block=block, progress=progress)
@@ -426,8 +505,17 @@ def analyze_codes(z_img: Codes, z_txt: Codes, D: np.ndarray | torch.Tensor, *, b
     return JointReport(stats, modality_buckets(stats, eps), modality_histogram(stats), summary, align)
 
 
-def analyze_joint(sae: torch.nn.Module, img: np.ndarray, txt: np.ndarray, *, top: int = 20, eps: float = 0.05,
-                  batch_size: int = 1024, device: str = "auto", progress: bool = False) -> JointReport:
+def analyze_joint(
+    sae: torch.nn.Module,
+    img: np.ndarray,
+    txt: np.ndarray,
+    *,
+    top: int = 20,
+    eps: float = 0.05,
+    batch_size: int = 1024,
+    device: str = "auto",
+    progress: bool = False,
+) -> JointReport:
     """Encode N paired image / text embeddings [N, d] with a joint SAE and run `analyze_codes`, with
     D = W_dec, b = b_dec, s = input_scale; also reports mean_pair_dot = (1/N) sum_n <img_n, txt_n>
     of the raw embeddings (what the reconstructions' alignment approximates)."""
@@ -441,8 +529,9 @@ def analyze_joint(sae: torch.nn.Module, img: np.ndarray, txt: np.ndarray, *, top
     report = analyze_codes(zi, zt, D, b=b, scale=sae.cfg.input_scale, top=top, eps=eps, progress=progress)
     dot = 0.0
     for s in range(0, img.shape[0], 65536):
-        dot += float((np.asarray(img[s : s + 65536], dtype=np.float64)
-                      * np.asarray(txt[s : s + 65536], dtype=np.float64)).sum())
+        dot += float(
+            (np.asarray(img[s : s + 65536], dtype=np.float64) * np.asarray(txt[s : s + 65536], dtype=np.float64)).sum()
+        )
     report.extra["mean_pair_dot"] = dot / img.shape[0]
     return report
 
@@ -451,23 +540,30 @@ def format_report(js: dict[str, Any], top: int = 10) -> str:
     """A short text version of `JointReport.to_json()`."""
     m = js["modality"]["buckets"]
     a = js["alignment"]
-    lines = [f"{js['n_image']} image rows, {js['n_text']} text rows, {js['c']} concepts ({js['n_dead']} dead)",
-             f"modality buckets (eps {m['eps']}):  " + "  ".join(
-                 f"{k}: {m[k]['count']} concepts, {m[k]['energy_fraction']:.1%} of energy"
-                 for k in ("image", "bimodal", "text")),
-             f"sum B = {a['sum_B']:.6f} = mean <zD_img, zD_txt> (scaled units, no decoder bias); with b_dec: "
-             f"{a['scaled_total']:.6f}; input units: {a['input_units_total']:.6f}"
-             + (f" (raw embeddings: {js['mean_pair_dot']:.6f})" if "mean_pair_dot" in js else "")]
+    lines = [
+        f"{js['n_image']} image rows, {js['n_text']} text rows, {js['c']} concepts ({js['n_dead']} dead)",
+        f"modality buckets (eps {m['eps']}):  "
+        + "  ".join(
+            f"{k}: {m[k]['count']} concepts, {m[k]['energy_fraction']:.1%} of energy"
+            for k in ("image", "bimodal", "text")
+        ),
+        f"sum B = {a['sum_B']:.6f} = mean <zD_img, zD_txt> (scaled units, no decoder bias); with b_dec: "
+        f"{a['scaled_total']:.6f}; input units: {a['input_units_total']:.6f}"
+        + (f" (raw embeddings: {js['mean_pair_dot']:.6f})" if "mean_pair_dot" in js else ""),
+    ]
 
     def table(title: str, pairs: list[dict[str, Any]]) -> None:
         lines.append(title)
         lines.append("      i      j        B_ij    coact      cos   mu_i   mu_j")
         for p in pairs[:top]:
             f = lambda v: "  -  " if v is None else f"{v:.2f}"  # noqa: E731
-            lines.append(f"{p['i']:>7}{p['j']:>7}{p['bridge']:>12.5f}{p['coactivation']:>9.4f}"
-                         f"{p['cosine']:>9.3f}{f(p.get('mu_i')):>7}{f(p.get('mu_j')):>7}")
+            lines.append(
+                f"{p['i']:>7}{p['j']:>7}{p['bridge']:>12.5f}{p['coactivation']:>9.4f}"
+                f"{p['cosine']:>9.3f}{f(p.get('mu_i')):>7}{f(p.get('mu_j')):>7}"
+            )
 
     table("strongest off-diagonal bridges (row i image side, column j text side):", js["bridge"]["top_pairs"])
-    table("strongest image-dominant -> text-dominant bridges (mu_i > 0.5 > mu_j):",
-          js["bridge"]["top_cross_modal_pairs"])
+    table(
+        "strongest image-dominant -> text-dominant bridges (mu_i > 0.5 > mu_j):", js["bridge"]["top_cross_modal_pairs"]
+    )
     return "\n".join(lines)

@@ -32,10 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from sae.util.errors import InputError
-from sae.analysis.correlation import (DEAD_RANGE, LayerData, NonFiniteError, NumpyEngine, PreparedLayer, column_stats,
-                             make_engine)
+from sae.analysis.correlation import (
+    DEAD_RANGE,
+    LayerData,
+    NonFiniteError,
+    NumpyEngine,
+    PreparedLayer,
+    column_stats,
+    make_engine,
+)
 from sae.data.features import FORMAT, FeatureRun, SparseCodes
+from sae.util.errors import InputError
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -56,19 +63,24 @@ def check_same_rows(runs: Sequence[FeatureRun]) -> None:
     for run, n in declared[1:]:
         ref, n_ref = declared[0]
         if n != n_ref:
-            raise InputError(f"runs '{ref.name}' (N={n_ref}) and '{run.name}' (N={n}) have different "
-                             "numbers of rows; compare runs recorded on the same data")
+            raise InputError(
+                f"runs '{ref.name}' (N={n_ref}) and '{run.name}' (N={n}) have different "
+                "numbers of rows; compare runs recorded on the same data"
+            )
     with_ids = [run for run in runs if run.row_ids is not None]
     for run in with_ids[1:]:
         ref = with_ids[0]
         a, b = np.asarray(ref.row_ids), np.asarray(run.row_ids)
         if len(a) != len(b):
-            raise InputError(f"runs '{ref.name}' (N={len(a)}) and '{run.name}' (N={len(b)}) have "
-                             "different numbers of rows")
+            raise InputError(
+                f"runs '{ref.name}' (N={len(a)}) and '{run.name}' (N={len(b)}) have different numbers of rows"
+            )
         diff = np.flatnonzero(a != b)
         if len(diff):
-            raise InputError(f"runs '{ref.name}' and '{run.name}' hold different rows: row_ids "
-                             f"differ first at row {diff[0]} ({a[diff[0]]} vs {b[diff[0]]})")
+            raise InputError(
+                f"runs '{ref.name}' and '{run.name}' hold different rows: row_ids "
+                f"differ first at row {diff[0]} ({a[diff[0]]} vs {b[diff[0]]})"
+            )
 
 
 class LayerLoader:
@@ -99,9 +111,11 @@ class LayerLoader:
             self.n_rows, self._first = n_rows, (run.name, layer)
         elif n_rows != self.n_rows:
             (name, first) = self._first
-            raise InputError(f"runs '{name}' (N={self.n_rows}, layer {first}) and '{run.name}' "
-                             f"(N={n_rows}, layer {layer}) have different numbers of rows; "
-                             "compare runs recorded on the same data")
+            raise InputError(
+                f"runs '{name}' (N={self.n_rows}, layer {first}) and '{run.name}' "
+                f"(N={n_rows}, layer {layer}) have different numbers of rows; "
+                "compare runs recorded on the same data"
+            )
         try:
             stats = column_stats(data, self.dead_range)
         except NonFiniteError as e:
@@ -178,10 +192,16 @@ class NullBaseline:
         return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"k": self.k, "seed": self.seed,
-                "all_layers_mean": float(np.mean(self.all_layers)), "all_layers_std": self._std(self.all_layers),
-                "last_layer_mean": float(np.mean(self.last_layer)), "last_layer_std": self._std(self.last_layer),
-                "all_layers": self.all_layers, "last_layer": self.last_layer}
+        return {
+            "k": self.k,
+            "seed": self.seed,
+            "all_layers_mean": float(np.mean(self.all_layers)),
+            "all_layers_std": self._std(self.all_layers),
+            "last_layer_mean": float(np.mean(self.last_layer)),
+            "last_layer_std": self._std(self.last_layer),
+            "all_layers": self.all_layers,
+            "last_layer": self.last_layer,
+        }
 
 
 @dataclass
@@ -225,11 +245,15 @@ class WMPPCResult:
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "source": self.source, "target": self.target,
-            "all_layers": self.all_layers, "last_layer": self.last_layer,
-            "source_layers": self.source_layers, "target_layers": self.target_layers,
+            "source": self.source,
+            "target": self.target,
+            "all_layers": self.all_layers,
+            "last_layer": self.last_layer,
+            "source_layers": self.source_layers,
+            "target_layers": self.target_layers,
             "matrix": self.matrix.tolist(),
-            "mppc_all_layers": self.mppc_all_layers, "mppc_last_layer": self.mppc_last_layer,
+            "mppc_all_layers": self.mppc_all_layers,
+            "mppc_last_layer": self.mppc_last_layer,
             "n_samples": self.n_samples,
             "dead_source_features": self.dead_source_features,
             "dead_target_features": self.dead_target_features,
@@ -270,8 +294,7 @@ def wmppc(
     src_layers = _select_layers(source, source_layers)
     tgt_layers = _select_layers(target, target_layers)
     perms: list[np.ndarray] = []
-    bar = _progress(len(src_layers) * len(tgt_layers) * (1 + null), f"wMPPC {source.name}->{target.name}",
-                    progress)
+    bar = _progress(len(src_layers) * len(tgt_layers) * (1 + null), f"wMPPC {source.name}->{target.name}", progress)
     with bar:
         targets = [loader.load(target, b) for b in tgt_layers]
         n = loader.n_rows
@@ -316,31 +339,49 @@ def wmppc(
                     null_last[ip] = weighted_mean(null_rhos[-1], weights, where)
             del src
     result = WMPPCResult(
-        source=source.name, target=target.name, source_layers=src_layers, target_layers=tgt_layers,
-        n_samples=n, matrix=matrix, mppc_matrix=mppc_matrix, layer_scores=layer_scores,
-        layer_mppc=layer_mppc, source_features=d_src, dead_source_features=dead_src,
-        dead_target_features=[t.stats.n_dead for t in targets], original_scaling=original_scaling,
-        rho_all_layers=rho_all, best_feature=feat_all, best_layer=layer_all,
+        source=source.name,
+        target=target.name,
+        source_layers=src_layers,
+        target_layers=tgt_layers,
+        n_samples=n,
+        matrix=matrix,
+        mppc_matrix=mppc_matrix,
+        layer_scores=layer_scores,
+        layer_mppc=layer_mppc,
+        source_features=d_src,
+        dead_source_features=dead_src,
+        dead_target_features=[t.stats.n_dead for t in targets],
+        original_scaling=original_scaling,
+        rho_all_layers=rho_all,
+        best_feature=feat_all,
+        best_layer=layer_all,
     )
     if null:
-        result.null = NullBaseline(null, seed, [float(np.dot(d_src, s) / np.sum(d_src)) for s in null_scores],
-                                   null_last.tolist())
+        result.null = NullBaseline(
+            null, seed, [float(np.dot(d_src, s) / np.sum(d_src)) for s in null_scores], null_last.tolist()
+        )
     return result
 
 
 def format_wmppc(result: WMPPCResult) -> str:
     """The original's two lines (only the second contains `All Layers :`), MPPC, the null baseline, then the
     per-layer matrix (rows: source layers, columns: target)."""
-    lines = [f"wMPPC : {result.source} -> {result.target}",
-             f"All Layers : {result.all_layers:.6f} | Last layer : {result.last_layer:.6f}",
-             f"MPPC (unweighted): all layers {result.mppc_all_layers:.6f} | last layer {result.mppc_last_layer:.6f}"]
+    lines = [
+        f"wMPPC : {result.source} -> {result.target}",
+        f"All Layers : {result.all_layers:.6f} | Last layer : {result.last_layer:.6f}",
+        f"MPPC (unweighted): all layers {result.mppc_all_layers:.6f} | last layer {result.mppc_last_layer:.6f}",
+    ]
     if result.null is not None:
         nj = result.null.to_json()
-        lines.append(f"Null wMPPC ({result.null.k} row permutations of the target): "
-                     f"all layers {nj['all_layers_mean']:.6f} +- {nj['all_layers_std']:.6f} | "
-                     f"last layer {nj['last_layer_mean']:.6f} +- {nj['last_layer_std']:.6f}")
-    lines.append(f"N = {result.n_samples} rows; dead source features per layer: {result.dead_source_features}"
-                 + (" (correlations scaled by (N-1)/N as in the original)" if result.original_scaling else ""))
+        lines.append(
+            f"Null wMPPC ({result.null.k} row permutations of the target): "
+            f"all layers {nj['all_layers_mean']:.6f} +- {nj['all_layers_std']:.6f} | "
+            f"last layer {nj['last_layer_mean']:.6f} +- {nj['last_layer_std']:.6f}"
+        )
+    lines.append(
+        f"N = {result.n_samples} rows; dead source features per layer: {result.dead_source_features}"
+        + (" (correlations scaled by (N-1)/N as in the original)" if result.original_scaling else "")
+    )
     lines.append("")
     lines.append(f"wMPPC per layer pair (rows: {result.source} layers, columns: {result.target} layers)")
     width = 8
@@ -351,8 +392,7 @@ def format_wmppc(result: WMPPCResult) -> str:
     return "\n".join(lines)
 
 
-def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0.0,
-                vmax: float | None = 1.0) -> None:
+def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0.0, vmax: float | None = 1.0) -> None:
     """Save the per-layer wMPPC matrix as a heatmap (PNG or any format matplotlib infers from `path`).
 
     The colour scale is fixed to [vmin, vmax] = [0, 1] by default so heatmaps of different pairs compare;
@@ -370,8 +410,10 @@ def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0
     ax.set_yticks(range(L_A), [str(a) for a in result.source_layers])
     ax.set_xlabel(f"{result.target} layer")
     ax.set_ylabel(f"{result.source} layer")
-    ax.set_title(f"wMPPC {result.source} -> {result.target}\n"
-                 f"all layers {result.all_layers:.3f}, last layer {result.last_layer:.3f}")
+    ax.set_title(
+        f"wMPPC {result.source} -> {result.target}\n"
+        f"all layers {result.all_layers:.3f}, last layer {result.last_layer:.3f}"
+    )
     if L_A * L_B <= 144:
         lo, hi = im.get_clim()
         for ia in range(L_A):
@@ -395,8 +437,10 @@ def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
     from sae.viz.browser import COMPARISONS
 
     if run.format != FORMAT or not (run.path / "run.json").exists():
-        return None, (f"run '{run.name}' is in the {run.format} format (no run.json); "
-                      "comparison results are saved only next to runs recorded by this toolkit")
+        return None, (
+            f"run '{run.name}' is in the {run.format} format (no run.json); "
+            "comparison results are saved only next to runs recorded by this toolkit"
+        )
     return run.path / COMPARISONS, ""
 
 
@@ -417,10 +461,20 @@ def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str
         return [], why
     paths = []
     for ia, a in enumerate(result.source_layers):
-        paths.append(save_best_matches(
-            source.path, source=result.source, source_layer=a, target=result.target,
-            target_layers=result.target_layers, feature=result.best_feature[ia], layer=result.best_layer[ia],
-            rho=result.rho_all_layers[ia], method="wmppc", n_samples=result.n_samples))
+        paths.append(
+            save_best_matches(
+                source.path,
+                source=result.source,
+                source_layer=a,
+                target=result.target,
+                target_layers=result.target_layers,
+                feature=result.best_feature[ia],
+                layer=result.best_layer[ia],
+                rho=result.rho_all_layers[ia],
+                method="wmppc",
+                n_samples=result.n_samples,
+            )
+        )
     full = folder / f"wmppc__{result.target}.json"
     write_json(full, result.to_json())
     return [*paths, full], ""
@@ -471,21 +525,34 @@ class SharednessResult:
         rows = []
         for i in self.selected:
             i = int(i)
-            rows.append({
-                "index": i, "delta": float(self.delta[i]), "weight": float(self.weight[i]),
-                "rho_min_group": float(self.rho_min_group[i]), "rho_max_group": float(self.rho_max_group[i]),
-                "best_match": {run: {"layer": int(m.layer[i]), "feature": int(m.feature[i]),
-                                     "rho": float(m.rho[i])} for run, m in self.matches.items()},
-            })
+            rows.append(
+                {
+                    "index": i,
+                    "delta": float(self.delta[i]),
+                    "weight": float(self.weight[i]),
+                    "rho_min_group": float(self.rho_min_group[i]),
+                    "rho_max_group": float(self.rho_max_group[i]),
+                    "best_match": {
+                        run: {"layer": int(m.layer[i]), "feature": int(m.feature[i]), "rho": float(m.rho[i])}
+                        for run, m in self.matches.items()
+                    },
+                }
+            )
         return rows
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "source": self.source, "layer": self.layer, "n_samples": self.n_samples,
-            "min_group": self.min_group, "max_group": self.max_group,
+            "source": self.source,
+            "layer": self.layer,
+            "n_samples": self.n_samples,
+            "min_group": self.min_group,
+            "max_group": self.max_group,
             "compared_layers": {run: m.layers for run, m in self.matches.items()},
-            "top": self.top, "n_features": len(self.delta), "n_selected": len(self.selected),
-            "dead_features": self.dead_features, "original_scaling": self.original_scaling,
+            "top": self.top,
+            "n_features": len(self.delta),
+            "n_selected": len(self.selected),
+            "dead_features": self.dead_features,
+            "original_scaling": self.original_scaling,
             "features": self.feature_rows(),
         }
 
@@ -567,10 +634,20 @@ def comparative_sharedness(
     n_top = max(1, int(math.floor(top * src.d + 1e-9)))
     order = np.lexsort((np.arange(src.d), -delta))[:n_top]
     return SharednessResult(
-        source=source.name, layer=src_layer, n_samples=src.n_rows,
-        min_group=[r.name for r in min_group], max_group=[r.name for r in max_group],
-        weight=weight, rho_min_group=rho_g, rho_max_group=rho_h, delta=delta, matches=matches,
-        selected=order, top=top, dead_features=src.stats.n_dead, original_scaling=original_scaling,
+        source=source.name,
+        layer=src_layer,
+        n_samples=src.n_rows,
+        min_group=[r.name for r in min_group],
+        max_group=[r.name for r in max_group],
+        weight=weight,
+        rho_min_group=rho_g,
+        rho_max_group=rho_h,
+        delta=delta,
+        matches=matches,
+        selected=order,
+        top=top,
+        dead_features=src.stats.n_dead,
+        original_scaling=original_scaling,
     )
 
 
@@ -581,8 +658,7 @@ def sharedness_delta(weight: np.ndarray, rho_g: np.ndarray, rho_h: np.ndarray) -
 
 
 def _table_columns(result: SharednessResult) -> list[str]:
-    return ["rank", "index", "delta", "S", "rho_G", "rho_H",
-            *[f"best:{run}" for run in result.matches]]
+    return ["rank", "index", "delta", "S", "rho_G", "rho_H", *[f"best:{run}" for run in result.matches]]
 
 
 def _table_rows(result: SharednessResult) -> list[list[str]]:
@@ -590,22 +666,32 @@ def _table_rows(result: SharednessResult) -> list[list[str]]:
     rows = []
     for rank, feat in enumerate(result.feature_rows(), 1):
         best = []
-        for run, b in feat["best_match"].items():
+        for b in feat["best_match"].values():
             where = f"L{b['layer']}:" if show_layer else ""
             best.append(f"{where}{b['feature']} ({b['rho']:.3f})")
-        rows.append([str(rank), str(feat["index"]), f"{feat['delta']:.6g}", f"{feat['weight']:.6g}",
-                     f"{feat['rho_min_group']:.4f}", f"{feat['rho_max_group']:.4f}", *best])
+        rows.append(
+            [
+                str(rank),
+                str(feat["index"]),
+                f"{feat['delta']:.6g}",
+                f"{feat['weight']:.6g}",
+                f"{feat['rho_min_group']:.4f}",
+                f"{feat['rho_max_group']:.4f}",
+                *best,
+            ]
+        )
     return rows
 
 
 def format_sharedness(result: SharednessResult) -> str:
     """A header, then one line per selected feature: index, Delta, S, rho_G, rho_H, best matches."""
-    head = (f"Comparative sharedness of {result.source} (layer {result.layer}, N={result.n_samples}): "
-            f"G = {' '.join(result.min_group)} (min), H = {' '.join(result.max_group)} (max)\n"
-            f"top {len(result.selected)} of {len(result.delta)} features by Delta = S (rho_G+^2 - rho_H+^2), "
-            f"rho+ = max(rho, 0); {result.dead_features} dead; best match shown as feature (rho) in each run's layer "
-            + ", ".join(f"{run}:{m.layers if len(m.layers) > 1 else m.layers[0]}"
-                        for run, m in result.matches.items()))
+    head = (
+        f"Comparative sharedness of {result.source} (layer {result.layer}, N={result.n_samples}): "
+        f"G = {' '.join(result.min_group)} (min), H = {' '.join(result.max_group)} (max)\n"
+        f"top {len(result.selected)} of {len(result.delta)} features by Delta = S (rho_G+^2 - rho_H+^2), "
+        f"rho+ = max(rho, 0); {result.dead_features} dead; best match shown as feature (rho) in each run's layer "
+        + ", ".join(f"{run}:{m.layers if len(m.layers) > 1 else m.layers[0]}" for run, m in result.matches.items())
+    )
     cols = _table_columns(result)
     rows = _table_rows(result)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -623,8 +709,14 @@ def write_sharedness_csv(result: SharednessResult, path: str | Path) -> None:
             w = csv.writer(f)
             w.writerow(header)
             for rank, feat in enumerate(result.feature_rows(), 1):
-                row = [rank, feat["index"], repr(feat["delta"]), repr(feat["weight"]),
-                       repr(feat["rho_min_group"]), repr(feat["rho_max_group"])]
+                row = [
+                    rank,
+                    feat["index"],
+                    repr(feat["delta"]),
+                    repr(feat["weight"]),
+                    repr(feat["rho_min_group"]),
+                    repr(feat["rho_max_group"]),
+                ]
                 for b in feat["best_match"].values():
                     row += [b["feature"], b["layer"], repr(b["rho"])]
                 w.writerow(row)
@@ -653,9 +745,20 @@ def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[
         return [], why
     paths = []
     for name, m in result.matches.items():
-        paths.append(save_best_matches(
-            source.path, source=result.source, source_layer=result.layer, target=name, target_layers=m.layers,
-            feature=m.feature, layer=m.layer, rho=m.rho, method="comp_sharedness", n_samples=result.n_samples))
+        paths.append(
+            save_best_matches(
+                source.path,
+                source=result.source,
+                source_layer=result.layer,
+                target=name,
+                target_layers=m.layers,
+                feature=m.feature,
+                layer=m.layer,
+                rho=m.rho,
+                method="comp_sharedness",
+                n_samples=result.n_samples,
+            )
+        )
     full = folder / f"sharedness_L{result.layer:02d}.json"
     write_json(full, result.to_json())
     return [*paths, full], ""

@@ -120,8 +120,16 @@ class ColumnStats:
         return int(np.where(self.shifted, self.n_rows, self.stored).sum())
 
 
-def _finish_stats(n: int, sums: np.ndarray, sumsq: np.ndarray, stored: np.ndarray, vmin: np.ndarray,
-                  vmax: np.ndarray, shifted_moments, dead_range: float) -> ColumnStats:
+def _finish_stats(
+    n: int,
+    sums: np.ndarray,
+    sumsq: np.ndarray,
+    stored: np.ndarray,
+    vmin: np.ndarray,
+    vmax: np.ndarray,
+    shifted_moments,
+    dead_range: float,
+) -> ColumnStats:
     """Stats from first-pass sums (float64) and, for the shifted columns only, a second pass:
     shifted_moments(cols, c) -> (sum_n (x - c), sum_n (x - c)^2) over those columns."""
     mean = sums / n
@@ -256,8 +264,9 @@ class PreparedLayer:
     rows of its base layer in another order.
     """
 
-    def __init__(self, stats: ColumnStats, data: LayerData, perm: np.ndarray | None = None,
-                 base: PreparedLayer | None = None):
+    def __init__(
+        self, stats: ColumnStats, data: LayerData, perm: np.ndarray | None = None, base: PreparedLayer | None = None
+    ):
         self.stats = stats
         self.data = data
         self.perm = perm  # row r is row perm[r] of `base`
@@ -311,9 +320,15 @@ class PreparedLayer:
         block[rows[~keep], pos[idx[~keep]]] += vals[~keep]
         block *= inv_sd[cols]
         coo = scipy.sparse.coo_matrix(
-            (np.concatenate([vals[keep] * inv_sd[idx[keep]], block.ravel()]),
-             (np.concatenate([rows[keep], np.repeat(np.arange(n), len(cols))]),
-              np.concatenate([idx[keep], np.tile(cols, n)]))), shape=(n, d))
+            (
+                np.concatenate([vals[keep] * inv_sd[idx[keep]], block.ravel()]),
+                (
+                    np.concatenate([rows[keep], np.repeat(np.arange(n), len(cols))]),
+                    np.concatenate([idx[keep], np.tile(cols, n)]),
+                ),
+            ),
+            shape=(n, d),
+        )
         return coo.tocsr()
 
     def _csr_from_dense(self, data: np.ndarray) -> scipy.sparse.csr_matrix:
@@ -334,8 +349,7 @@ class PreparedLayer:
             return np.dtype(np.float32)
         return np.dtype(np.float64)
 
-    def dense_rows(self, r0: int, r1: int, cols: slice | np.ndarray, out: np.ndarray,
-                   shift: bool = True) -> np.ndarray:
+    def dense_rows(self, r0: int, r1: int, cols: slice | np.ndarray, out: np.ndarray, shift: bool = True) -> np.ndarray:
         """Rows r0:r1 and columns `cols` (a slice, or indices) of the shifted layer x - center (unscaled;
         x itself with shift=False), written into `out` [r1-r0, n_cols] (float32 or float64, reused by the
         caller) and returned."""
@@ -366,8 +380,9 @@ class PreparedLayer:
         return out
 
 
-def pair_corr(x: PreparedLayer, y: PreparedLayer, b0: int, b1: int, cols: np.ndarray,
-              entries: int = 1 << 22) -> np.ndarray:
+def pair_corr(
+    x: PreparedLayer, y: PreparedLayer, b0: int, b1: int, cols: np.ndarray, entries: int = 1 << 22
+) -> np.ndarray:
     """corr(x_i, y_{cols[i - b0]}) for i in b0:b1, float64 [b1-b0], by row chunks of the dense layers."""
     n, k = x.n_rows, b1 - b0
     rows = min(n, max(1, entries // max(2 * k, 1)))
@@ -456,8 +471,11 @@ class NumpyEngine:
         else:
             counts = np.diff(ycsr.indptr)[rows[p0:p1]]
             cum = np.cumsum(counts)
-            cuts = np.searchsorted(cum, np.arange(self.budget.pair_chunk, int(cum[-1]) if len(cum) else 0,
-                                                  self.budget.pair_chunk), side="right")
+            cuts = np.searchsorted(
+                cum,
+                np.arange(self.budget.pair_chunk, int(cum[-1]) if len(cum) else 0, self.budget.pair_chunk),
+                side="right",
+            )
             bounds = [p0, *(p0 + cuts), p1]
             chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for e0, e1 in chunks:
@@ -541,11 +559,22 @@ class TorchEngine(NumpyEngine):
 
     name = "torch"
 
-    def __init__(self, device: str = "cuda", path: str = "auto", budget: Budget | None = None,
-                 dense_dtype: str = "float64"):
-        super().__init__(path, budget or Budget(block_entries=1 << 24, pair_chunk=1 << 24, dense_ratio=1e-3,
-                                                dense_acc_entries=1 << 26, dense_row_entries=1 << 24,
-                                                dense_max_rows=1 << 16), dense_dtype)
+    def __init__(
+        self, device: str = "cuda", path: str = "auto", budget: Budget | None = None, dense_dtype: str = "float64"
+    ):
+        super().__init__(
+            path,
+            budget
+            or Budget(
+                block_entries=1 << 24,
+                pair_chunk=1 << 24,
+                dense_ratio=1e-3,
+                dense_acc_entries=1 << 26,
+                dense_row_entries=1 << 24,
+                dense_max_rows=1 << 16,
+            ),
+            dense_dtype,
+        )
         self.device = device
 
     def _t(self, layer: PreparedLayer) -> dict[str, Any]:

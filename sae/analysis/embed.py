@@ -32,13 +32,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sae.data.datasets import BadRow, Pairs
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
-from sae.data.datasets import BadRow, Pairs
 
 FORMAT = "share-concepts-embeddings-v1"
-VLMS = {"clip": ("ClipVision", "ClipText", "clip_model_name"),
-        "siglip2": ("SigLIP2Vision", "SiglipText", "siglip2_model_name")}
+VLMS = {
+    "clip": ("ClipVision", "ClipText", "clip_model_name"),
+    "siglip2": ("SigLIP2Vision", "SiglipText", "siglip2_model_name"),
+}
 FILES = ("image.npy", "text.npy", "row_ids.npy", "meta.json")
 
 
@@ -52,19 +54,30 @@ def add_vlm_args(parser: argparse.ArgumentParser, default: str | None = "clip") 
     from sae.encoders import registry
 
     group = parser.add_argument_group("vision-language model")
-    group.add_argument("--vlm", default=default, choices=tuple(VLMS),
-                       help="clip: the open_clip towers of --clip_model_name (OpenAI CLIP, DFN, ...); siglip2: the "
-                            "transformers towers of --siglip2_model_name" + (f" (default: {default})" if default else ""))
+    group.add_argument(
+        "--vlm",
+        default=default,
+        choices=tuple(VLMS),
+        help="clip: the open_clip towers of --clip_model_name (OpenAI CLIP, DFN, ...); siglip2: the "
+        "transformers towers of --siglip2_model_name" + (f" (default: {default})" if default else ""),
+    )
     for flag in ("clip_model_name", "siglip2_model_name"):
         name, help_text = registry.NAME_FLAGS[flag]
         group.add_argument(f"--{flag}", default=name, help=f"{help_text} (default: {name})")
-    group.add_argument("--clip_pretrained", default="openai",
-                       help="open_clip weights tag for builtin names (default: openai; ignored for hf-hub: names "
-                            "and local directories)")
+    group.add_argument(
+        "--clip_pretrained",
+        default="openai",
+        help="open_clip weights tag for builtin names (default: openai; ignored for hf-hub: names "
+        "and local directories)",
+    )
 
 
-def vlm_specs(vlm: str, clip_model_name: str | None = None, siglip2_model_name: str | None = None,
-              clip_pretrained: str | None = "openai") -> tuple[Any, Any]:
+def vlm_specs(
+    vlm: str,
+    clip_model_name: str | None = None,
+    siglip2_model_name: str | None = None,
+    clip_pretrained: str | None = "openai",
+) -> tuple[Any, Any]:
     """(image ModelSpec, text ModelSpec) of a --vlm choice."""
     from sae.encoders import registry
 
@@ -72,8 +85,10 @@ def vlm_specs(vlm: str, clip_model_name: str | None = None, siglip2_model_name: 
         raise InputError(f"--vlm must be one of {', '.join(VLMS)} (got {vlm!r})")
     image_model, text_model, flag = VLMS[vlm]
     name = clip_model_name if flag == "clip_model_name" else siglip2_model_name
-    return (registry.ModelSpec(image_model, name, clip_pretrained),
-            registry.ModelSpec(text_model, name, clip_pretrained))
+    return (
+        registry.ModelSpec(image_model, name, clip_pretrained),
+        registry.ModelSpec(text_model, name, clip_pretrained),
+    )
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -82,8 +97,10 @@ def specs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _check_embed(adapter: Any) -> None:
     if not callable(getattr(adapter, "embed", None)) or getattr(adapter, "d_embed", None) is None:
-        raise InputError(f"{adapter.model} '{adapter.name}' gives no final projected embedding (a SigLIP vision "
-                         "tower without its head, or an adapter without Adapter.embed)")
+        raise InputError(
+            f"{adapter.model} '{adapter.name}' gives no final projected embedding (a SigLIP vision "
+            "tower without its head, or an adapter without Adapter.embed)"
+        )
 
 
 def _embed(adapter: Any, batch: dict[str, Any]) -> np.ndarray:
@@ -117,12 +134,15 @@ class _Collate:
 
     def __call__(self, items: list[tuple[int, Any, Any]]) -> tuple[list[int], list[BadRow], Any, Any]:
         good = [(n, i, t) for n, i, t in items if not isinstance(i, BadRow) and not isinstance(t, BadRow)]
-        bad = [i if isinstance(i, BadRow) else t for _, i, t in items
-               if isinstance(i, BadRow) or isinstance(t, BadRow)]
+        bad = [i if isinstance(i, BadRow) else t for _, i, t in items if isinstance(i, BadRow) or isinstance(t, BadRow)]
         if not good:
             return [], bad, None, None
-        return ([n for n, _, _ in good], bad, self.image_preprocess([i for _, i, _ in good]),
-                self.text_preprocess([t for _, _, t in good]))
+        return (
+            [n for n, _, _ in good],
+            bad,
+            self.image_preprocess([i for _, i, _ in good]),
+            self.text_preprocess([t for _, _, t in good]),
+        )
 
 
 @dataclass
@@ -152,9 +172,20 @@ def open_embeddings(path: str | Path) -> Embeddings:
     return Embeddings(path, img, txt, ids, meta)
 
 
-def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | Path, *, batch_size: int = 256,
-                num_workers: int = 0, skip_bad: bool = False, normalize: bool = False, vlm: str | None = None,
-                identity: dict[str, Any] | None = None, progress: bool = True) -> Embeddings:
+def embed_pairs(
+    image_adapter: Any,
+    text_adapter: Any,
+    pairs: Pairs,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    normalize: bool = False,
+    vlm: str | None = None,
+    identity: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Embeddings:
     """Embed every (image, caption) row of `pairs` with both towers and write the folder `out`
     (module docstring). Rows with an unreadable image or caption stop the run (InputError), or with
     `skip_bad` are dropped from both files and listed in meta.json."""
@@ -173,9 +204,14 @@ def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | 
         raise InputError(f"--batch_size must be at least 1 (got {batch_size})")
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(_PairRows(pairs), batch_size=batch_size, shuffle=False, num_workers=max(0, num_workers),
-                        collate_fn=_Collate(image_adapter.preprocess, text_adapter.preprocess),
-                        prefetch_factor=4 if num_workers > 0 else None)
+    loader = DataLoader(
+        _PairRows(pairs),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=max(0, num_workers),
+        collate_fn=_Collate(image_adapter.preprocess, text_adapter.preprocess),
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
     out = Path(out)
     kept: list[int] = []
     skipped: list[dict[str, Any]] = []
@@ -183,13 +219,18 @@ def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | 
         tmp.mkdir()
         img = np.lib.format.open_memmap(tmp / "image.npy", mode="w+", dtype=np.float32, shape=(n, d))
         txt = np.lib.format.open_memmap(tmp / "text.npy", mode="w+", dtype=np.float32, shape=(n, d))
-        with tqdm(total=n, desc=f"embedding pairs ({image_adapter.model} + {text_adapter.model})", unit="pair",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=n,
+            desc=f"embedding pairs ({image_adapter.model} + {text_adapter.model})",
+            unit="pair",
+            disable=not progress,
+        ) as bar:
             for positions, bad, img_batch, txt_batch in loader:
                 for b in bad:
                     if not skip_bad:
-                        raise InputError(f"row {b.row_id}: {b.reason}; fix or remove it, or pass --skip_bad to "
-                                         "drop such rows")
+                        raise InputError(
+                            f"row {b.row_id}: {b.reason}; fix or remove it, or pass --skip_bad to drop such rows"
+                        )
                     skipped.append({"row_id": b.row_id, "reason": b.reason})
                     tqdm.write(f"skipping row {b.row_id}: {b.reason}")
                 bar.update(len(positions) + len(bad))
@@ -200,8 +241,9 @@ def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | 
                     if e.shape != (len(positions), d):
                         raise InputError(f"the {name} tower returned shape {e.shape} for {len(positions)} rows")
                     if not np.isfinite(e).all():
-                        raise InputError(f"the {name} tower returned NaN or inf near row "
-                                         f"{int(pairs.row_ids[positions[0]])}")
+                        raise InputError(
+                            f"the {name} tower returned NaN or inf near row {int(pairs.row_ids[positions[0]])}"
+                        )
                 if normalize:
                     ei = ei / np.maximum(np.linalg.norm(ei, axis=1, keepdims=True), 1e-12)
                     et = et / np.maximum(np.linalg.norm(et, axis=1, keepdims=True), 1e-12)
@@ -221,19 +263,34 @@ def embed_pairs(image_adapter: Any, text_adapter: Any, pairs: Pairs, out: str | 
                 os.replace(tmp / f"kept_{name}", tmp / name)
         row_ids = np.asarray(pairs.row_ids, dtype=np.int64)[np.asarray(kept, dtype=np.int64)]
         np.save(tmp / "row_ids.npy", row_ids)
-        meta = {"format": FORMAT, "vlm": vlm, "image_model": image_adapter.model, "text_model": text_adapter.model,
-                "identity": identity or {}, "dataset": pairs.describe(), "n_rows": len(kept), "d": d,
-                "normalize": normalize, "skipped": skipped,
-                "rows": "row n of image.npy and of text.npy is the pair of dataset row row_ids[n]",
-                "provenance": provenance()}
+        meta = {
+            "format": FORMAT,
+            "vlm": vlm,
+            "image_model": image_adapter.model,
+            "text_model": text_adapter.model,
+            "identity": identity or {},
+            "dataset": pairs.describe(),
+            "n_rows": len(kept),
+            "d": d,
+            "normalize": normalize,
+            "skipped": skipped,
+            "rows": "row n of image.npy and of text.npy is the pair of dataset row row_ids[n]",
+            "provenance": provenance(),
+        }
         write_json(tmp / "meta.json", meta)
     return open_embeddings(out)
 
 
 def embedding_identity(image_spec: Any, text_spec: Any, pairs: Pairs, normalize: bool, skip_bad: bool) -> dict:
     """What an embeddings folder depends on: a second `embed` with the same identity reuses it."""
-    return {"image": image_spec.identity(), "text": text_spec.identity(), "data": pairs.identity("image"),
-            "text_column": pairs.text_column, "normalize": normalize, "skip_bad": skip_bad}
+    return {
+        "image": image_spec.identity(),
+        "text": text_spec.identity(),
+        "data": pairs.identity("image"),
+        "text_column": pairs.text_column,
+        "normalize": normalize,
+        "skip_bad": skip_bad,
+    }
 
 
 def existing(out: str | Path, identity: dict[str, Any], overwrite: bool) -> Embeddings | None:
@@ -244,12 +301,12 @@ def existing(out: str | Path, identity: dict[str, Any], overwrite: bool) -> Embe
         return None
     if (out / "meta.json").exists():
         emb = open_embeddings(out)
-        if json.dumps(emb.meta.get("identity"), sort_keys=True) == json.dumps(identity, sort_keys=True,
-                                                                                default=str):
+        if json.dumps(emb.meta.get("identity"), sort_keys=True) == json.dumps(identity, sort_keys=True, default=str):
             return emb
     if not overwrite:
-        raise InputError(f"{out} exists and holds other embeddings (or something else); choose another --out or "
-                         "pass --overwrite")
+        raise InputError(
+            f"{out} exists and holds other embeddings (or something else); choose another --out or pass --overwrite"
+        )
     shutil.rmtree(out)
     return None
 
@@ -262,8 +319,15 @@ def words_sha(words: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(words).encode()).hexdigest()
 
 
-def embed_texts(text_spec: Any, words: Sequence[str], cache_dir: str | Path, *, device: str = "auto",
-                batch_size: int = 256, progress: bool = True) -> tuple[np.ndarray, Path, bool]:
+def embed_texts(
+    text_spec: Any,
+    words: Sequence[str],
+    cache_dir: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[np.ndarray, Path, bool]:
     """The embeddings [V, d] of `words` by the text tower of `text_spec`, from
     `<cache_dir>/<key>.npy` when present (key: sha256 of the model's identity and the words), else
     computed and written there (with `<key>.json`: model, number of words, words hash).
@@ -279,8 +343,9 @@ def embed_texts(text_spec: Any, words: Sequence[str], cache_dir: str | Path, *, 
             return V, path, True
     adapter = text_spec.load(device)
     _check_embed(adapter)
-    V = embed_vocab(list(words), lambda texts: _embed(adapter, adapter.preprocess(texts)), batch=batch_size,
-                    progress=progress)
+    V = embed_vocab(
+        list(words), lambda texts: _embed(adapter, adapter.preprocess(texts)), batch=batch_size, progress=progress
+    )
     if not np.isfinite(V).all():
         raise InputError(f"the text tower {text_spec.name} returned NaN or inf for the vocabulary")
     try:

@@ -56,16 +56,16 @@ def load_vocab(path: str | Path = DEFAULT_VOCAB) -> list[str]:
     return words
 
 
-def embed_vocab(words: Sequence[str], embed_fn: Callable[[list[str]], Any], batch: int = 256,
-                progress: bool = False) -> np.ndarray:
+def embed_vocab(
+    words: Sequence[str], embed_fn: Callable[[list[str]], Any], batch: int = 256, progress: bool = False
+) -> np.ndarray:
     """Embed `words` with any callable texts -> [n, d] (torch tensor or array), `batch` at a time,
     without gradients -> float32 [V, d]."""
     if not words:
         raise InputError("no words to embed")
     parts = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(words), batch), desc="embedding vocabulary", disable=not progress,
-                          leave=False):
+        for start in tqdm(range(0, len(words), batch), desc="embedding vocabulary", disable=not progress, leave=False):
             out = embed_fn(list(words[start : start + batch]))
             out = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
             n = len(words[start : start + batch])
@@ -102,9 +102,17 @@ class FeatureNames:
         return {str(int(f)): [[w, round(c, 6)] for w, c in self.names(int(f))] for f in feats}
 
 
-def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.ndarray | torch.Tensor,
-                  words: Sequence[str], top: int = 5, *, center_vocab: bool = False, block: int = 4096,
-                  device: str | torch.device = "auto", progress: bool = False) -> FeatureNames:
+def name_features(
+    directions: np.ndarray | torch.Tensor,
+    vocab_embeddings: np.ndarray | torch.Tensor,
+    words: Sequence[str],
+    top: int = 5,
+    *,
+    center_vocab: bool = False,
+    block: int = 4096,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> FeatureNames:
     """Name each row of directions [c, d] by the `top` words of vocab_embeddings [V, d] (rows aligned
     with `words`) with the highest cosine. `center_vocab` subtracts the vocabulary's mean embedding
     first. Zero directions (dead features) get cosines 0."""
@@ -112,15 +120,20 @@ def name_features(directions: np.ndarray | torch.Tensor, vocab_embeddings: np.nd
     from sae.util.device import resolve_device
 
     A = directions.detach().cpu().numpy() if isinstance(directions, torch.Tensor) else np.asarray(directions)
-    V = vocab_embeddings.detach().cpu().numpy() if isinstance(vocab_embeddings, torch.Tensor) \
+    V = (
+        vocab_embeddings.detach().cpu().numpy()
+        if isinstance(vocab_embeddings, torch.Tensor)
         else np.asarray(vocab_embeddings)
+    )
     if V.ndim != 2 or A.ndim != 2:
         raise InputError("directions and vocabulary embeddings must be 2-D")
     if V.shape[0] != len(words):
         raise InputError(f"{V.shape[0]} vocabulary embeddings for {len(words)} words: the rows must be the words")
     if V.shape[1] != A.shape[1]:
-        raise InputError(f"vocabulary embeddings have width {V.shape[1]}, the SAE's space {A.shape[1]}: "
-                         "embed the vocabulary with the text tower of the model the SAE was trained on")
+        raise InputError(
+            f"vocabulary embeddings have width {V.shape[1]}, the SAE's space {A.shape[1]}: "
+            "embed the vocabulary with the text tower of the model the SAE was trained on"
+        )
     if not np.isfinite(V).all():
         raise InputError("vocabulary embeddings hold NaN or inf")
     V = V.astype(np.float64)

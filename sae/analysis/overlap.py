@@ -35,9 +35,9 @@ import numpy as np
 import scipy.sparse
 from tqdm.auto import tqdm
 
-from sae.util.errors import InputError
 from sae.analysis.compare import check_same_rows as check_declared_rows
 from sae.data.features import FeatureRun, SparseCodes
+from sae.util.errors import InputError
 
 METHODS = ("argmax", "mutual", "hungarian")
 DENOMINATORS = ("k", "min")
@@ -116,8 +116,9 @@ def topk_rows(codes: SparseCodes, k: int, *, chunk_rows: int = 1 << 16, progress
 # Overlap matrix, best matches, pairings
 
 
-def overlap_matrix(a: TopKSets, b: TopKSets, perm_b: np.ndarray | None = None,
-                   denominator: str = "k") -> scipy.sparse.csr_matrix:
+def overlap_matrix(
+    a: TopKSets, b: TopKSets, perm_b: np.ndarray | None = None, denominator: str = "k"
+) -> scipy.sparse.csr_matrix:
     """O [M_A, M_B] (sparse, float64): |T_A(f) & T_B(g)| / k, or / min(|T_A(f)|, |T_B(g)|) with
     denominator "min"."""
     if a.n_rows != b.n_rows:
@@ -151,8 +152,9 @@ def best_matches(O: scipy.sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return best, arg
 
 
-def max_weight_matching(O: scipy.sparse.spmatrix | np.ndarray,
-                        max_block: int = MAX_DENSE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def max_weight_matching(
+    O: scipy.sparse.spmatrix | np.ndarray, max_block: int = MAX_DENSE_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
     """The one-to-one matching of rows and columns of O [m, n] (entries >= 0) maximising the sum of
     the matched entries, as pairs with O > 0: (rows, cols), sorted by row. Exact (module docstring):
     `linear_sum_assignment` on the dense block of each connected component of the non-zero entries.
@@ -180,8 +182,10 @@ def max_weight_matching(O: scipy.sparse.spmatrix | np.ndarray,
         rows, ri = np.unique(r[lo:hi], return_inverse=True)
         cols, ci = np.unique(c[lo:hi], return_inverse=True)
         if len(rows) * len(cols) > max_block:
-            raise InputError(f"the one-to-one (hungarian) pairing needs a dense {len(rows)} x {len(cols)} block "
-                             f"({len(rows) * len(cols) * 8 / 2**30:.1f} GiB); use --pairing argmax mutual")
+            raise InputError(
+                f"the one-to-one (hungarian) pairing needs a dense {len(rows)} x {len(cols)} block "
+                f"({len(rows) * len(cols) * 8 / 2**30:.1f} GiB); use --pairing argmax mutual"
+            )
         block = np.zeros((len(rows), len(cols)))
         block[ri, ci] = w[lo:hi]
         br, bc = linear_sum_assignment(block, maximize=True)
@@ -215,8 +219,9 @@ def restrict(O: scipy.sparse.spmatrix, live_a: np.ndarray, live_b: np.ndarray) -
     return O
 
 
-def pairings(O: scipy.sparse.csr_matrix, live_a: np.ndarray, live_b: np.ndarray,
-             methods: Sequence[str] = METHODS) -> dict[str, Pairing]:
+def pairings(
+    O: scipy.sparse.csr_matrix, live_a: np.ndarray, live_b: np.ndarray, methods: Sequence[str] = METHODS
+) -> dict[str, Pairing]:
     """The pairings `methods` (some of METHODS) of live features (module docstring)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -275,29 +280,40 @@ class OverlapResult:
 
     def to_json(self, top: int = 20) -> dict[str, Any]:
         out: dict[str, Any] = {
-            **self.extra, "k": self.k, "n_rows": self.n_rows,
-            "d_a": len(self.sizes_a), "d_b": len(self.sizes_b),
-            "n_live_a": int(self.live_a.sum()), "n_live_b": int(self.live_b.sum()),
+            **self.extra,
+            "k": self.k,
+            "n_rows": self.n_rows,
+            "d_a": len(self.sizes_a),
+            "d_b": len(self.sizes_b),
+            "n_live_a": int(self.live_a.sum()),
+            "n_live_b": int(self.live_b.sum()),
             "n_short_a": int(((self.sizes_a > 0) & (self.sizes_a < self.k)).sum()),
             "n_short_b": int(((self.sizes_b > 0) & (self.sizes_b < self.k)).sum()),
-            "mean_best_overlap_a_to_b": self.mean_best_a, "mean_best_overlap_b_to_a": self.mean_best_b,
+            "mean_best_overlap_a_to_b": self.mean_best_a,
+            "mean_best_overlap_b_to_a": self.mean_best_b,
         }
         thr = self.thresholds()
         if len(self.null_a):
-            out["null"] = {"permutations": len(self.null_a),
-                           "mean_best_overlap_a_to_b": float(self.null_a.mean()),
-                           "std_a_to_b": float(self.null_a.std()),
-                           "mean_best_overlap_b_to_a": float(self.null_b.mean()),
-                           "std_b_to_a": float(self.null_b.std()), **thr}
+            out["null"] = {
+                "permutations": len(self.null_a),
+                "mean_best_overlap_a_to_b": float(self.null_a.mean()),
+                "std_a_to_b": float(self.null_a.std()),
+                "mean_best_overlap_b_to_a": float(self.null_b.mean()),
+                "std_b_to_a": float(self.null_b.std()),
+                **thr,
+            }
         edges = np.linspace(0, 1, 11)
         out["pairings"] = {}
         for name, p in self.pairs.items():
             entry: dict[str, Any] = {
                 "n_pairs": int(len(p.a)),
                 "mean_overlap": float(p.overlap.mean()) if len(p.a) else float("nan"),
-                "histogram_percent": {"edges": (100 * edges).tolist(),
-                                      "count": np.histogram(p.overlap, bins=edges)[0].tolist()},
-                "top": p.top(top)}
+                "histogram_percent": {
+                    "edges": (100 * edges).tolist(),
+                    "count": np.histogram(p.overlap, bins=edges)[0].tolist(),
+                },
+                "top": p.top(top),
+            }
             for key, t in thr.items():
                 entry[f"n_above_null_{key}"] = int((p.overlap > t).sum())
             out["pairings"][name] = entry
@@ -305,21 +321,38 @@ class OverlapResult:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """For `--out FILE.npz`."""
-        out = {"best_a": self.best_a, "arg_a": self.arg_a, "best_b": self.best_b, "arg_b": self.arg_b,
-               "sizes_a": self.sizes_a, "sizes_b": self.sizes_b}
+        out = {
+            "best_a": self.best_a,
+            "arg_a": self.arg_a,
+            "best_b": self.best_b,
+            "arg_b": self.arg_b,
+            "sizes_a": self.sizes_a,
+            "sizes_b": self.sizes_b,
+        }
         for name, p in self.pairs.items():
             out[f"{name}_a"], out[f"{name}_b"], out[f"{name}_overlap"] = p.a, p.b, p.overlap
         return out
 
 
-def overlap_analysis(codes_a: SparseCodes, codes_b: SparseCodes, *, k: int = 9, null: int = 5, seed: int = 0,
-                     min_rows: int | None = None, denominator: str = "k", methods: Sequence[str] = METHODS,
-                     progress: bool = False) -> OverlapResult:
+def overlap_analysis(
+    codes_a: SparseCodes,
+    codes_b: SparseCodes,
+    *,
+    k: int = 9,
+    null: int = 5,
+    seed: int = 0,
+    min_rows: int | None = None,
+    denominator: str = "k",
+    methods: Sequence[str] = METHODS,
+    progress: bool = False,
+) -> OverlapResult:
     """Top-k overlap of every feature of A with every feature of B (module docstring); `min_rows`
     None means k; `methods`: the pairings to compute."""
     if codes_a.n_rows != codes_b.n_rows:
-        raise InputError(f"the runs have different numbers of rows ({codes_a.n_rows} vs {codes_b.n_rows}); "
-                         "top-k overlap needs the same rows in the same order")
+        raise InputError(
+            f"the runs have different numbers of rows ({codes_a.n_rows} vs {codes_b.n_rows}); "
+            "top-k overlap needs the same rows in the same order"
+        )
     min_rows = k if min_rows is None else min_rows
     if not 1 <= min_rows <= k:
         raise InputError(f"--min_rows must be between 1 and k = {k} (got {min_rows})")
@@ -339,9 +372,22 @@ def overlap_analysis(codes_a: SparseCodes, codes_b: SparseCodes, *, k: int = 9, 
         null_a.append(ba[live_a].mean() if live_a.any() else np.nan)
         null_b.append(bb[live_b].mean() if live_b.any() else np.nan)
         pooled.append(ba[live_a])
-    res = OverlapResult(k, a.n_rows, a.sizes, b.sizes, live_a, live_b, best_a, best_b, arg_a, arg_b, prs,
-                        np.asarray(null_a), np.asarray(null_b),
-                        np.concatenate(pooled) if pooled else np.empty(0))
+    res = OverlapResult(
+        k,
+        a.n_rows,
+        a.sizes,
+        b.sizes,
+        live_a,
+        live_b,
+        best_a,
+        best_b,
+        arg_a,
+        arg_b,
+        prs,
+        np.asarray(null_a),
+        np.asarray(null_b),
+        np.concatenate(pooled) if pooled else np.empty(0),
+    )
     res.extra.update(denominator=denominator, min_rows=min_rows)
     return res
 
@@ -356,8 +402,10 @@ def check_same_rows(run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int) ->
     """InputError unless both runs cover the same rows in the same order: n_a, n_b the rows of the layers
     read, then what run.json declares (`sae.analysis.compare.check_same_rows`)."""
     if n_a != n_b:
-        raise InputError(f"run '{run_a.name}' has {n_a} rows, run '{run_b.name}' {n_b}: top-k overlap "
-                         "needs features recorded on the same rows")
+        raise InputError(
+            f"run '{run_a.name}' has {n_a} rows, run '{run_b.name}' {n_b}: top-k overlap "
+            "needs features recorded on the same rows"
+        )
     check_declared_rows([run_a, run_b])
 
 
@@ -365,14 +413,18 @@ def format_overlap(js: dict[str, Any], top: int = 10) -> str:
     """A short text version of `OverlapResult.to_json()`: the means, the null, and the top pairs of
     each pairing computed."""
     denom = "k" if js.get("denominator", "k") == "k" else "min(|T_A|, |T_B|)"
-    lines = [f"k = {js['k']} rows per feature, {js['n_rows']} rows, overlap = |T_A & T_B| / {denom}; live features "
-             f"(>= {js.get('min_rows', js['k'])} rows) A {js['n_live_a']}/{js['d_a']}, B {js['n_live_b']}/{js['d_b']}",
-             f"mean best overlap A->B {js['mean_best_overlap_a_to_b']:.4f}, B->A {js['mean_best_overlap_b_to_a']:.4f}"]
+    lines = [
+        f"k = {js['k']} rows per feature, {js['n_rows']} rows, overlap = |T_A & T_B| / {denom}; live features "
+        f"(>= {js.get('min_rows', js['k'])} rows) A {js['n_live_a']}/{js['d_a']}, B {js['n_live_b']}/{js['d_b']}",
+        f"mean best overlap A->B {js['mean_best_overlap_a_to_b']:.4f}, B->A {js['mean_best_overlap_b_to_a']:.4f}",
+    ]
     if "null" in js:
         n = js["null"]
-        lines.append(f"null ({n['permutations']} row permutations): A->B {n['mean_best_overlap_a_to_b']:.4f} "
-                     f"+- {n['std_a_to_b']:.4f}, B->A {n['mean_best_overlap_b_to_a']:.4f} +- {n['std_b_to_a']:.4f}; "
-                     f"per-feature p95 {n['p95']:.3f}, p99 {n['p99']:.3f}")
+        lines.append(
+            f"null ({n['permutations']} row permutations): A->B {n['mean_best_overlap_a_to_b']:.4f} "
+            f"+- {n['std_a_to_b']:.4f}, B->A {n['mean_best_overlap_b_to_a']:.4f} +- {n['std_b_to_a']:.4f}; "
+            f"per-feature p95 {n['p95']:.3f}, p99 {n['p99']:.3f}"
+        )
     for name, p in js["pairings"].items():
         extra = f", {p['n_above_null_p99']} above the null's p99" if "n_above_null_p99" in p else ""
         lines.append(f"{name}: {p['n_pairs']} pairs, mean overlap {p['mean_overlap']:.4f}{extra}")

@@ -41,10 +41,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sae.data.features import SparseCodes
 from sae.util.device import resolve_device
 from sae.util.errors import InputError
-from sae.data.features import SparseCodes
-
 
 # ------------------------------------------------------------------------------------------------
 # Matching
@@ -58,9 +57,16 @@ def unit_rows(W: np.ndarray | torch.Tensor) -> np.ndarray:
     return (W / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def cosine_matrix(A: np.ndarray, B: np.ndarray, *, negate: bool = False, dtype: Any = np.float32,
-                  device: str | torch.device = "auto", block: int = 2048,
-                  progress: bool = False) -> np.ndarray:
+def cosine_matrix(
+    A: np.ndarray,
+    B: np.ndarray,
+    *,
+    negate: bool = False,
+    dtype: Any = np.float32,
+    device: str | torch.device = "auto",
+    block: int = 2048,
+    progress: bool = False,
+) -> np.ndarray:
     """Cosines of the rows of A [c_A, d] with the rows of B [c_B, d] -> [c_A, c_B] of `dtype`.
 
     Built in row blocks of A on `device` (CUDA when "auto" finds one); `negate` stores -cos (the cost
@@ -95,8 +101,13 @@ class Matching:
         return float(np.nanmean(self.cosine)) if self.matched.any() else float("nan")
 
 
-def match_dictionaries(D_a: np.ndarray | torch.Tensor, D_b: np.ndarray | torch.Tensor, *,
-                       device: str | torch.device = "auto", progress: bool = False) -> Matching:
+def match_dictionaries(
+    D_a: np.ndarray | torch.Tensor,
+    D_b: np.ndarray | torch.Tensor,
+    *,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> Matching:
     """The Hungarian matching of the rows of D_a [c_A, d] and D_b [c_B, d] maximising total cosine."""
     from scipy.optimize import linear_sum_assignment
 
@@ -151,9 +162,15 @@ def code_stats(codes: SparseCodes | Iterable[SparseCodes], chunk: int = 1 << 23)
     return CodeStats(n, sums / n, sq / n, count / n)
 
 
-def iter_codes(sae: torch.nn.Module, x: np.ndarray | torch.Tensor, *, batch_size: int = 1024,
-               device: str | torch.device = "auto", progress: bool = False,
-               desc: str = "encoding") -> Iterable[SparseCodes]:
+def iter_codes(
+    sae: torch.nn.Module,
+    x: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    desc: str = "encoding",
+) -> Iterable[SparseCodes]:
     """Encode x [N, d_in] (input units; memmaps are read chunk by chunk) with `sae`, yielding the
     codes as SparseCodes chunks of `batch_size` rows."""
     dev = resolve_device(device)
@@ -170,8 +187,9 @@ def iter_codes(sae: torch.nn.Module, x: np.ndarray | torch.Tensor, *, batch_size
             counts = torch.bincount(nz[:, 0], minlength=z.shape[0]).cpu().numpy()
             indptr = np.zeros(z.shape[0] + 1, dtype=np.int64)
             np.cumsum(counts, out=indptr[1:])
-            yield SparseCodes(indptr, nz[:, 1].cpu().numpy().astype(np.int32),
-                              z[nz[:, 0], nz[:, 1]].float().cpu().numpy(), z.shape[1])
+            yield SparseCodes(
+                indptr, nz[:, 1].cpu().numpy().astype(np.int32), z[nz[:, 0], nz[:, 1]].float().cpu().numpy(), z.shape[1]
+            )
 
 
 def concat_codes(chunks: Iterable[SparseCodes]) -> SparseCodes:
@@ -181,9 +199,12 @@ def concat_codes(chunks: Iterable[SparseCodes]) -> SparseCodes:
         raise InputError("no rows to encode")
     offsets = np.cumsum([0] + [c.nnz for c in chunks[:-1]])
     indptr = np.concatenate([np.zeros(1, np.int64)] + [np.asarray(c.indptr[1:]) + o for c, o in zip(chunks, offsets)])
-    return SparseCodes(indptr, np.concatenate([np.asarray(c.indices) for c in chunks]).astype(np.int32),
-                       np.concatenate([np.asarray(c.values) for c in chunks]).astype(np.float32),
-                       chunks[0].d_sae)
+    return SparseCodes(
+        indptr,
+        np.concatenate([np.asarray(c.indices) for c in chunks]).astype(np.int32),
+        np.concatenate([np.asarray(c.values) for c in chunks]).astype(np.float32),
+        chunks[0].d_sae,
+    )
 
 
 def encode_codes(sae: torch.nn.Module, x: np.ndarray | torch.Tensor, **kwargs: Any) -> SparseCodes:
@@ -204,9 +225,14 @@ def quantile_bins(values: np.ndarray, stability: np.ndarray, n_bins: int) -> lis
         if len(part) == 0:
             continue
         s = stability[part]
-        out.append({"lo": float(values[part].min()), "hi": float(values[part].max()),
-                    "n": int(len(part)),
-                    "mean_stability": float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")})
+        out.append(
+            {
+                "lo": float(values[part].min()),
+                "hi": float(values[part].max()),
+                "n": int(len(part)),
+                "mean_stability": float(np.nanmean(s)) if np.isfinite(s).any() else float("nan"),
+            }
+        )
     return out
 
 
@@ -217,8 +243,9 @@ def top_k_curve(energy: np.ndarray, stability: np.ndarray) -> list[dict[str, flo
     ks = sorted({2**i for i in range(int(math.log2(m)) + 1)} | {m}) if m else []
     csum = np.nancumsum(stability[order])
     cnt = np.cumsum(np.isfinite(stability[order]))
-    return [{"k": int(k), "mean_stability": float(csum[k - 1] / cnt[k - 1]) if cnt[k - 1] else float("nan")}
-            for k in ks]
+    return [
+        {"k": int(k), "mean_stability": float(csum[k - 1] / cnt[k - 1]) if cnt[k - 1] else float("nan")} for k in ks
+    ]
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -251,13 +278,16 @@ class StabilityResult:
     def summary(self) -> dict[str, Any]:
         s = self.stability
         out: dict[str, Any] = {
-            "c_a": self.c_a, "c_b": self.c_b, "n_matched": int(self.matching.matched.sum()),
+            "c_a": self.c_a,
+            "c_b": self.c_b,
+            "n_matched": int(self.matching.matched.sum()),
             "mean_cosine": self.matching.mean_cosine,
             "median_cosine": float(np.nanmedian(s)) if np.isfinite(s).any() else float("nan"),
             "threshold": self.threshold,
             "shared_fraction": float(np.sum(s >= self.threshold) / self.c_a),
             "cosine_quantiles": {str(q): float(np.nanquantile(s, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
-            if np.isfinite(s).any() else {},
+            if np.isfinite(s).any()
+            else {},
         }
         if self.null_mean_cosine is not None:
             out["null_mean_cosine"] = self.null_mean_cosine
@@ -286,8 +316,7 @@ class StabilityResult:
         """Arrays for `--out FILE.npz`: stability, partner, and energy/energy_sq/frequency if known."""
         arrays = {"stability": self.stability, "partner": self.matching.partner}
         if self.stats is not None:
-            arrays.update(energy=self.stats.energy, energy_sq=self.stats.energy_sq,
-                          frequency=self.stats.frequency)
+            arrays.update(energy=self.stats.energy, energy_sq=self.stats.energy_sq, frequency=self.stats.frequency)
         return arrays
 
 
@@ -300,9 +329,18 @@ def dictionary_of(sae: torch.nn.Module, use: str = "decoder") -> np.ndarray:
     raise InputError(f"--use must be 'decoder' or 'encoder' (got {use!r})")
 
 
-def stability(D_a: np.ndarray | torch.Tensor, D_b: np.ndarray | torch.Tensor, *, stats: CodeStats | None = None,
-              threshold: float = 0.7, n_bins: int = 10, null: bool = False, seed: int = 0,
-              device: str | torch.device = "auto", progress: bool = False) -> StabilityResult:
+def stability(
+    D_a: np.ndarray | torch.Tensor,
+    D_b: np.ndarray | torch.Tensor,
+    *,
+    stats: CodeStats | None = None,
+    threshold: float = 0.7,
+    n_bins: int = 10,
+    null: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> StabilityResult:
     """Match D_a [c_A, d] to D_b [c_B, d] (decoder rows of SAEs A and B) and relate the matched cosine
     of A's features to `stats` (A's energy/frequency over some inputs), if given.
 
@@ -313,8 +351,10 @@ def stability(D_a: np.ndarray | torch.Tensor, D_b: np.ndarray | torch.Tensor, *,
     if D_a.ndim != 2 or D_b.ndim != 2:
         raise InputError("dictionaries must be 2-D [d_sae, d_in]")
     if D_a.shape[1] != D_b.shape[1]:
-        raise InputError(f"the two SAEs have different d_in ({D_a.shape[1]} vs {D_b.shape[1]}): "
-                         "stability compares SAEs of the same input space")
+        raise InputError(
+            f"the two SAEs have different d_in ({D_a.shape[1]} vs {D_b.shape[1]}): "
+            "stability compares SAEs of the same input space"
+        )
     if stats is not None and len(stats.energy) != D_a.shape[0]:
         raise InputError(f"feature statistics cover {len(stats.energy)} features, SAE A has {D_a.shape[0]}")
     matching = match_dictionaries(D_a, D_b, device=device, progress=progress)
@@ -327,22 +367,30 @@ def stability(D_a: np.ndarray | torch.Tensor, D_b: np.ndarray | torch.Tensor, *,
 
 def format_stability(summary: dict[str, Any]) -> str:
     """A short text report of `StabilityResult.summary()`."""
-    lines = [f"matched {summary['n_matched']} of {summary['c_a']} features of A (B has {summary['c_b']})",
-             f"mean matched cosine {summary['mean_cosine']:.4f} (median {summary['median_cosine']:.4f}); "
-             f"shared (cos >= {summary['threshold']}) {summary['shared_fraction']:.1%}"]
+    lines = [
+        f"matched {summary['n_matched']} of {summary['c_a']} features of A (B has {summary['c_b']})",
+        f"mean matched cosine {summary['mean_cosine']:.4f} (median {summary['median_cosine']:.4f}); "
+        f"shared (cos >= {summary['threshold']}) {summary['shared_fraction']:.1%}",
+    ]
     if "null_mean_cosine" in summary:
         lines.append(f"null (A vs a random dictionary): mean matched cosine {summary['null_mean_cosine']:.4f}")
     if "by_energy" in summary:
-        lines.append(f"over {summary['n_rows']} rows: {summary['n_alive']} live features of A; "
-                     f"energy-weighted mean cosine {summary['energy_weighted_mean_cosine']:.4f}"
-                     + (f"; Spearman(energy, stability) {summary['spearman_energy']:.3f}"
-                        if "spearman_energy" in summary else ""))
+        lines.append(
+            f"over {summary['n_rows']} rows: {summary['n_alive']} live features of A; "
+            f"energy-weighted mean cosine {summary['energy_weighted_mean_cosine']:.4f}"
+            + (
+                f"; Spearman(energy, stability) {summary['spearman_energy']:.3f}"
+                if "spearman_energy" in summary
+                else ""
+            )
+        )
         lines.append("energy bin (low -> high)          n   mean stability")
         for b in summary["by_energy"]:
             lines.append(f"  [{b['lo']:.3g}, {b['hi']:.3g}]".ljust(32) + f"{b['n']:>5}   {b['mean_stability']:.4f}")
         lines.append("frequency bin (low -> high)       n   mean stability")
         for b in summary["by_frequency"]:
             lines.append(f"  [{b['lo']:.3g}, {b['hi']:.3g}]".ljust(32) + f"{b['n']:>5}   {b['mean_stability']:.4f}")
-        lines.append("top-K by energy: " + ", ".join(f"{p['k']}: {p['mean_stability']:.3f}"
-                                                     for p in summary["top_k_by_energy"]))
+        lines.append(
+            "top-K by energy: " + ", ".join(f"{p['k']}: {p['mean_stability']:.3f}" for p in summary["top_k_by_energy"])
+        )
     return "\n".join(lines)

@@ -57,10 +57,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.util.atomic import (STALE_S, _fsync_dir, atomic_path, last_touched, read_json, remove_dead_temporaries,
-                        write_json)
-from sae.util.errors import InputError
 from sae.data.datasets import BadRow, Pairs
+from sae.util.atomic import (
+    STALE_S,
+    _fsync_dir,
+    atomic_path,
+    last_touched,
+    read_json,
+    remove_dead_temporaries,
+    write_json,
+)
+from sae.util.errors import InputError
 
 FORMAT = "actcache-v2"
 TOKEN_CHOICES = ("pooled", "first", "last", "mean", "eot")  # the recorded position per row (encoders: TOKEN_HELP)
@@ -77,12 +84,18 @@ class CacheConfig:
     """Flags of the extraction stage."""
 
     cache_dir: str = field(default="activation_cache", metadata=_help("root of the activation caches"))
-    cache_dtype: str = field(default="float16", metadata=_help(
-        "storage dtype of activations (bfloat16 is stored as uint16 bits)", choices=tuple(DTYPES)))
+    cache_dtype: str = field(
+        default="float16",
+        metadata=_help("storage dtype of activations (bfloat16 is stored as uint16 bits)", choices=tuple(DTYPES)),
+    )
     extract_batch_size: int = field(default=32, metadata=_help("rows per encoder forward"))
-    num_workers: int | None = field(default=None, metadata=_help(
-        "DataLoader worker processes (decode + preprocess); default: 4 with a GPU, 0 on CPU, where workers "
-        "take cores from the forward (see bench/extract.py)"))
+    num_workers: int | None = field(
+        default=None,
+        metadata=_help(
+            "DataLoader worker processes (decode + preprocess); default: 4 with a GPU, 0 on CPU, where workers "
+            "take cores from the forward (see bench/extract.py)"
+        ),
+    )
     shard_mb: int = field(default=256, metadata=_help("size of one token shard file, in MiB"))
 
 
@@ -155,8 +168,9 @@ class ActivationCache:
 
     def _layer_dir(self, layer: int) -> Path:
         if layer not in self.meta["layers"]:
-            raise InputError(f"layer {layer} is not in the activation cache {self.path} "
-                             f"(layers: {', '.join(map(str, self.layers))})")
+            raise InputError(
+                f"layer {layer} is not in the activation cache {self.path} (layers: {', '.join(map(str, self.layers))})"
+            )
         return self.path / layer_dir_name(layer)
 
     def token_shards(self, layer: int) -> list[np.ndarray]:
@@ -209,8 +223,10 @@ def open_cache(path: str | Path) -> ActivationCache:
         raise InputError(f"{path} is not a finished activation cache (no meta.json)")
     meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: activation cache format {meta.get('format')!r} is not {FORMAT} (made by an "
-                         f"older version: delete it, the next run extracts again)")
+        raise InputError(
+            f"{path}: activation cache format {meta.get('format')!r} is not {FORMAT} (made by an "
+            f"older version: delete it, the next run extracts again)"
+        )
     return ActivationCache(path, meta)
 
 
@@ -221,12 +237,20 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cache_material(spec: Any, pairs: Pairs, layers: Sequence[int], dtype: str, token: str,
-                   skip_bad: bool) -> dict[str, Any]:
+def cache_material(
+    spec: Any, pairs: Pairs, layers: Sequence[int], dtype: str, token: str, skip_bad: bool
+) -> dict[str, Any]:
     """Everything the cached arrays depend on (layers already resolved)."""
-    return {"format": FORMAT, "modality": spec.modality, "model": spec.identity(),
-            "data": pairs.identity(spec.modality), "skip_bad": bool(skip_bad),
-            "dtype": dtype, "token": token, "layers": sorted(int(x) for x in layers)}
+    return {
+        "format": FORMAT,
+        "modality": spec.modality,
+        "model": spec.identity(),
+        "data": pairs.identity(spec.modality),
+        "skip_bad": bool(skip_bad),
+        "dtype": dtype,
+        "token": token,
+        "layers": sorted(int(x) for x in layers),
+    }
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -261,6 +285,7 @@ def find_cache(cache_dir: str | Path, material: dict[str, Any]) -> ActivationCac
 
 # ------------------------------------------------------------------------------ leftovers of dead runs
 
+
 def _lock_free(lock_path: Path) -> bool:
     """Whether no process holds the lock of an extraction (False where locks are not supported: keep)."""
     try:
@@ -288,7 +313,7 @@ def clean_cache_dir(cache_dir: str | Path, keep: str | None = None, show: bool =
         return
     resumable = []
     for partial in sorted(root.glob(".*.partial")):
-        key = partial.name[1:-len(".partial")]
+        key = partial.name[1 : -len(".partial")]
         if key == keep or not partial.is_dir() or not _lock_free(root / f".{key}.lock"):
             continue
         with contextlib.suppress(OSError):
@@ -307,9 +332,11 @@ def clean_cache_dir(cache_dir: str | Path, keep: str | None = None, show: bool =
     remove_dead_temporaries(root)  # after the partials: removing a file inside one touches its folder
     if resumable and show:
         size = sum(f.stat().st_size for p in resumable for f in p.rglob("*") if f.is_file())
-        tqdm.write(f"note: {len(resumable)} unfinished extraction(s) with other settings in {root} "
-                   f"({size / 2**30:.2f} GiB, {', '.join(p.name for p in resumable)}): started again with "
-                   f"their flags they resume; delete them otherwise")
+        tqdm.write(
+            f"note: {len(resumable)} unfinished extraction(s) with other settings in {root} "
+            f"({size / 2**30:.2f} GiB, {', '.join(p.name for p in resumable)}): started again with "
+            f"their flags they resume; delete them otherwise"
+        )
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -339,8 +366,9 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         except ImportError:  # no fcntl (Windows): no lock
             pass
         except OSError:
-            raise InputError(f"another process is writing this activation cache ({lock_path.name}); "
-                             f"wait for it or stop it") from None
+            raise InputError(
+                f"another process is writing this activation cache ({lock_path.name}); wait for it or stop it"
+            ) from None
         yield
 
 
@@ -362,7 +390,8 @@ _HEADER = 128  # bytes of a .npy v1 header of a 2-D array of any realistic shape
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -374,8 +403,16 @@ class _Writer:
     .npy header, which is written when the shard closes.
     """
 
-    def __init__(self, root: Path, layers: list[int], widths: dict[int, int], dtype: str, caps: dict[int, int],
-                 n_req: int, state: dict[str, Any]):
+    def __init__(
+        self,
+        root: Path,
+        layers: list[int],
+        widths: dict[int, int],
+        dtype: str,
+        caps: dict[int, int],
+        n_req: int,
+        state: dict[str, Any],
+    ):
         self.root, self.layers, self.widths, self.dtype = root, layers, widths, dtype
         self.np_dtype = DTYPES[dtype]
         self.caps = caps
@@ -393,21 +430,22 @@ class _Writer:
             ldir.mkdir(exist_ok=True)
             work = ldir / "pooled.work.npy"
             mode = "r+" if work.exists() and state["kept_done"] > 0 else "w+"
-            self.pooled[layer] = np.lib.format.open_memmap(work, mode=mode, dtype=self.np_dtype,
-                                                           shape=(n_req, widths[layer]))
+            self.pooled[layer] = np.lib.format.open_memmap(
+                work, mode=mode, dtype=self.np_dtype, shape=(n_req, widths[layer])
+            )
 
     def set_partition(self, partition: list[list[int]]) -> None:
         if self.partition is None:
             self.partition = partition
         elif partition != self.partition:
-            raise RuntimeError(f"the token layouts of the layers changed between batches ({self.partition} -> "
-                               f"{partition})")
+            raise RuntimeError(
+                f"the token layouts of the layers changed between batches ({self.partition} -> {partition})"
+            )
 
     def _part(self, layer: int) -> Path:
         return self.root / layer_dir_name(layer) / f".tokens-{self.shard:05d}.npy.part"
 
-    def append(self, arrays: dict[int, np.ndarray], rows: list[np.ndarray], pos: list[np.ndarray],
-               n_rows: int) -> None:
+    def append(self, arrays: dict[int, np.ndarray], rows: list[np.ndarray], pos: list[np.ndarray], n_rows: int) -> None:
         """Add the tokens of `n_rows` rows: arrays {layer: [n_tok_group, d]}, rows/pos per group."""
         if self.files is None:
             self.files = {}
@@ -475,15 +513,22 @@ def _concat_npy(parts: list[Path], out: Path, dtype: Any) -> int:
         i = 0
         for p in parts:
             x = np.load(p, mmap_mode="r")
-            arr[i:i + len(x)] = x
+            arr[i : i + len(x)] = x
             i += len(x)
         arr.flush()
         del arr
     return total
 
 
-def _check_finite(layer: int, raw: torch.Tensor, stored: torch.Tensor, token_rows: torch.Tensor,
-                  pairs: Pairs, positions: list[int], dtype: str) -> None:
+def _check_finite(
+    layer: int,
+    raw: torch.Tensor,
+    stored: torch.Tensor,
+    token_rows: torch.Tensor,
+    pairs: Pairs,
+    positions: list[int],
+    dtype: str,
+) -> None:
     """Stop at the first row whose vectors are not finite: [n, d] raw (encoder dtype) and stored values,
     token_rows [n] the batch row of each vector."""
     bad = ~torch.isfinite(stored).all(1)
@@ -492,10 +537,13 @@ def _check_finite(layer: int, raw: torch.Tensor, stored: torch.Tensor, token_row
     i = int(bad.nonzero()[0, 0])
     row = int(pairs.row_ids[positions[int(token_rows[i])]])
     if bool(torch.isfinite(raw[i]).all()):
-        raise InputError(f"layer {layer}, row {row}: activations overflow {dtype} (|x| > 65504); use --cache_dtype "
-                         f"bfloat16 or float32")
-    raise InputError(f"layer {layer}, row {row}: the encoder output holds NaN or inf (broken weights or input; "
-                     f"nothing is cached)")
+        raise InputError(
+            f"layer {layer}, row {row}: activations overflow {dtype} (|x| > 65504); use --cache_dtype "
+            f"bfloat16 or float32"
+        )
+    raise InputError(
+        f"layer {layer}, row {row}: the encoder output holds NaN or inf (broken weights or input; nothing is cached)"
+    )
 
 
 @contextlib.contextmanager
@@ -503,8 +551,7 @@ def _resume_note(partial: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        tqdm.write(f"interrupted: the finished shards are kept in {partial}; run again with the same flags "
-                   f"to resume")
+        tqdm.write(f"interrupted: the finished shards are kept in {partial}; run again with the same flags to resume")
         raise
 
 
@@ -537,10 +584,19 @@ def _free_bytes(path: Path) -> int:
     return 1 << 62
 
 
-def extract_activations(spec: Any, pairs: Pairs, layers: Sequence[int], cfg: CacheConfig | None = None, *,
-                        token: str = "pooled", skip_bad: bool = False, device: str = "auto",
-                        adapter: Any = None, shard_tokens: int | None = None,
-                        progress: bool = True) -> ActivationCache:
+def extract_activations(
+    spec: Any,
+    pairs: Pairs,
+    layers: Sequence[int],
+    cfg: CacheConfig | None = None,
+    *,
+    token: str = "pooled",
+    skip_bad: bool = False,
+    device: str = "auto",
+    adapter: Any = None,
+    shard_tokens: int | None = None,
+    progress: bool = True,
+) -> ActivationCache:
     """The activation cache of `spec` (a sae.encoders.registry.ModelSpec) on `pairs` for `layers`: reused when a
     finished one exists (the model is then never loaded), else extracted (resuming a killed run).
 
@@ -592,8 +648,17 @@ def _partition(out: Any, layers: list[int]) -> list[list[int]]:
     return groups
 
 
-def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, material: dict[str, Any],
-           root: Path, key: str, shard_tokens: int | None, show: bool) -> None:
+def _build(
+    adapter: Any,
+    pairs: Pairs,
+    layers: list[int],
+    cfg: CacheConfig,
+    material: dict[str, Any],
+    root: Path,
+    key: str,
+    shard_tokens: int | None,
+    show: bool,
+) -> None:
     from torch.utils.data import DataLoader
 
     from sae.util.provenance import provenance
@@ -602,8 +667,7 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
     partial = root / f".{key}.partial"
     itemsize = DTYPES[cfg.cache_dtype].itemsize
     widths = {layer: adapter.d_of(layer) for layer in layers}
-    caps = {layer: int(shard_tokens or max(1, (cfg.shard_mb << 20) // (widths[layer] * itemsize)))
-            for layer in layers}
+    caps = {layer: int(shard_tokens or max(1, (cfg.shard_mb << 20) // (widths[layer] * itemsize))) for layer in layers}
     state_path, config_path = partial / "progress.json", partial / "config.json"
     config = None
     if config_path.exists():
@@ -612,8 +676,11 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
     if config is None or config.get("material") != material:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        config = {"material": material, "caps": {str(k): v for k, v in caps.items()},
-                  "widths": {str(k): v for k, v in widths.items()}}
+        config = {
+            "material": material,
+            "caps": {str(k): v for k, v in caps.items()},
+            "widths": {str(k): v for k, v in widths.items()},
+        }
         write_json(config_path, config)
     caps = {layer: int(config["caps"][str(layer)]) for layer in layers}
     fresh = {"shards_done": 0, "shard_rows": [], "partition": None, "kept_done": 0, "restart": 0, "bad": []}
@@ -624,8 +691,9 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
             if _resumable(partial, layers, saved, len(pairs), widths):
                 state = saved
                 if show:
-                    tqdm.write(f"resuming {partial.name} from row {saved['restart']} "
-                               f"({saved['shards_done']} shards done)")
+                    tqdm.write(
+                        f"resuming {partial.name} from row {saved['restart']} ({saved['shards_done']} shards done)"
+                    )
         if state is fresh:  # something a resume needs is missing: start over
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -647,17 +715,32 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
         with atomic_path(partial / "kept.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(kept, dtype=np.int64))
-        write_json(state_path, {"shards_done": writer.shard, "shard_rows": writer.shard_rows,
-                                "partition": writer.partition, "kept_done": len(kept), "restart": int(restart),
-                                "bad": [b for b in bad if b[0] < restart]})
+        write_json(
+            state_path,
+            {
+                "shards_done": writer.shard,
+                "shard_rows": writer.shard_rows,
+                "partition": writer.partition,
+                "kept_done": len(kept),
+                "restart": int(restart),
+                "bad": [b for b in bad if b[0] < restart],
+            },
+        )
 
     use_cuda = adapter.device.type == "cuda"
     workers = default_workers(adapter.device) if cfg.num_workers is None else int(cfg.num_workers)
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(pairs.torch_dataset(modality, start), batch_size=cfg.extract_batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_Collate(adapter.preprocess), pin_memory=use_cuda,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        pairs.torch_dataset(modality, start),
+        batch_size=cfg.extract_batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_Collate(adapter.preprocess),
+        pin_memory=use_cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     desc = f"extract {adapter.model} layers {','.join(map(str, layers))}"
     checked_space = False
     bar = tqdm(total=n_req, initial=start, desc=desc, unit="row", disable=not show)
@@ -665,8 +748,10 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
         for positions, bad_items, batch in loader:
             for b in bad_items:
                 if not skip_bad:
-                    raise InputError(f"row {b.row_id}: unreadable {'image' if modality == 'image' else 'caption'}"
-                                     f" ({b.reason}); fix or remove it, or pass --skip_bad to drop such rows")
+                    raise InputError(
+                        f"row {b.row_id}: unreadable {'image' if modality == 'image' else 'caption'}"
+                        f" ({b.reason}); fix or remove it, or pass --skip_bad to drop such rows"
+                    )
                 bad.append([b.position, b.row_id])
                 tqdm.write(f"skipping row {b.row_id}: {b.reason}")
             bar.update(len(positions) + len(bad_items))
@@ -693,7 +778,7 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
             for layer in layers:
                 stored = _stored(out.pooled[layer], cfg.cache_dtype)
                 _check_finite(layer, out.pooled[layer], stored, torch.arange(B), pairs, positions, cfg.cache_dtype)
-                writer.pooled[layer][n0:n0 + B] = _to_numpy(stored, cfg.cache_dtype)
+                writer.pooled[layer][n0 : n0 + B] = _to_numpy(stored, cfg.cache_dtype)
             kept.extend(positions)
             if not checked_space:
                 checked_space = True
@@ -701,12 +786,16 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
                 free = _free_bytes(partial)
                 if show:
                     per = ", ".join(f"{layer}: ~{counts[layer]:.0f} x {widths[layer]}" for layer in layers)
-                    tqdm.write(f"activation cache {partial.parent / key}: about {est / 2**30:.2f} GiB ({n_req} rows x "
-                               f"tokens x width per layer [{per}] x {itemsize} B), {free / 2**30:.1f} GiB free")
+                    tqdm.write(
+                        f"activation cache {partial.parent / key}: about {est / 2**30:.2f} GiB ({n_req} rows x "
+                        f"tokens x width per layer [{per}] x {itemsize} B), {free / 2**30:.1f} GiB free"
+                    )
                 if est > free:
-                    raise InputError(f"the activation cache needs about {est / 2**30:.1f} GiB but {cfg.cache_dir} "
-                                     f"has {free / 2**30:.1f} GiB free: use fewer --layers, --max_samples, "
-                                     f"--cache_dtype float16/bfloat16 or another --cache_dir")
+                    raise InputError(
+                        f"the activation cache needs about {est / 2**30:.1f} GiB but {cfg.cache_dir} "
+                        f"has {free / 2**30:.1f} GiB free: use fewer --layers, --max_samples, "
+                        f"--cache_dtype float16/bfloat16 or another --cache_dir"
+                    )
             writer.append(arrays, rows, pos, B)
             if writer.full():
                 writer.close_shard()
@@ -723,16 +812,32 @@ def _build(adapter: Any, pairs: Pairs, layers: list[int], cfg: CacheConfig, mate
     _fsync_dir(root)
     with contextlib.suppress(OSError):
         (root / f".{key}.lock").unlink()
-    for p in list(final.glob("token_row-*.npy")) + list(final.glob("token_pos-*.npy")) + \
-            list(final.glob("kept.npy")) + list(final.glob("progress.json")) + list(final.glob("config.json")) + \
-            list(final.glob("layer*/pooled.work.npy")):
+    for p in (
+        list(final.glob("token_row-*.npy"))
+        + list(final.glob("token_pos-*.npy"))
+        + list(final.glob("kept.npy"))
+        + list(final.glob("progress.json"))
+        + list(final.glob("config.json"))
+        + list(final.glob("layer*/pooled.work.npy"))
+    ):
         with contextlib.suppress(OSError):
             p.unlink()
 
 
-def _finish(partial: Path, writer: _Writer, layers: list[int], widths: dict[int, int], kept: list[int],
-            pairs: Pairs, bad: list[list[int]], material: dict[str, Any], adapter: Any, key: str, elapsed: float,
-            provenance: Any) -> None:
+def _finish(
+    partial: Path,
+    writer: _Writer,
+    layers: list[int],
+    widths: dict[int, int],
+    kept: list[int],
+    pairs: Pairs,
+    bad: list[list[int]],
+    material: dict[str, Any],
+    adapter: Any,
+    key: str,
+    elapsed: float,
+    provenance: Any,
+) -> None:
     """Write the final files of a complete extraction into `partial`, meta.json last."""
     K = len(kept)
     for layer in layers:
@@ -744,27 +849,48 @@ def _finish(partial: Path, writer: _Writer, layers: list[int], widths: dict[int,
     layouts = []
     for g, group in enumerate(writer.partition):
         targets = [partial / layer_dir_name(layer) for layer in group] if per_layer else [partial]
-        sizes = [int(np.load(partial / f"token_row-g{g}-{s:05d}.npy", mmap_mode="r").shape[0])
-                 for s in range(writer.shard)]
+        sizes = [
+            int(np.load(partial / f"token_row-g{g}-{s:05d}.npy", mmap_mode="r").shape[0]) for s in range(writer.shard)
+        ]
         for target in targets:
             for name, dtype in (("token_row", np.int32), ("token_pos", np.int16)):
-                _concat_npy([partial / f"{name}-g{g}-{s:05d}.npy" for s in range(writer.shard)], target / f"{name}.npy",
-                            dtype)
+                _concat_npy(
+                    [partial / f"{name}-g{g}-{s:05d}.npy" for s in range(writer.shard)], target / f"{name}.npy", dtype
+                )
         layouts.append({"layers": group, "n_tokens": int(sum(sizes)), "shard_sizes": sizes})
     with atomic_path(partial / "row_ids.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, pairs.row_ids[np.asarray(kept, dtype=np.int64)])
-    write_json(partial / "meta.json", {
-        "format": FORMAT, "key": key, "base_key": _base_key(material), "material": material,
-        "modality": material["modality"], "model": adapter.model, "model_name": adapter.name, "layers": layers,
-        "n_blocks": adapter.n_blocks, "widths": {str(layer): widths[layer] for layer in layers},
-        "dtype": material["dtype"], "token": material["token"], "token_rule": adapter.token_rule(material["token"]),
-        "train_tokens": train_tokens_rule(adapter), "n_rows": K, "shard_rows": writer.shard_rows,
-        "token_files": "per_layer" if per_layer else "shared", "layouts": layouts,
-        "dataset": pairs.describe(), "skip_bad": material["skip_bad"], "bad_rows": [b[1] for b in bad],
-        "n_requested_rows": len(pairs), "seconds_last_session": round(elapsed, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "provenance": provenance(),
-    })
+    write_json(
+        partial / "meta.json",
+        {
+            "format": FORMAT,
+            "key": key,
+            "base_key": _base_key(material),
+            "material": material,
+            "modality": material["modality"],
+            "model": adapter.model,
+            "model_name": adapter.name,
+            "layers": layers,
+            "n_blocks": adapter.n_blocks,
+            "widths": {str(layer): widths[layer] for layer in layers},
+            "dtype": material["dtype"],
+            "token": material["token"],
+            "token_rule": adapter.token_rule(material["token"]),
+            "train_tokens": train_tokens_rule(adapter),
+            "n_rows": K,
+            "shard_rows": writer.shard_rows,
+            "token_files": "per_layer" if per_layer else "shared",
+            "layouts": layouts,
+            "dataset": pairs.describe(),
+            "skip_bad": material["skip_bad"],
+            "bad_rows": [b[1] for b in bad],
+            "n_requested_rows": len(pairs),
+            "seconds_last_session": round(elapsed, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "provenance": provenance(),
+        },
+    )
 
 
 def train_tokens_rule(adapter: Any) -> str:

@@ -44,19 +44,30 @@ def _help(text: str, **extra: Any) -> Any:
 class DataConfig:
     """The dataset flags shared by train_image.py and train_text.py."""
 
-    dataset: str = field(default=COCO, metadata=_help(
-        "Hugging Face dataset name (aliases: coco, flowers), a local folder (imagefolder layout: images + "
-        "metadata.jsonl with file_name and text), or shapes[:N[:SEED]] for the generated shapes dataset"))
+    dataset: str = field(
+        default=COCO,
+        metadata=_help(
+            "Hugging Face dataset name (aliases: coco, flowers), a local folder (imagefolder layout: images + "
+            "metadata.jsonl with file_name and text), or shapes[:N[:SEED]] for the generated shapes dataset"
+        ),
+    )
     split: str = field(default="train", metadata=_help("dataset split"))
     image_column: str = field(default="image", metadata=_help("column holding the images"))
     text_column: str = field(default="text", metadata=_help("column holding the captions"))
     max_samples: int | None = field(default=None, metadata=_help("use only the first N rows"))
-    skip_bad: bool = field(default=False, metadata=_help(
-        "drop rows whose image cannot be read (their ids are left out of the run's row_ids) instead of "
-        "stopping"))
-    row_ids_from: str | None = field(default=None, metadata=_help(
-        "use exactly the rows of an earlier run or activation cache (its meta.json / run.json, or a "
-        "directory holding one): a text run then drops the rows its image run dropped"))
+    skip_bad: bool = field(
+        default=False,
+        metadata=_help(
+            "drop rows whose image cannot be read (their ids are left out of the run's row_ids) instead of stopping"
+        ),
+    )
+    row_ids_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "use exactly the rows of an earlier run or activation cache (its meta.json / run.json, or a "
+            "directory holding one): a text run then drops the rows its image run dropped"
+        ),
+    )
     data_root: str = field(default="data", metadata=_help("where generated datasets (shapes) are written"))
 
 
@@ -108,8 +119,10 @@ class Pairs:
         """The n-th image as an RGB PIL image; InputError naming the dataset row if it cannot be read."""
         item = self.read(n, "image")
         if isinstance(item, BadRow):
-            raise InputError(f"row {item.row_id}: unreadable image ({item.reason}); fix or remove it, or pass "
-                             f"--skip_bad to drop such rows")
+            raise InputError(
+                f"row {item.row_id}: unreadable image ({item.reason}); fix or remove it, or pass "
+                f"--skip_bad to drop such rows"
+            )
         return item
 
     def read(self, n: int, modality: str) -> Any:
@@ -136,15 +149,26 @@ class Pairs:
 
     def identity(self, modality: str) -> dict[str, Any]:
         """What one modality's rows depend on (cache keys)."""
-        return {"source": self.source, "split": self.split, "fingerprint": self.fingerprint,
-                "column": self.image_column if modality == "image" else self.text_column,
-                "n_rows": len(self.row_ids), "max_samples": self.max_samples,
-                "row_ids_sha": hashlib.sha256(np.ascontiguousarray(self.row_ids, dtype=np.int64)).hexdigest()[:16]}
+        return {
+            "source": self.source,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+            "column": self.image_column if modality == "image" else self.text_column,
+            "n_rows": len(self.row_ids),
+            "max_samples": self.max_samples,
+            "row_ids_sha": hashlib.sha256(np.ascontiguousarray(self.row_ids, dtype=np.int64)).hexdigest()[:16],
+        }
 
     def describe(self) -> dict[str, Any]:
         """The dataset fields a run's metadata records."""
-        return {"name": self.source, "split": self.split, "image_column": self.image_column,
-                "text_column": self.text_column, "max_samples": self.max_samples, "fingerprint": self.fingerprint}
+        return {
+            "name": self.source,
+            "split": self.split,
+            "image_column": self.image_column,
+            "text_column": self.text_column,
+            "max_samples": self.max_samples,
+            "fingerprint": self.fingerprint,
+        }
 
 
 class RowDataset:
@@ -225,15 +249,26 @@ def _load_split(source: str, split: str) -> tuple[Any, str, str]:
         raise
     except Exception as e:
         where = "folder" if path.is_dir() else "dataset"
-        hint = "" if path.is_dir() else (
-            "; without network it must be in the local datasets cache (HF_DATASETS_OFFLINE=1): download it "
-            "once, or give a local folder (images + metadata.jsonl)")
+        hint = (
+            ""
+            if path.is_dir()
+            else (
+                "; without network it must be in the local datasets cache (HF_DATASETS_OFFLINE=1): download it "
+                "once, or give a local folder (images + metadata.jsonl)"
+            )
+        )
         raise InputError(f"cannot load {where} '{source}' split '{split}' ({_one_line(e)}){hint}") from e
 
 
-def load_pairs(dataset: str = COCO, split: str = "train", image_column: str = "image",
-               text_column: str | None = "text", max_samples: int | None = None,
-               row_ids: np.ndarray | list[int] | None = None, data_root: str | Path = "data") -> Pairs:
+def load_pairs(
+    dataset: str = COCO,
+    split: str = "train",
+    image_column: str = "image",
+    text_column: str | None = "text",
+    max_samples: int | None = None,
+    row_ids: np.ndarray | list[int] | None = None,
+    data_root: str | Path = "data",
+) -> Pairs:
     """Open a captioned image dataset (see the module docstring for `dataset`) as paired rows.
 
     row_ids: exactly these dataset rows, in this order (e.g. the rows an image run kept); else the
@@ -245,8 +280,10 @@ def load_pairs(dataset: str = COCO, split: str = "train", image_column: str = "i
     ds, resolved, fingerprint = _load_split(source, split)
     for col in (image_column, text_column):
         if col is not None and col not in ds.column_names:
-            raise InputError(f"dataset '{dataset}' has no column '{col}' (columns: {', '.join(ds.column_names)}); "
-                             f"use --image_column / --text_column")
+            raise InputError(
+                f"dataset '{dataset}' has no column '{col}' (columns: {', '.join(ds.column_names)}); "
+                f"use --image_column / --text_column"
+            )
     if max_samples is not None and max_samples <= 0:
         raise InputError(f"--max_samples must be positive, got {max_samples}")
     if row_ids is not None:
@@ -294,18 +331,28 @@ def read_row_ids(path: str | Path) -> np.ndarray:
 def pairs_from_config(cfg: DataConfig) -> Pairs:
     """load_pairs from the flags of DataConfig (--row_ids_from read here)."""
     ids = read_row_ids(cfg.row_ids_from) if cfg.row_ids_from else None
-    return load_pairs(cfg.dataset, cfg.split, cfg.image_column, cfg.text_column, cfg.max_samples, ids,
-                      cfg.data_root)
+    return load_pairs(cfg.dataset, cfg.split, cfg.image_column, cfg.text_column, cfg.max_samples, ids, cfg.data_root)
 
 
 # ------------------------------------------------------------------------------- generated shapes data
 
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-           "purple": (140, 60, 180), "orange": (245, 130, 20)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
 SIZES = {"small": 0.14, "large": 0.26}  # radius as a fraction of the image side
-POSITIONS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
-             "bottom right": (0.72, 0.72), "center": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
+}
 SHAPES_VERSION = 1
 
 

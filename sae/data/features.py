@@ -93,15 +93,13 @@ class SparseCodes:
         """As a `scipy.sparse.csr_matrix` (shares memory where the dtypes allow)."""
         import scipy.sparse
 
-        return scipy.sparse.csr_matrix(
-            (self.values, self.indices, self.indptr), shape=(self.n_rows, self.d_sae)
-        )
+        return scipy.sparse.csr_matrix((self.values, self.indices, self.indptr), shape=(self.n_rows, self.d_sae))
 
     def to_torch(self, device: str = "cpu"):
         """As a `torch.sparse_csr_tensor` [n_rows, d_sae] on `device` (read-only memory maps are copied)."""
         import torch
 
-        def tensor(a: np.ndarray, dtype: Any = None) -> "torch.Tensor":
+        def tensor(a: np.ndarray, dtype: Any = None) -> torch.Tensor:
             a = np.ascontiguousarray(a, dtype=dtype)
             return torch.from_numpy(a if a.flags.writeable else a.copy())
 
@@ -175,8 +173,13 @@ class LayerWriter:
                     while block := src.read(1 << 24):
                         out.write(block)
                 raw.unlink()
-            meta = {"format": FORMAT, "n_rows": self._n_rows, "d_sae": self.d_sae,
-                    "layer": self.layer, "nnz": self._nnz}
+            meta = {
+                "format": FORMAT,
+                "n_rows": self._n_rows,
+                "d_sae": self.d_sae,
+                "layer": self.layer,
+                "nnz": self._nnz,
+            }
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         self._ctx.__exit__(exc_type, exc, tb)
 
@@ -218,8 +221,10 @@ class FeatureRun:
                 if m:
                     self._files[int(m.group(1))] = child
         if not self._files:
-            raise InputError(f"run '{self.name}' at {path} holds no layer data "
-                             "(no layerNN/ folders with run.json, no layerNN.pt files)")
+            raise InputError(
+                f"run '{self.name}' at {path} holds no layer data "
+                "(no layerNN/ folders with run.json, no layerNN.pt files)"
+            )
 
     @property
     def layers(self) -> list[int]:
@@ -258,8 +263,11 @@ def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]
     if not features_dir.is_dir():
         return []
     folders = [p for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(p.name for p in folders
-                  if ((p / "run.json").is_file() or any(_LAYER_PT.match(f.name) for f in p.iterdir())) == complete)
+    return sorted(
+        p.name
+        for p in folders
+        if ((p / "run.json").is_file() or any(_LAYER_PT.match(f.name) for f in p.iterdir())) == complete
+    )
 
 
 def open_run(features_dir: str | Path, name: str) -> FeatureRun:

@@ -42,6 +42,3 @@ per block, `EncoderOutput.masks` holds one mask per layer.
 """
 
 from __future__ import annotations
-
-import argparse
-import hashlib

@@ -12,15 +12,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae.util.errors import InputError
 from sae.data.cache import TOKEN_CHOICES
+from sae.util.errors import InputError
 
 IMAGE, TEXT = "image", "text"
 TOKEN_HELP = (
     "position recorded per row: pooled = the model's own (CLS for ClipVision/ViT/DinoV2, EOT for "
     "ClipText, mean of patches for SigLIP2Vision, last position for SiglipText, [CLS] for Bert/Deberta); "
     "first = position 0 (the original code); last = last real token; mean = mean of real tokens "
-    "(images: patch tokens only, CLS excluded); eot = end-of-text token (text models only)")
+    "(images: patch tokens only, CLS excluded); eot = end-of-text token (text models only)"
+)
 
 
 class StopForward(Exception):
@@ -127,7 +128,8 @@ def resolve_layers(layers: Sequence[int] | None, n_blocks: int) -> list[int]:
         if not -n_blocks <= int(layer) < n_blocks:
             raise InputError(
                 f"--layers {layer} is out of range: this model has {n_blocks} blocks, "
-                f"valid indices are 0..{n_blocks - 1} (or -{n_blocks}..-1 from the end)")
+                f"valid indices are 0..{n_blocks - 1} (or -{n_blocks}..-1 from the end)"
+            )
         out.add(int(layer) % n_blocks)
     return sorted(out)
 
@@ -193,8 +195,10 @@ class Adapter:
         inference_mode, bf16 autocast on CUDA as `forward`. batch: `preprocess(items)`.
         """
         if self.encode is None:
-            raise InputError(f"--model {self.model} has no joint image-text embedding (only ClipVision, ClipText, "
-                             f"SigLIP2Vision and SiglipText have one)")
+            raise InputError(
+                f"--model {self.model} has no joint image-text embedding (only ClipVision, ClipText, "
+                f"SigLIP2Vision and SiglipText have one)"
+            )
         batch = self._on_device(batch)
         use_amp = self.autocast and self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -259,7 +263,6 @@ class Adapter:
                 for m in train_masks.values():
                     m[:, -1] = True
         return EncoderOutput(captured, masks[deepest], pooled, index, masks, train_masks)
-
 
 
 def find_blocks(model: nn.Module, n_blocks: int, paths: Sequence[str]) -> nn.ModuleList:

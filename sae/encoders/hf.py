@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae.util.errors import InputError
-from sae.encoders.adapter import IMAGE, TEXT, Adapter, all_tokens, ModelInfo, eval_frozen, find_blocks
+from sae.encoders.adapter import IMAGE, TEXT, Adapter, ModelInfo, all_tokens, eval_frozen, find_blocks
 from sae.encoders.loading import unavailable
 from sae.encoders.preprocess import HFImages, HFTokens
+from sae.util.errors import InputError
 
 DINO_ALIASES = {
     "dinov2_vits14": "facebook/dinov2-small",
@@ -20,7 +20,6 @@ DINO_ALIASES = {
     "dinov2_vitg14": "facebook/dinov2-giant",
 }
 SIGLIP_TEXT_LENGTH = 64  # SigLIP / SigLIP2 text towers were trained on 64 tokens, padding='max_length'
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,10 +115,21 @@ def load_siglip_vision(name: str, _pretrained: str | None, device: torch.device)
     naflex = family == "siglip2"
     head = getattr(cfg, "vision_use_head", True) is not False
     return Adapter(
-        model="SigLIP2Vision", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=cfg.hidden_size,
-        module=eval_frozen(model, device), blocks=blocks, preprocess=HFImages(processor), run=_run_pixels,
-        real_mask=_pixel_attention_mask if naflex else all_tokens, pooled_rule="mean", device=device,
-        encode=_siglip_pooled(_run_pixels) if head else None, d_embed=int(cfg.hidden_size) if head else None)
+        model="SigLIP2Vision",
+        name=name,
+        modality=IMAGE,
+        n_blocks=len(blocks),
+        d_model=cfg.hidden_size,
+        module=eval_frozen(model, device),
+        blocks=blocks,
+        preprocess=HFImages(processor),
+        run=_run_pixels,
+        real_mask=_pixel_attention_mask if naflex else all_tokens,
+        pooled_rule="mean",
+        device=device,
+        encode=_siglip_pooled(_run_pixels) if head else None,
+        d_embed=int(cfg.hidden_size) if head else None,
+    )
 
 
 def load_siglip_text(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
@@ -132,11 +142,22 @@ def load_siglip_text(name: str, _pretrained: str | None, device: torch.device) -
     length = min(SIGLIP_TEXT_LENGTH, int(cfg.max_position_embeddings))
     blocks = find_blocks(model, cfg.num_hidden_layers, ["encoder.layers", "text_model.encoder.layers"])
     return Adapter(
-        model="SiglipText", name=name, modality=TEXT, n_blocks=len(blocks), d_model=cfg.hidden_size,
-        module=eval_frozen(model, device), blocks=blocks,
+        model="SiglipText",
+        name=name,
+        modality=TEXT,
+        n_blocks=len(blocks),
+        d_model=cfg.hidden_size,
+        module=eval_frozen(model, device),
+        blocks=blocks,
         preprocess=HFTokens(tokenizer, padding="max_length", truncation=True, max_length=length),
-        run=_run_ids_only, real_mask=_attention_mask, pooled_rule="final", device=device, train_final=True,
-        encode=_siglip_pooled(_run_ids_only), d_embed=int(getattr(cfg, "projection_size", None) or cfg.hidden_size))
+        run=_run_ids_only,
+        real_mask=_attention_mask,
+        pooled_rule="final",
+        device=device,
+        train_final=True,
+        encode=_siglip_pooled(_run_ids_only),
+        d_embed=int(getattr(cfg, "projection_size", None) or cfg.hidden_size),
+    )
 
 
 def load_vit(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
@@ -147,9 +168,20 @@ def load_vit(name: str, _pretrained: str | None, device: torch.device) -> Adapte
     processor = _from_pretrained(AutoImageProcessor, name, "ViT image processor")
     blocks = find_blocks(model, cfg.num_hidden_layers, ["layers", "encoder.layer", "encoder.layers"])
     return Adapter(
-        model="ViT", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=cfg.hidden_size,
-        module=eval_frozen(model, device), blocks=blocks, preprocess=HFImages(processor), run=_run_pixels,
-        real_mask=all_tokens, pooled_rule="first", device=device, n_prefix=1)
+        model="ViT",
+        name=name,
+        modality=IMAGE,
+        n_blocks=len(blocks),
+        d_model=cfg.hidden_size,
+        module=eval_frozen(model, device),
+        blocks=blocks,
+        preprocess=HFImages(processor),
+        run=_run_pixels,
+        real_mask=all_tokens,
+        pooled_rule="first",
+        device=device,
+        n_prefix=1,
+    )
 
 
 def load_dino(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
@@ -163,9 +195,20 @@ def load_dino(name: str, _pretrained: str | None, device: torch.device) -> Adapt
     blocks = find_blocks(model, cfg.num_hidden_layers, ["encoder.layer", "encoder.layers", "layers"])
     n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
     return Adapter(
-        model="DinoV2", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=cfg.hidden_size,
-        module=eval_frozen(model, device), blocks=blocks, preprocess=HFImages(processor), run=_run_pixels,
-        real_mask=all_tokens, pooled_rule="first", device=device, n_prefix=n_prefix)
+        model="DinoV2",
+        name=name,
+        modality=IMAGE,
+        n_blocks=len(blocks),
+        d_model=cfg.hidden_size,
+        module=eval_frozen(model, device),
+        blocks=blocks,
+        preprocess=HFImages(processor),
+        run=_run_pixels,
+        real_mask=all_tokens,
+        pooled_rule="first",
+        device=device,
+        n_prefix=n_prefix,
+    )
 
 
 def _text_max_length(tokenizer: Any, cfg: Any) -> int:
@@ -183,12 +226,18 @@ def load_encoder(model_name: str, kind: str) -> Callable[[str, str | None, torch
         tokenizer = _from_pretrained(AutoTokenizer, name, f"{kind} tokenizer")
         blocks = find_blocks(model, cfg.num_hidden_layers, ["encoder.layer", "encoder.layers", "layers"])
         return Adapter(
-            model=model_name, name=name, modality=TEXT, n_blocks=len(blocks), d_model=cfg.hidden_size,
-            module=eval_frozen(model, device), blocks=blocks,
-            preprocess=HFTokens(tokenizer, padding=True, truncation=True,
-                                max_length=_text_max_length(tokenizer, cfg)),
-            run=_run_text, real_mask=_attention_mask, pooled_rule="first", device=device)
+            model=model_name,
+            name=name,
+            modality=TEXT,
+            n_blocks=len(blocks),
+            d_model=cfg.hidden_size,
+            module=eval_frozen(model, device),
+            blocks=blocks,
+            preprocess=HFTokens(tokenizer, padding=True, truncation=True, max_length=_text_max_length(tokenizer, cfg)),
+            run=_run_text,
+            real_mask=_attention_mask,
+            pooled_rule="first",
+            device=device,
+        )
 
     return load
-
-

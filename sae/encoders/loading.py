@@ -6,7 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-
 from sae.util.errors import InputError
 
 # --------------------------------------------------------------------------------------------------
@@ -23,7 +22,8 @@ def unavailable(kind: str, name: str, e: BaseException) -> InputError:
     where = "local directory" if os.path.isdir(name) else "name"
     return InputError(
         f"cannot load {kind} {where} '{name}' ({short_error(e)}); a hub name must be in the local cache when the "
-        f"hub is unreachable or HF_HUB_OFFLINE=1 - download it once, or give a local directory")
+        f"hub is unreachable or HF_HUB_OFFLINE=1 - download it once, or give a local directory"
+    )
 
 
 def local_fingerprint(path: str) -> str | None:
@@ -36,5 +36,3 @@ def local_fingerprint(path: str) -> str | None:
             st = p.stat()
             h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae.util.errors import InputError
-from sae.encoders.adapter import IMAGE, TEXT, Adapter, all_tokens, ModelInfo, eval_frozen
+from sae.encoders.adapter import IMAGE, TEXT, Adapter, ModelInfo, all_tokens, eval_frozen
 from sae.encoders.loading import short_error, unavailable
 from sae.encoders.preprocess import OpenClipTokens, TorchvisionImages
+from sae.util.errors import InputError
 
 # --------------------------------------------------------------------------------------------------
 # open_clip: ClipVision / ClipText
@@ -42,8 +42,10 @@ def _open_clip_config(name: str) -> dict:
     except Exception as e:
         raise unavailable("open_clip model", name, e) from e
     if cfg is None:
-        raise InputError(f"unknown open_clip model '{name}' (see open_clip.list_models(); hub models are "
-                         f"'hf-hub:org/repo'; a local directory needs open_clip_config.json)")
+        raise InputError(
+            f"unknown open_clip model '{name}' (see open_clip.list_models(); hub models are "
+            f"'hf-hub:org/repo'; a local directory needs open_clip_config.json)"
+        )
     return cfg
 
 
@@ -52,8 +54,10 @@ def open_clip_info(modality: str) -> Callable[[str, str | None], ModelInfo]:
         cfg = _open_clip_config(name)
         tower = cfg.get("vision_cfg" if modality == IMAGE else "text_cfg", {})
         if modality == IMAGE and "timm_model_name" in tower:
-            raise InputError(f"open_clip model '{name}' has a timm image tower: only ViT towers and CLIP "
-                             f"ResNets (RN50, ...) are supported")
+            raise InputError(
+                f"open_clip model '{name}' has a timm image tower: only ViT towers and CLIP "
+                f"ResNets (RN50, ...) are supported"
+            )
         if modality == IMAGE and isinstance(tower.get("layers"), (list, tuple)):  # ModifiedResNet
             widths = _resnet_widths(int(tower.get("width", 64)), int(cfg["embed_dim"]))
             return ModelInfo(n_blocks=len(widths), d_model=widths[-1], widths=widths)
@@ -78,7 +82,8 @@ def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> 
         raise InputError(
             f"cannot load {what} ({short_error(e)}); weights must be in the local cache when the hub is "
             f"unreachable or HF_HUB_OFFLINE=1 - download them once, or give a local directory holding "
-            f"open_clip_config.json and the weights") from e
+            f"open_clip_config.json and the weights"
+        ) from e
     finally:
         logging.disable(previous)
     return model, preprocess
@@ -112,8 +117,10 @@ def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[Sequence[nn.M
             raise InputError(f"open_clip model '{name}' has a ResNet tower without attention pool")
         return [visual.layer1, visual.layer2, visual.layer3, visual.layer4, visual.attnpool], False, 0, "mean"
     if not isinstance(visual, VisionTransformer):
-        raise InputError(f"open_clip model '{name}' has a {type(visual).__name__} image tower: only ViT "
-                         f"towers and CLIP ResNets (RN50, ...) are supported")
+        raise InputError(
+            f"open_clip model '{name}' has a {type(visual).__name__} image tower: only ViT "
+            f"towers and CLIP ResNets (RN50, ...) are supported"
+        )
     transformer = visual.transformer
     rule = "mean" if getattr(visual, "pool_type", "tok") == "avg" else "first"
     return transformer.resblocks, not getattr(transformer, "batch_first", True), 1, rule
@@ -139,12 +146,25 @@ def load_clip_vision(name: str, pretrained: str | None, device: torch.device) ->
     del model
     resnet = info.widths is not None
     return Adapter(
-        model="ClipVision", name=name, modality=IMAGE, n_blocks=len(blocks), d_model=info.d_model,
-        module=eval_frozen(visual, device), blocks=blocks, preprocess=TorchvisionImages(preprocess),
-        run=_run_visual, real_mask=all_tokens, pooled_rule=rule, device=device,
-        n_prefix=n_prefix, seq_first=seq_first, widths=info.widths,
-        to_tokens=_spatial_tokens if resnet else None, encode=_run_visual,
-        d_embed=int(_open_clip_config(name)["embed_dim"]))
+        model="ClipVision",
+        name=name,
+        modality=IMAGE,
+        n_blocks=len(blocks),
+        d_model=info.d_model,
+        module=eval_frozen(visual, device),
+        blocks=blocks,
+        preprocess=TorchvisionImages(preprocess),
+        run=_run_visual,
+        real_mask=all_tokens,
+        pooled_rule=rule,
+        device=device,
+        n_prefix=n_prefix,
+        seq_first=seq_first,
+        widths=info.widths,
+        to_tokens=_spatial_tokens if resnet else None,
+        encode=_run_visual,
+        d_embed=int(_open_clip_config(name)["embed_dim"]),
+    )
 
 
 def _run_clip_text(module: nn.Module, batch: dict[str, Tensor]) -> Any:
@@ -164,16 +184,27 @@ def load_clip_text(name: str, pretrained: str | None, device: torch.device) -> A
     else:
         raise InputError(f"open_clip model '{name}' has no transformer text tower supported by ClipText")
     if pool_type != "argmax":
-        raise InputError(f"open_clip model '{name}' pools its text with '{pool_type}': ClipText supports "
-                         f"CLIP-style towers (EOT = argmax of the token ids) only")
+        raise InputError(
+            f"open_clip model '{name}' pools its text with '{pool_type}': ClipText supports "
+            f"CLIP-style towers (EOT = argmax of the token ids) only"
+        )
     model.visual = None  # encode_text does not use it; free the memory (the text tower, ln_final and the
     # text projection stay)
     tokenizer = open_clip.get_tokenizer(open_clip_name(name))
     return Adapter(
-        model="ClipText", name=name, modality=TEXT, n_blocks=len(transformer.resblocks),
-        d_model=info.d_model, module=eval_frozen(model, device), blocks=transformer.resblocks,
-        preprocess=OpenClipTokens(tokenizer), run=_run_clip_text, real_mask=_clip_text_mask,
-        pooled_rule="last", device=device, seq_first=not getattr(transformer, "batch_first", True),
-        encode=_run_clip_text, d_embed=int(_open_clip_config(name)["embed_dim"]))
-
-
+        model="ClipText",
+        name=name,
+        modality=TEXT,
+        n_blocks=len(transformer.resblocks),
+        d_model=info.d_model,
+        module=eval_frozen(model, device),
+        blocks=transformer.resblocks,
+        preprocess=OpenClipTokens(tokenizer),
+        run=_run_clip_text,
+        real_mask=_clip_text_mask,
+        pooled_rule="last",
+        device=device,
+        seq_first=not getattr(transformer, "batch_first", True),
+        encode=_run_clip_text,
+        d_embed=int(_open_clip_config(name)["embed_dim"]),
+    )

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 # --------------------------------------------------------------------------------------------------
 # Preprocessing callables (picklable: they run in DataLoader workers)
 
@@ -58,5 +57,3 @@ class HFTokens:
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         out = self.tokenizer(list(texts), return_tensors="pt", return_attention_mask=True, **self.kwargs)
         return {k: v for k, v in out.items() if isinstance(v, Tensor)}
-
-

@@ -21,8 +21,9 @@ def _save_open_clip(d: Path, model_cfg: dict) -> Path:
     from safetensors.torch import save_file
 
     d.mkdir()
-    (d / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    (d / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    )
     torch.manual_seed(0)
     model = open_clip.create_model("local-dir:" + str(d), load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
@@ -31,19 +32,29 @@ def _save_open_clip(d: Path, model_cfg: dict) -> Path:
 
 def build_open_clip(root: Path) -> Path:
     """A tiny open_clip CLIP (ViT image tower, 3 blocks of width 32; text tower 3 blocks; embed 16)."""
-    return _save_open_clip(root / "tiny-open-clip", {
-        "embed_dim": 16, "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}})
+    return _save_open_clip(
+        root / "tiny-open-clip",
+        {
+            "embed_dim": 16,
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+        },
+    )
 
 
 def build_open_clip_resnet(root: Path) -> Path:
     """A tiny open_clip CLIP with a ModifiedResNet image tower (stages 32, 64, 128, 256 wide; attnpool and
     embed 16; 32 px images: stage maps 8x8, 4x4, 2x2, 1x1)."""
-    return _save_open_clip(root / "tiny-open-clip-rn", {
-        "embed_dim": 16, "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
+    return _save_open_clip(
+        root / "tiny-open-clip-rn",
+        {
+            "embed_dim": 16,
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+    )
 
 
 def minilm_dir() -> Path:
@@ -64,8 +75,15 @@ def build_siglip(root: Path) -> Path:
 
     cfg = SiglipConfig(
         text_config=dict(TINY_TEXT, max_position_embeddings=16, projection_size=32, **SPECIAL_IDS),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=48))
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=48,
+        ),
+    )
     d = root / "tiny-siglip"
     torch.manual_seed(0)
     SiglipModel(cfg).save_pretrained(d)
@@ -78,8 +96,15 @@ def build_vit(root: Path) -> Path:
     """Saved as ViTForImageClassification, like google/vit-*: the adapter keeps the `vit` body."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                    intermediate_size=48, num_labels=3)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=3,
+    )
     d = root / "tiny-vit"
     torch.manual_seed(0)
     ViTForImageClassification(cfg).save_pretrained(d)
@@ -90,11 +115,16 @@ def build_vit(root: Path) -> Path:
 def build_dino(root: Path) -> Path:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(image_size=56, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                       mlp_ratio=2)
+    cfg = Dinov2Config(
+        image_size=56, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2
+    )
     d = root / "tiny-dinov2"
     torch.manual_seed(0)
     Dinov2Model(cfg).save_pretrained(d)
-    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
+    BitImageProcessor(
+        size={"shortest_edge": 36},
+        crop_size={"height": 32, "width": 32},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(d)
     return d

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.util.atomic import atomic_path, read_json, write_json
-from sae.util.errors import InputError
 from sae.nn.config import SAEConfig
 from sae.nn.model import SparseAutoencoder
+from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.errors import InputError
 from sae.util.provenance import provenance
 
 FORMAT = "share-concepts-sae-v1"
@@ -35,9 +35,10 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sae = _unit_norm_copy(sae)
-    tensors = {name: p.detach().float().cpu().contiguous()
-               for name, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc),
-                               ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
+    tensors = {
+        name: p.detach().float().cpu().contiguous()
+        for name, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))
+    }
     if sae.cfg.architecture == "batchtopk":
         tensors["threshold"] = sae.threshold.detach().float().cpu().reshape(())
     with atomic_path(out_dir / "sae.safetensors") as tmp:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae.util.cli import add_dataclass_args, dataclass_from_args
-
 from sae.util.errors import InputError
 
 ARCHITECTURES = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka", "relu")
@@ -22,31 +21,56 @@ def _help(text: str, **extra: Any) -> Any:
 class SAEConfig:
     """What an SAE is: stored as cfg.json beside its weights."""
 
-    architecture: str = field(default="topk", metadata=_help(
-        "topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), msae_uw / msae_rw (Matryoshka over k, "
-        "Zaigrajew et al. 2025, uniform / reverse weights), matryoshka (nested dictionary prefixes, "
-        "Bussmann/Nabeshima 2025), relu (L1 penalty weighted by decoder norms)", choices=ARCHITECTURES))
+    architecture: str = field(
+        default="topk",
+        metadata=_help(
+            "topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), msae_uw / msae_rw (Matryoshka over k, "
+            "Zaigrajew et al. 2025, uniform / reverse weights), matryoshka (nested dictionary prefixes, "
+            "Bussmann/Nabeshima 2025), relu (L1 penalty weighted by decoder norms)",
+            choices=ARCHITECTURES,
+        ),
+    )
     d_in: int = field(default=0, metadata=_help("input width (set from the data)"))
     d_sae: int = field(default=0, metadata=_help("number of latents (expansion_factor * d_in when 0)"))
-    k: int | None = field(default=None, metadata=_help(
-        "active latents per row: per row (topk, matryoshka), on average over the batch (batchtopk), "
-        "smallest nested level and inference k (msae_*); unused by relu. Default 32; for msae_* the "
-        "first of --k_levels, else 64 (MSAE's levels 64, 128, ...)"))
-    k_levels: list[int] | None = field(default=None, metadata=_help(
-        "msae_*: the nested k values; default k, 2k, 4k, ... (< d_sae), then d_sae (with the default "
-        "k: 64, 128, ..., d_sae, MSAE's rule)"))
-    prefixes: list[int] | None = field(default=None, metadata=_help(
-        "matryoshka: nested prefix sizes; default d_sae/16, /8, /4, /2, d_sae (groups 1/16,1/16,1/8,1/4,1/2)"))
-    l1_coef: float = field(default=0.05, metadata=_help(
-        "relu: coefficient of sum_i z_i ||W_dec_i|| (inputs scaled to mean squared norm d_in)"))
-    k_aux: int | None = field(default=None, metadata=_help(
-        "topk/batchtopk/matryoshka: dead latents used by the AuxK loss (default d_in // 2); 0 disables"))
+    k: int | None = field(
+        default=None,
+        metadata=_help(
+            "active latents per row: per row (topk, matryoshka), on average over the batch (batchtopk), "
+            "smallest nested level and inference k (msae_*); unused by relu. Default 32; for msae_* the "
+            "first of --k_levels, else 64 (MSAE's levels 64, 128, ...)"
+        ),
+    )
+    k_levels: list[int] | None = field(
+        default=None,
+        metadata=_help(
+            "msae_*: the nested k values; default k, 2k, 4k, ... (< d_sae), then d_sae (with the default "
+            "k: 64, 128, ..., d_sae, MSAE's rule)"
+        ),
+    )
+    prefixes: list[int] | None = field(
+        default=None,
+        metadata=_help(
+            "matryoshka: nested prefix sizes; default d_sae/16, /8, /4, /2, d_sae (groups 1/16,1/16,1/8,1/4,1/2)"
+        ),
+    )
+    l1_coef: float = field(
+        default=0.05,
+        metadata=_help("relu: coefficient of sum_i z_i ||W_dec_i|| (inputs scaled to mean squared norm d_in)"),
+    )
+    k_aux: int | None = field(
+        default=None,
+        metadata=_help("topk/batchtopk/matryoshka: dead latents used by the AuxK loss (default d_in // 2); 0 disables"),
+    )
     aux_coef: float = field(default=1 / 32, metadata=_help("weight of the AuxK loss"))
     seed: int = field(default=0, metadata=_help("initialisation seed"))
-    input_scale: float = field(default=1.0, metadata=_help(
-        "inputs are multiplied by this before encoding (set by training: mean squared norm = d_in)"))
-    b_dec_init: str = field(default="geometric_median", metadata=_help(
-        "initial pre-encoder bias b_dec", choices=("geometric_median", "mean", "zeros")))
+    input_scale: float = field(
+        default=1.0,
+        metadata=_help("inputs are multiplied by this before encoding (set by training: mean squared norm = d_in)"),
+    )
+    b_dec_init: str = field(
+        default="geometric_median",
+        metadata=_help("initial pre-encoder bias b_dec", choices=("geometric_median", "mean", "zeros")),
+    )
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -112,20 +136,28 @@ class TrainConfig:
 
     epochs: float = field(default=5, metadata=_help("passes over the data (fractions allowed)"))
     batch_size: int = field(default=4096, metadata=_help("rows per optimisation step"))
-    lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate (default 2e-4 * sqrt(16384 / d_sae), sparsify's scaling)"))
-    warmup_steps: int | None = field(default=None, metadata=_help(
-        "linear warm-up steps (default min(1000, 5%% of the steps))"))
+    lr: float | None = field(
+        default=None, metadata=_help("peak learning rate (default 2e-4 * sqrt(16384 / d_sae), sparsify's scaling)")
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata=_help("linear warm-up steps (default min(1000, 5%% of the steps))")
+    )
     decay_fraction: float = field(default=0.2, metadata=_help("final fraction of steps with linear decay to 0"))
-    dead_window: int | None = field(default=None, metadata=_help(
-        "a latent is dead (and feeds the AuxK loss) after this many rows without firing; default "
-        "min(10M, rows per epoch, training rows / 10), at least one batch: 10M as Gao et al., capped "
-        "at one epoch (a latent silent on a whole pass over the data is dead on it) and at a tenth of "
-        "training, so AuxK acts during at least 90%% of a short run"))
+    dead_window: int | None = field(
+        default=None,
+        metadata=_help(
+            "a latent is dead (and feeds the AuxK loss) after this many rows without firing; default "
+            "min(10M, rows per epoch, training rows / 10), at least one batch: 10M as Gao et al., capped "
+            "at one epoch (a latent silent on a whole pass over the data is dead on it) and at a tenth of "
+            "training, so AuxK acts during at least 90%% of a short run"
+        ),
+    )
     checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints (also on Ctrl-C/SIGTERM)"))
     eval_rows: int = field(default=262144, metadata=_help("rows used for the final metrics (0 = all rows)"))
-    shuffle_window: int = field(default=1 << 20, metadata=_help(
-        "rows are shuffled within contiguous windows of this size (in random window order)"))
+    shuffle_window: int = field(
+        default=1 << 20,
+        metadata=_help("rows are shuffled within contiguous windows of this size (in random window order)"),
+    )
     seed: int = field(default=0, metadata=_help("data-order seed"))
     device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu or cuda[:i]"))
 
@@ -146,8 +178,12 @@ _SAE_SKIP = ("architecture", "d_in", "d_sae", "input_scale", "seed")
 
 def add_sae_args(parser: argparse.ArgumentParser) -> None:
     """The SAE and training flags shared by every training entry point."""
-    parser.add_argument("--sae", default="topk", choices=SAEConfig.__dataclass_fields__["architecture"]
-                        .metadata["choices"], help=SAEConfig.__dataclass_fields__["architecture"].metadata["help"])
+    parser.add_argument(
+        "--sae",
+        default="topk",
+        choices=SAEConfig.__dataclass_fields__["architecture"].metadata["choices"],
+        help=SAEConfig.__dataclass_fields__["architecture"].metadata["help"],
+    )
     parser.add_argument("--expansion_factor", type=float, default=8, help="d_sae = expansion_factor * d_in")
     parser.add_argument("--d_sae", type=int, default=0, help="number of latents (overrides --expansion_factor)")
     add_dataclass_args(parser, SAEConfig, skip=_SAE_SKIP)
@@ -156,5 +192,6 @@ def add_sae_args(parser: argparse.ArgumentParser) -> None:
 
 def sae_config_from_args(args: argparse.Namespace, d_in: int, seed: int | None = None) -> SAEConfig:
     d_sae = args.d_sae or int(round(args.expansion_factor * d_in))
-    return dataclass_from_args(SAEConfig, args, architecture=args.sae, d_in=d_in, d_sae=d_sae,
-                               seed=args.seed if seed is None else seed)
+    return dataclass_from_args(
+        SAEConfig, args, architecture=args.sae, d_in=d_in, d_sae=d_sae, seed=args.seed if seed is None else seed
+    )

@@ -44,7 +44,15 @@ from torch import Tensor
 
 _F64 = torch.float64
 _SUMS = (  # the running sums of MetricsAccumulator, all additive over disjoint rows
-    "_sum_x", "_sum_x2", "_sse", "_cos_sum", "_fire", "_active_sum", "_code_sum", "_pop_sum", "_near_zero"
+    "_sum_x",
+    "_sum_x2",
+    "_sse",
+    "_cos_sum",
+    "_fire",
+    "_active_sum",
+    "_code_sum",
+    "_pop_sum",
+    "_near_zero",
 )
 
 
@@ -150,9 +158,7 @@ class MetricsAccumulator:
     def merge(self, other: MetricsAccumulator) -> None:
         """Add the sums of `other` (same d_in, d_sae, near_zero_eps; disjoint rows) into this one."""
         if (other.d_in, other.d_sae) != (self.d_in, self.d_sae):
-            raise ValueError(
-                f"cannot merge d_in/d_sae {other.d_in}/{other.d_sae} into {self.d_in}/{self.d_sae}"
-            )
+            raise ValueError(f"cannot merge d_in/d_sae {other.d_in}/{other.d_sae} into {self.d_in}/{self.d_sae}")
         if other.near_zero_eps != self.near_zero_eps:
             raise ValueError("cannot merge accumulators with different near_zero_eps")
         if other.n_rows == 0:

@@ -86,8 +86,9 @@ class _SelectedPreActs(torch.autograd.Function):
                 rows_s, cols_s, g_s = rows, cols, g
             counts = torch.bincount(rows_s, minlength=x.shape[0])
             offsets = counts.cumsum(0) - counts
-            grad_x = F.embedding_bag(cols_s, W.t().contiguous(), offsets, mode="sum",
-                                     per_sample_weights=g_s.to(W.dtype)).to(x.dtype)
+            grad_x = F.embedding_bag(
+                cols_s, W.t().contiguous(), offsets, mode="sum", per_sample_weights=g_s.to(W.dtype)
+            ).to(x.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
             grad_b.index_add_(0, cols, g.to(W.dtype))
@@ -314,8 +315,9 @@ class SparseAutoencoder(nn.Module):
         aux = self._aux_loss(xs, x_hat, xc, pre, dead)
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[cols] = True
-        return TrainOutput(recon + self.cfg.aux_coef * aux, recon.detach(), aux.detach(),
-                           x_hat.detach(), fired, n_kept / n)
+        return TrainOutput(
+            recon + self.cfg.aux_coef * aux, recon.detach(), aux.detach(), x_hat.detach(), fired, n_kept / n
+        )
 
     def _loss_msae(self, xs: Tensor) -> TrainOutput:
         """Matryoshka over k (Zaigrajew et al. 2025): one dictionary, nested TopK levels k_1 < ... <
@@ -347,8 +349,7 @@ class SparseAutoencoder(nn.Module):
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
             fired[top_k.indices[vals_k > 0]] = True
         recon = (x_hat - xs).pow(2).mean()
-        return TrainOutput(loss, recon, xs.new_zeros(()), x_hat, fired,
-                           float((vals_k > 0).sum()) / xs.shape[0])
+        return TrainOutput(loss, recon, xs.new_zeros(()), x_hat, fired, float((vals_k > 0).sum()) / xs.shape[0])
 
     def _loss_relu(self, xs: Tensor) -> TrainOutput:
         """ReLU SAE: MSE + l1_coef * mean_n sum_i z_ni ||W_dec_i|| (decoder rows unconstrained while
@@ -358,8 +359,14 @@ class SparseAutoencoder(nn.Module):
         recon = (x_hat - xs).pow(2).mean()
         penalty = (z * self.W_dec.norm(dim=1)).sum(1).mean()
         active = z > 0
-        return TrainOutput(recon + self.cfg.l1_coef * penalty, recon.detach(), penalty.detach(),
-                           x_hat.detach(), active.any(0), float(active.sum()) / xs.shape[0])
+        return TrainOutput(
+            recon + self.cfg.l1_coef * penalty,
+            recon.detach(),
+            penalty.detach(),
+            x_hat.detach(),
+            active.any(0),
+            float(active.sum()) / xs.shape[0],
+        )
 
     # ---- decoder constraint ------------------------------------------------------------------------
     @torch.no_grad()

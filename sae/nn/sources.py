@@ -12,7 +12,6 @@ a memmap stay local), a function of (seed, epoch) only, so a resumed run sees th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +127,9 @@ def epoch_order(n_rows: int, seed: int, epoch: int, window: int) -> Iterator[np.
         yield start + rng.permutation(min(window, n_rows - start))
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, start_step: int = 0,
-                  window: int = 1 << 20) -> Iterator[np.ndarray]:
+def epoch_batches(
+    n_rows: int, batch_size: int, seed: int, epoch: int, start_step: int = 0, window: int = 1 << 20
+) -> Iterator[np.ndarray]:
     """Row indices of each step of `epoch`, from step `start_step` on; the last batch may be short."""
     skip = start_step * batch_size
     buf: list[np.ndarray] = []

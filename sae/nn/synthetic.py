@@ -19,8 +19,15 @@ class PlantedData:
     coefficients: np.ndarray  # float32 [n, n_concepts], sparse and non-negative
 
 
-def planted_activations(n: int = 20000, d: int = 64, n_concepts: int = 128, active_per_row: int = 4,
-                        noise: float = 0.05, offset: float = 1.0, seed: int = 0) -> PlantedData:
+def planted_activations(
+    n: int = 20000,
+    d: int = 64,
+    n_concepts: int = 128,
+    active_per_row: int = 4,
+    noise: float = 0.05,
+    offset: float = 1.0,
+    seed: int = 0,
+) -> PlantedData:
     """Generate planted data; `noise` is the per-row noise norm, `offset` the norm of a shared mean."""
     rng = np.random.default_rng(seed)
     dictionary = rng.standard_normal((n_concepts, d))

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.util.atomic import atomic_path, write_json
 from sae.nn.checkpoint import save_sae
-from sae.util.device import resolve_device
-from sae.util.errors import InputError
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource, epoch_batches
+from sae.util.atomic import atomic_path, write_json
+from sae.util.device import resolve_device
+from sae.util.errors import InputError
 
 STATE_FILE = "trainer_state.pt"
 
@@ -107,8 +107,7 @@ def _fingerprint(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConf
     desc = {
         "n_rows": source.n_rows,
         "d_in": {k: source.d_in(k) for k in source.keys},
-        "specs": [(s.name, s.key, {k: v for k, v in s.cfg.to_dict().items() if k != "input_scale"})
-                  for s in specs],
+        "specs": [(s.name, s.key, {k: v for k, v in s.cfg.to_dict().items() if k != "input_scale"}) for s in specs],
         "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("device", "checkpoint_every", "eval_rows")},
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -145,8 +144,9 @@ def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.devic
     return saes
 
 
-def evaluate(sae: SparseAutoencoder, source: ActivationSource, key: str, rows: np.ndarray,
-             batch_size: int = 4096) -> dict[str, Any]:
+def evaluate(
+    sae: SparseAutoencoder, source: ActivationSource, key: str, rows: np.ndarray, batch_size: int = 4096
+) -> dict[str, Any]:
     """Dataset-level metrics of `sae` on `rows` of `key` (inference codes, input units): the numbers
     of MetricsAccumulator.compute() plus "firing_histogram" (MetricsAccumulator.frequency_histogram:
     log10 firing-frequency bin edges and counts over the live latents, and the dead count)."""
@@ -160,8 +160,14 @@ def evaluate(sae: SparseAutoencoder, source: ActivationSource, key: str, rows: n
     return {**acc.compute(), "firing_histogram": acc.frequency_histogram()}
 
 
-def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig, out_dir: str | Path,
-               progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, TrainedSAE]:
+def train_saes(
+    source: ActivationSource,
+    specs: list[SAESpec],
+    tcfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, TrainedSAE]:
     """Train every SAE of `specs` on `source`; see the module docstring. Returns them by spec name."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -209,7 +215,8 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
 
     def checkpoint(step: int) -> None:
         snapshot = {
-            "fingerprint": fingerprint, "step": step,
+            "fingerprint": fingerprint,
+            "step": step,
             "cfgs": {s.name: s.cfg.to_dict() for s in specs},
             "saes": {s.name: sae.state_dict() for s, sae in zip(specs, saes)},
             "opts": {s.name: opt.state_dict() for s, opt in zip(specs, opts)},
@@ -219,14 +226,18 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
         with atomic_path(state_path) as tmp:
             torch.save(snapshot, tmp)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    bar = tqdm(total=total, initial=start, desc=f"training {len(specs)} SAE(s)", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"training {len(specs)} SAE(s)",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with _SignalFlag() as flag:
         for step, rows in _batches(source, tcfg, start, total):
-            batch = {key: source.read(key, rows).to(device, non_blocking=True)
-                     for key in {s.key for s in specs}}
+            batch = {key: source.read(key, rows).to(device, non_blocking=True) for key in {s.key for s in specs}}
             factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
             rows_seen += len(rows)
             shown = []
@@ -246,8 +257,9 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
                 if len(shown) < 3:
                     var = (xs - xs.mean(0)).pow(2).sum(1).mean()
                     fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
-                    dead = (f"{float((sf >= dead_window).float().mean()):.1%}" if rows_seen >= dead_window
-                            else "n/a")  # nothing can be dead before one window of rows
+                    dead = (
+                        f"{float((sf >= dead_window).float().mean()):.1%}" if rows_seen >= dead_window else "n/a"
+                    )  # nothing can be dead before one window of rows
                     shown.append(f"loss {float(out.loss.detach()):.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead {dead}")
             bar.set_postfix_str(" | ".join(shown) + (" ..." if len(specs) > 3 else ""), refresh=False)
             bar.update(1)
@@ -259,7 +271,8 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
                 bar.close()
                 raise TrainingInterrupted(
                     f"stopped by signal {flag.received} after step {done}/{total}; checkpoint saved in "
-                    f"{state_path}; run the same command again to resume")
+                    f"{state_path}; run the same command again to resume"
+                )
             if done % tcfg.checkpoint_every == 0 and done < total:
                 checkpoint(done)
     bar.close()
@@ -270,8 +283,7 @@ def train_saes(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig
     for spec, sae in zip(specs, saes):
         path = out_dir / spec.name if spec.name else out_dir
         save_sae(sae, path)
-        metrics = {"eval_rows": int(len(eval_rows)),
-                   **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size)}
+        metrics = {"eval_rows": int(len(eval_rows)), **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size)}
         write_json(path / "metrics.json", metrics)
         results[spec.name] = TrainedSAE(sae, metrics, path)
     return results

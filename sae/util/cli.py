@@ -40,8 +40,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
         if f.name in skip or not f.init:
             continue
         tp, is_list = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         help_text = f.metadata.get("help", "")
         if default is not None:
@@ -60,8 +62,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build `cls` from the parsed flags that `add_dataclass_args` added (plus explicit overrides)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.init and hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
 

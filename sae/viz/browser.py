@@ -76,9 +76,19 @@ def comparison_path(run_dir: str | Path, source_layer: int, target: str, method:
     return Path(run_dir) / COMPARISONS / f"L{source_layer:02d}__{target}__{method}.json"
 
 
-def save_best_matches(run_dir: str | Path, *, source: str, source_layer: int, target: str,
-                      target_layers: Sequence[int], feature: np.ndarray, layer: np.ndarray | int,
-                      rho: np.ndarray, method: str, n_samples: int | None = None) -> Path:
+def save_best_matches(
+    run_dir: str | Path,
+    *,
+    source: str,
+    source_layer: int,
+    target: str,
+    target_layers: Sequence[int],
+    feature: np.ndarray,
+    layer: np.ndarray | int,
+    rho: np.ndarray,
+    method: str,
+    n_samples: int | None = None,
+) -> Path:
     """Write the best match of every source feature in `target` (arrays [d_source]) for the browser.
 
     feature: int [d] best target feature (-1 for none); layer: int [d] (or one int) target layer of
@@ -90,12 +100,21 @@ def save_best_matches(run_dir: str | Path, *, source: str, source_layer: int, ta
     if not (feature.shape == rho.shape == layer.shape and feature.ndim == 1):
         raise ValueError(f"feature {feature.shape}, layer {layer.shape} and rho {rho.shape} must be the same [d]")
     path = comparison_path(run_dir, source_layer, target, method)
-    write_json(path, {
-        "format": MATCH_FORMAT, "method": method, "source": source, "source_layer": int(source_layer),
-        "target": target, "target_layers": [int(b) for b in target_layers], "n_samples": n_samples,
-        "feature": feature.tolist(), "layer": layer.tolist(),
-        "rho": [None if not np.isfinite(r) else round(float(r), 6) for r in rho],
-    })
+    write_json(
+        path,
+        {
+            "format": MATCH_FORMAT,
+            "method": method,
+            "source": source,
+            "source_layer": int(source_layer),
+            "target": target,
+            "target_layers": [int(b) for b in target_layers],
+            "n_samples": n_samples,
+            "feature": feature.tolist(),
+            "layer": layer.tolist(),
+            "rho": [None if not np.isfinite(r) else round(float(r), 6) for r in rho],
+        },
+    )
     return path
 
 
@@ -224,36 +243,62 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
             if int(obj.get("source_layer", layer)) != layer:
                 continue
             rows = zip(obj["feature"], obj["layer"], obj["rho"])
-            m = {i: (int(b), int(j), float(r)) for i, (j, b, r) in enumerate(rows) if j is not None and j >= 0
-                 and r is not None}
-            out.matches.append(MatchColumn(obj["target"], list(obj.get("target_layers") or []),
-                                           obj.get("method", "?"), m, True, path.name))
+            m = {
+                i: (int(b), int(j), float(r))
+                for i, (j, b, r) in enumerate(rows)
+                if j is not None and j >= 0 and r is not None
+            }
+            out.matches.append(
+                MatchColumn(
+                    obj["target"], list(obj.get("target_layers") or []), obj.get("method", "?"), m, True, path.name
+                )
+            )
         elif _is_wmppc_result(obj):  # run-level scores; its per-feature matches are in the L..__wmppc files
             if layer in obj.get("source_layers", []):
-                out.scores.append(WmppcScore(str(obj["target"]), float(obj["all_layers"]), float(obj["last_layer"]),
-                                             path.name))
+                out.scores.append(
+                    WmppcScore(str(obj["target"]), float(obj["all_layers"]), float(obj["last_layer"]), path.name)
+                )
             else:
                 continue
         elif _is_sharedness_result(obj):
             if obj.get("layer") is not None and int(obj["layer"]) != layer:
                 continue
             feats = obj["features"]
-            out.deltas.append(DeltaColumn(list(obj["min_group"]), list(obj["max_group"]),
-                                          {int(f["index"]): float(f["delta"]) for f in feats}, path.name))
+            out.deltas.append(
+                DeltaColumn(
+                    list(obj["min_group"]),
+                    list(obj["max_group"]),
+                    {int(f["index"]): float(f["delta"]) for f in feats},
+                    path.name,
+                )
+            )
             per_run: dict[str, dict[int, tuple[int, int, float]]] = {}
             for f in feats:
                 for target, b in (f.get("best_match") or {}).items():
                     if b.get("feature", -1) >= 0:
-                        per_run.setdefault(target, {})[int(f["index"])] = (int(b["layer"]), int(b["feature"]),
-                                                                          float(b["rho"]))
+                        per_run.setdefault(target, {})[int(f["index"])] = (
+                            int(b["layer"]),
+                            int(b["feature"]),
+                            float(b["rho"]),
+                        )
             layers = obj.get("compared_layers") or {}
             for target in [*obj["min_group"], *obj["max_group"]]:
                 lay = layers.get(target)
-                out.matches.append(MatchColumn(target, lay if isinstance(lay, list) else [], "comp_sharedness",
-                                               per_run.get(target, {}), False, path.name))
+                out.matches.append(
+                    MatchColumn(
+                        target,
+                        lay if isinstance(lay, list) else [],
+                        "comp_sharedness",
+                        per_run.get(target, {}),
+                        False,
+                        path.name,
+                    )
+                )
         else:
-            out.ignored.append(f"{path.name}: not a comparison result of this toolkit ({MATCH_FORMAT}, "
-                               "wmppc.py or comp_sharedness.py output)")
+            out.ignored.append(
+                f"{path.name}: not a comparison result of this toolkit ({MATCH_FORMAT}, "
+                "wmppc.py or comp_sharedness.py output)"
+            )
             continue
         out.read.append(path.name)
     # one column per (target, layers): the best match over the same layers is the same whatever the method,
@@ -272,8 +317,11 @@ def load_comparisons(run_dir: str | Path, run: str, layer: int) -> Comparisons:
     per_target = [c.target for c in merged]
     for c in merged:
         c.layers_text = _layers_text(c.target_layers, _run_layers(features_dir, c.target))
-        c.key = (_key("rho_", c.target) if per_target.count(c.target) == 1 else
-                 _key("rho_", f"{c.target}_{'+'.join(c.methods)}_L{'-'.join(map(str, c.target_layers))}"))
+        c.key = (
+            _key("rho_", c.target)
+            if per_target.count(c.target) == 1
+            else _key("rho_", f"{c.target}_{'+'.join(c.methods)}_L{'-'.join(map(str, c.target_layers))}")
+        )
     out.matches = merged
     for n, d in enumerate(out.deltas):
         d.label = "Δ" if len(out.deltas) == 1 else f"Δ{n + 1}"
@@ -390,10 +438,13 @@ def _num(x: float) -> str:
 
 
 def _page(title: str, body: str, script: str = "") -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
-            + (f"<script>{script}</script>\n" if script else "") + "</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+        + (f"<script>{script}</script>\n" if script else "")
+        + "</body></html>\n"
+    )
 
 
 def _write(path: Path, text: str) -> None:
@@ -422,26 +473,37 @@ def histogram_svg(hist: dict[str, Any], width: int = 640, height: int = 260) -> 
     bars = "".join(
         f'<rect x="{left + k * bw:.1f}" y="{base - c / top * plot_h:.1f}" width="{max(bw - 1, 1):.1f}" '
         f'height="{c / top * plot_h:.1f}" fill="#4a78c2"><title>{_num(lo + k * step)} to '
-        f'{_num(lo + (k + 1) * step)}: {c} rows</title></rect>'
-        for k, c in enumerate(counts) if c)
+        f"{_num(lo + (k + 1) * step)}: {c} rows</title></rect>"
+        for k, c in enumerate(counts)
+        if c
+    )
     ticks = []
     for t in range(5):  # x: 5 ticks from lo to hi
         x = left + t * plot_w / 4
-        ticks.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#333"/>'
-                     f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle" font-size="11">'
-                     f'{_num(lo + t * (hi - lo) / 4)}</text>')
+        ticks.append(
+            f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#333"/>'
+            f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle" font-size="11">'
+            f"{_num(lo + t * (hi - lo) / 4)}</text>"
+        )
     for v in sorted({0, (top + 1) // 2, top}):  # y: 0, half, max count
         y = base - v / top * plot_h
-        ticks.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
-                     f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v}</text>')
-    axis = (f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>'
-            f'<line x1="{left}" y1="{above}" x2="{left}" y2="{base}" stroke="#333"/>' + "".join(ticks)
-            + f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="12">'
-              f'activation (rows where the feature fires)</text>'
-              f'<text x="14" y="{above + plot_h / 2}" font-size="12" transform="rotate(-90 14 {above + plot_h / 2})" '
-              f'text-anchor="middle">rows</text>')
-    return (f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'role="img" aria-label="histogram of activations">{axis}{bars}</svg>')
+        ticks.append(
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+            f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v}</text>'
+        )
+    axis = (
+        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>'
+        f'<line x1="{left}" y1="{above}" x2="{left}" y2="{base}" stroke="#333"/>'
+        + "".join(ticks)
+        + f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="12">'
+        f"activation (rows where the feature fires)</text>"
+        f'<text x="14" y="{above + plot_h / 2}" font-size="12" transform="rotate(-90 14 {above + plot_h / 2})" '
+        f'text-anchor="middle">rows</text>'
+    )
+    return (
+        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="histogram of activations">{axis}{bars}</svg>'
+    )
 
 
 class _Links:
@@ -489,8 +551,9 @@ def _names_text(names: list[Any] | None, k: int = 3) -> str:
     return ", ".join(str(w) for w, _ in (names or [])[:k])
 
 
-def write_browser(result: ShowResult, run_dir: str | Path | None = None,
-                  comparisons: Comparisons | None = None) -> Path:
+def write_browser(
+    result: ShowResult, run_dir: str | Path | None = None, comparisons: Comparisons | None = None
+) -> Path:
     """Write index.html and features/f{i:05d}.html into result.out; returns the index path."""
     out, man, previews = result.out, result.manifest, result.previews
     run, layer = man["run"], man["layer"]
@@ -507,9 +570,11 @@ def write_browser(result: ShowResult, run_dir: str | Path | None = None,
 
 def _header(man: dict[str, Any]) -> str:
     ds = man.get("dataset") or {}
-    return (f'run <b>{_e(man["run"])}</b> · layer {man["layer"]} · {_e(man["modality"])} · '
-            f'{man["n_rows"]} rows of {_e(ds.get("name", "?"))} ({_e(ds.get("split", "?"))}) · '
-            f'd_sae {man["d_sae"]}')
+    return (
+        f"run <b>{_e(man['run'])}</b> · layer {man['layer']} · {_e(man['modality'])} · "
+        f"{man['n_rows']} rows of {_e(ds.get('name', '?'))} ({_e(ds.get('split', '?'))}) · "
+        f"d_sae {man['d_sae']}"
+    )
 
 
 def _comparisons_note(comps: Comparisons) -> str:
@@ -518,60 +583,113 @@ def _comparisons_note(comps: Comparisons) -> str:
         return '<p class="muted">No comparison results next to this run (see docs/show.md).</p>'
     parts = []
     if comps.scores:
-        parts.append("<p>wMPPC of this run against " + "; ".join(
-            f"<b>{_e(s.target)}</b>: all layers {s.all_layers:.3f}, last layer {s.last_layer:.3f}"
-            for s in sorted(comps.scores, key=lambda s: s.target)) + "</p>")
+        parts.append(
+            "<p>wMPPC of this run against "
+            + "; ".join(
+                f"<b>{_e(s.target)}</b>: all layers {s.all_layers:.3f}, last layer {s.last_layer:.3f}"
+                for s in sorted(comps.scores, key=lambda s: s.target)
+            )
+            + "</p>"
+        )
     items = "".join(f"<li><code>{_e(f)}</code></li>" for f in comps.read)
     items += "".join(f'<li class="muted">ignored {_e(x)}</li>' for x in comps.ignored)
     n_ign = f", {len(comps.ignored)} ignored" if comps.ignored else ""
-    parts.append(f"<details class=\"comps\"><summary>Comparison results: {len(comps.read)} files read from "
-                 f"<code>comparisons/</code>{n_ign}</summary><ul>{items}</ul></details>")
+    parts.append(
+        f'<details class="comps"><summary>Comparison results: {len(comps.read)} files read from '
+        f"<code>comparisons/</code>{n_ign}</summary><ul>{items}</ul></details>"
+    )
     return "".join(parts)
 
 
-def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview], comps: Comparisons,
-                 links: _Links) -> None:
+def _write_index(
+    out: Path, man: dict[str, Any], previews: list[FeaturePreview], comps: Comparisons, links: _Links
+) -> None:
     has_names = any(p.names for p in previews)
     # (data-key, type, label, small second line, tooltip)
     heads = [("index", "num", "feature", "", ""), ("", "", "top rows", "", "hover: full size")]
     if has_names:
-        heads.append(("names", "txt", "names", "", ("concept names: the vocabulary words nearest the feature's "
-                                                   "decoder direction (sae/analysis/naming.py), best first")))
-    heads += [("support", "num", "support", "", "rows where the feature fires"),
-              ("freq", "num", "freq", "", "firing frequency: support / rows"),
-              ("mean", "num", "mean act", "", "mean activation over the rows where it fires"),
-              ("max", "num", "max act", "", "largest activation"),
-              ("mass", "num", "mass S", "", "sum of the activations over all rows")]
+        heads.append(
+            (
+                "names",
+                "txt",
+                "names",
+                "",
+                (
+                    "concept names: the vocabulary words nearest the feature's "
+                    "decoder direction (sae/analysis/naming.py), best first"
+                ),
+            )
+        )
+    heads += [
+        ("support", "num", "support", "", "rows where the feature fires"),
+        ("freq", "num", "freq", "", "firing frequency: support / rows"),
+        ("mean", "num", "mean act", "", "mean activation over the rows where it fires"),
+        ("max", "num", "max act", "", "largest activation"),
+        ("mass", "num", "mass S", "", "sum of the activations over all rows"),
+    ]
     for d in comps.deltas:
-        heads.append((d.key, "num", d.label, "sharedness", (f"comparative sharedness Delta, G = {' '.join(d.min_group)}"
-                      f", H = {' '.join(d.max_group)} ({d.origin}); blank: not selected")))
+        heads.append(
+            (
+                d.key,
+                "num",
+                d.label,
+                "sharedness",
+                (
+                    f"comparative sharedness Delta, G = {' '.join(d.min_group)}"
+                    f", H = {' '.join(d.max_group)} ({d.origin}); blank: not selected"
+                ),
+            )
+        )
     for c in comps.matches:
-        heads.append((c.key, "num", f"best in {c.target}", c.compared,
-                      (f"best-matching feature of {c.target} over its layers {c.target_layers or '?'}: target layer, "
-                       f"feature and correlation; from {', '.join(c.origins)}")))
+        heads.append(
+            (
+                c.key,
+                "num",
+                f"best in {c.target}",
+                c.compared,
+                (
+                    f"best-matching feature of {c.target} over its layers {c.target_layers or '?'}: target layer, "
+                    f"feature and correlation; from {', '.join(c.origins)}"
+                ),
+            )
+        )
     heads.append(("caption", "txt", "top caption", "", "caption of the top row"))
     th = "".join(
-        (f'<th data-key="{_e(k)}" data-type="{t}" title="{_e(tip)}"' + (' class="t"' if t == "txt" else "") + ">"
-         if k else f'<th title="{_e(tip)}">') + _e(label) + (f"<small>{_e(sub)}</small>" if sub else "") + "</th>"
-        for k, t, label, sub, tip in heads)
+        (
+            f'<th data-key="{_e(k)}" data-type="{t}" title="{_e(tip)}"' + (' class="t"' if t == "txt" else "") + ">"
+            if k
+            else f'<th title="{_e(tip)}">'
+        )
+        + _e(label)
+        + (f"<small>{_e(sub)}</small>" if sub else "")
+        + "</th>"
+        for k, t, label, sub, tip in heads
+    )
     body_rows = []
     for p in previews:
         page = f"features/{feature_page_name(p.index)}"
-        cells = [f'<td data-v="{p.index}"><a href="{page}">{p.index}</a></td>',
-                 (f'<td><a href="{page}"><img class="thumb" loading="lazy" src="{_e(p.grid)}" '
-                  f'alt="feature {p.index}"></a></td>')]
+        cells = [
+            f'<td data-v="{p.index}"><a href="{page}">{p.index}</a></td>',
+            (
+                f'<td><a href="{page}"><img class="thumb" loading="lazy" src="{_e(p.grid)}" '
+                f'alt="feature {p.index}"></a></td>'
+            ),
+        ]
         words = [str(p.index)]
         if has_names:
             names = _names_text(p.names)
             tip = ", ".join(f"{w} ({c:.3f})" for w, c in (p.names or []))
             cells.append(f'<td class="t names" data-v="{_e(names)}" title="{_e(tip)}">{_e(names)}</td>')
             words += [str(w) for w, _ in (p.names or [])]
-        cells += [f'<td data-v="{p.support}">{p.support}</td>',
-                  f'<td data-v="{p.freq:.9g}">{p.freq:.2%}</td>' if p.freq >= 1e-4 else
-                  f'<td data-v="{p.freq:.9g}">{p.freq:.2e}</td>',
-                  f'<td data-v="{p.mean:.9g}">{_num(p.mean)}</td>',
-                  f'<td data-v="{p.max:.9g}">{_num(p.max)}</td>',
-                  f'<td data-v="{p.mass:.9g}">{_num(p.mass)}</td>']
+        cells += [
+            f'<td data-v="{p.support}">{p.support}</td>',
+            f'<td data-v="{p.freq:.9g}">{p.freq:.2%}</td>'
+            if p.freq >= 1e-4
+            else f'<td data-v="{p.freq:.9g}">{p.freq:.2e}</td>',
+            f'<td data-v="{p.mean:.9g}">{_num(p.mean)}</td>',
+            f'<td data-v="{p.max:.9g}">{_num(p.max)}</td>',
+            f'<td data-v="{p.mass:.9g}">{_num(p.mass)}</td>',
+        ]
         for d in comps.deltas:
             v = d.delta.get(p.index)
             cells.append(f'<td data-v="{v:.9g}" class="sel">{_num(v)}</td>' if v is not None else '<td data-v=""></td>')
@@ -585,12 +703,16 @@ def _write_index(out: Path, man: dict[str, Any], previews: list[FeaturePreview],
         words += [c for c in (p.captions or []) if c]
         text = " ".join(words).lower()
         body_rows.append(f'<tr data-index="{p.index}" data-text="{_e(text)}">{"".join(cells)}</tr>')
-    body = (f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{_comparisons_note(comps)}"
-            + '<p><input id="filter" type="search" placeholder="filter: feature index, '
-            + ("names, " if has_names else "") + 'caption words, run names" autofocus> <span id="count"></span></p>'
-            + f'<div class="tablewrap"><table id="features"><thead><tr>{th}</tr></thead><tbody>\n'
-            + "\n".join(body_rows) + "\n</tbody></table></div>"
-            + '<img id="zoom" hidden alt="">')
+    body = (
+        f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{_comparisons_note(comps)}"
+        + '<p><input id="filter" type="search" placeholder="filter: feature index, '
+        + ("names, " if has_names else "")
+        + 'caption words, run names" autofocus> <span id="count"></span></p>'
+        + f'<div class="tablewrap"><table id="features"><thead><tr>{th}</tr></thead><tbody>\n'
+        + "\n".join(body_rows)
+        + "\n</tbody></table></div>"
+        + '<img id="zoom" hidden alt="">'
+    )
     _write(out / "index.html", _page(f"{man['run']} layer {man['layer']}: features", body, INDEX_JS))
 
 
@@ -608,49 +730,68 @@ def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
             rho = f"{r:.3f}"
         else:
             match, rho = '<span class="muted">–</span>', ""
-        rows.append(f"<tr><td>{_e(c.target)}</td><td>{_e(c.compared)}</td><td>{match}</td>"
-                    f"<td>{rho}</td><td class=\"muted\">{_e(', '.join(c.origins))}</td></tr>")
-    return ("<table class='matches'><tr><th>run</th><th>compared (method · layers)</th><th>best match</th>"
-            f"<th>ρ</th><th>from</th></tr>{''.join(rows)}</table>")
+        rows.append(
+            f"<tr><td>{_e(c.target)}</td><td>{_e(c.compared)}</td><td>{match}</td>"
+            f'<td>{rho}</td><td class="muted">{_e(", ".join(c.origins))}</td></tr>'
+        )
+    return (
+        "<table class='matches'><tr><th>run</th><th>compared (method · layers)</th><th>best match</th>"
+        f"<th>ρ</th><th>from</th></tr>{''.join(rows)}</table>"
+    )
 
 
-def _feature_page(man: dict[str, Any], p: FeaturePreview, comps: Comparisons, links: _Links,
-                  prev_i: int | None, next_i: int | None) -> str:
+def _feature_page(
+    man: dict[str, Any], p: FeaturePreview, comps: Comparisons, links: _Links, prev_i: int | None, next_i: int | None
+) -> str:
     nav = ['<a href="../index.html">index</a>']
     if prev_i is not None:
         nav.append(f'<a href="{feature_page_name(prev_i)}">← feature {prev_i}</a>')
     if next_i is not None:
         nav.append(f'<a href="{feature_page_name(next_i)}">feature {next_i} →</a>')
-    stats = [("support", f"{p.support} rows ({p.freq:.3%})"), ("mean activation (when firing)", _num(p.mean)),
-             ("max activation", _num(p.max)), ("mass S (sum over rows)", _num(p.mass))]
+    stats = [
+        ("support", f"{p.support} rows ({p.freq:.3%})"),
+        ("mean activation (when firing)", _num(p.mean)),
+        ("max activation", _num(p.max)),
+        ("mass S (sum over rows)", _num(p.mass)),
+    ]
     for d in comps.deltas:
         if p.index in d.delta:
-            stats.append((f"{d.label} (G = {' '.join(d.min_group)}, H = {' '.join(d.max_group)})",
-                          _num(d.delta[p.index])))
+            stats.append(
+                (f"{d.label} (G = {' '.join(d.min_group)}, H = {' '.join(d.max_group)})", _num(d.delta[p.index]))
+            )
     stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
     names = ""
     if p.names:
-        names = ("<h2>Concept names</h2><table class='names'><tr><th>name</th><th>cosine</th></tr>"
-                 + "".join(f"<tr><td>{_e(w)}</td><td>{c:.3f}</td></tr>" for w, c in p.names)
-                 + "</table><p class='muted'>vocabulary words nearest the feature's decoder direction "
-                   "(sae/analysis/naming.py)</p>")
+        names = (
+            "<h2>Concept names</h2><table class='names'><tr><th>name</th><th>cosine</th></tr>"
+            + "".join(f"<tr><td>{_e(w)}</td><td>{c:.3f}</td></tr>" for w, c in p.names)
+            + "</table><p class='muted'>vocabulary words nearest the feature's decoder direction "
+            "(sae/analysis/naming.py)</p>"
+        )
     has_caps = p.captions is not None
     rows = "".join(
         f"<tr><td>{r + 1}</td><td>{rid}</td><td>{_num(a)}</td>"
         + (f'<td class="t" style="white-space:normal">{_e(p.captions[r] or "")}</td>' if has_caps else "")
-        + "</tr>" for r, (rid, a) in enumerate(zip(p.row_ids, p.acts)))
-    rows_head = "<tr><th>rank</th><th>dataset row</th><th>activation</th>" + (
-        '<th class="t">caption</th>' if has_caps else "") + "</tr>"
-    caps_link = (f' · <a href="../{_e(p.captions_file)}">captions (.txt)</a>' if p.captions_file else "")
+        + "</tr>"
+        for r, (rid, a) in enumerate(zip(p.row_ids, p.acts))
+    )
+    rows_head = (
+        "<tr><th>rank</th><th>dataset row</th><th>activation</th>"
+        + ('<th class="t">caption</th>' if has_caps else "")
+        + "</tr>"
+    )
+    caps_link = f' · <a href="../{_e(p.captions_file)}">captions (.txt)</a>' if p.captions_file else ""
     zeros = p.hist["zeros"]
     title = f"Feature {p.index}" + (f": {_names_text(p.names)}" if p.names else "")
-    body = (f"<nav>{' '.join(nav)}</nav><h1>{_e(title)}</h1><p>{_header(man)}</p>"
-            f'<table class="stats">{stats_html}</table>{names}'
-            f'<h2>Top {len(p.acts)} rows</h2><p><img class="grid" src="../{_e(p.grid)}" alt="top rows of feature '
-            f'{p.index}"></p><p class="muted">best row top left, then row by row{caps_link}</p>'
-            f'<table class="rows">{rows_head}{rows}</table>'
-            f"<h2>Activations</h2>{histogram_svg(p.hist)}"
-            f'<p class="muted">{p.support} rows where it fires, in {len(p.hist["counts"])} equal bins from its '
-            f'smallest to its largest activation; {zeros} rows at 0 not shown</p>'
-            f"<h2>Matches in other runs</h2>{_matches_table(p, comps, links)}")
+    body = (
+        f"<nav>{' '.join(nav)}</nav><h1>{_e(title)}</h1><p>{_header(man)}</p>"
+        f'<table class="stats">{stats_html}</table>{names}'
+        f'<h2>Top {len(p.acts)} rows</h2><p><img class="grid" src="../{_e(p.grid)}" alt="top rows of feature '
+        f'{p.index}"></p><p class="muted">best row top left, then row by row{caps_link}</p>'
+        f'<table class="rows">{rows_head}{rows}</table>'
+        f"<h2>Activations</h2>{histogram_svg(p.hist)}"
+        f'<p class="muted">{p.support} rows where it fires, in {len(p.hist["counts"])} equal bins from its '
+        f"smallest to its largest activation; {zeros} rows at 0 not shown</p>"
+        f"<h2>Matches in other runs</h2>{_matches_table(p, comps, links)}"
+    )
     return _page(f"{man['run']} feature {p.index}", body)

@@ -38,10 +38,9 @@ def _place_labels(fig: Any, ax: Any, points: list[tuple[int, float, float]]) -> 
     placed, boxes = [], []
     for i, x, y in points:
         for dx, dy in OFFSETS:
-            ann = ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
-                              color="black")
+            ann = ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color="black")
             box = ann.get_window_extent(renderer).expanded(1.1, 1.15)
-            inside = (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not any(box.overlaps(b) for b in boxes):
                 placed.append(ann)
                 boxes.append(box)
@@ -77,21 +76,40 @@ def sharedness_figure(result: Any, *, label_top: int = 8) -> Any:
         ax.set_xscale("log")
     ax.set_xlabel("S = summed activation of the feature (mass)")
     ax.set_ylabel(r"$\Delta = S\,(\rho_G^2-\rho_H^2)$")
-    ax.set_title(f"Comparative sharedness of {result.source} (layer {result.layer})\n"
-                 f"G (min) = {', '.join(result.min_group)}   H (max) = {', '.join(result.max_group)}", fontsize=10)
+    ax.set_title(
+        f"Comparative sharedness of {result.source} (layer {result.layer})\n"
+        f"G (min) = {', '.join(result.min_group)}   H (max) = {', '.join(result.max_group)}",
+        fontsize=10,
+    )
     cb = fig.colorbar(sc, ax=ax)
     cb.set_label(DIFF)
 
     def dot(value: float, text: str) -> Line2D:  # a legend marker in the colour map's colour for `value`
-        return Line2D([], [], linestyle="", marker="o", markersize=5, markeredgewidth=0, color=cmap(norm(value)),
-                      label=text)
+        return Line2D(
+            [], [], linestyle="", marker="o", markersize=5, markeredgewidth=0, color=cmap(norm(value)), label=text
+        )
 
-    handles = [dot(0.8 * lim, r"shared more with G ($\rho_G^2>\rho_H^2$)"),
-               dot(-0.8 * lim, r"shared more with H ($\rho_G^2<\rho_H^2$)"),
-               Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor="none", color="black",
-                      label=f"selected: top {len(selected)} by Δ ({result.top:g} of {len(s)})")]
-    ax.legend(handles=handles, loc="best", fontsize=8, title_fontsize=8,
-              title=f"{int(live.sum())} features ({int((~live).sum())} dead not shown)")
+    handles = [
+        dot(0.8 * lim, r"shared more with G ($\rho_G^2>\rho_H^2$)"),
+        dot(-0.8 * lim, r"shared more with H ($\rho_G^2<\rho_H^2$)"),
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            markersize=8,
+            markerfacecolor="none",
+            color="black",
+            label=f"selected: top {len(selected)} by Δ ({result.top:g} of {len(s)})",
+        ),
+    ]
+    ax.legend(
+        handles=handles,
+        loc="best",
+        fontsize=8,
+        title_fontsize=8,
+        title=f"{int(live.sum())} features ({int((~live).sum())} dead not shown)",
+    )
     fig.tight_layout()
     _place_labels(fig, ax, [(int(i), s[i], delta[i]) for i in sel[:label_top]])
     return fig

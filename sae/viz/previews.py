@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from sae.analysis.naming import load_names, names_path
+from sae.data.features import FeatureRun, SparseCodes, open_run
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
-from sae.data.features import FeatureRun, SparseCodes, open_run
-from sae.analysis.naming import load_names, names_path
 
 TOP = 9  # rows shown per feature (a 3x3 grid)
 GRID = 3
@@ -133,12 +133,17 @@ class FeatureColumns:
         a = self.activations(i)
         lo, hi = (float(a[-1]), float(a[0])) if len(a) else (0.0, 1.0)
         counts, edges = np.histogram(a, bins=bins, range=(lo, hi))
-        return {"lo": float(edges[0]), "hi": float(edges[-1]), "counts": counts.tolist(),
-                "zeros": int(self.n_rows - len(a))}
+        return {
+            "lo": float(edges[0]),
+            "hi": float(edges[-1]),
+            "counts": counts.tolist(),
+            "zeros": int(self.n_rows - len(a)),
+        }
 
 
-def select_features(cols: FeatureColumns, min_support: int = 16,
-                    features: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+def select_features(
+    cols: FeatureColumns, min_support: int = 16, features: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """(features to show, requested features skipped because they never fire).
 
     Without `features`: every live feature with at least `min_support` active rows, by index.
@@ -148,7 +153,9 @@ def select_features(cols: FeatureColumns, min_support: int = 16,
     if features:
         bad = [i for i in features if not 0 <= i < cols.d_sae]
         if bad:
-            raise InputError(f"--features {bad[0]} is out of range: the layer has {cols.d_sae} features (0..{cols.d_sae - 1})")
+            raise InputError(
+                f"--features {bad[0]} is out of range: the layer has {cols.d_sae} features (0..{cols.d_sae - 1})"
+            )
         wanted = list(dict.fromkeys(int(i) for i in features))
         return [i for i in wanted if support[i] > 0], [i for i in wanted if support[i] == 0]
     if min_support < 0:
@@ -204,10 +211,17 @@ class RowSource:
         return self.pairs.texts()[n] if self.has_captions else None
 
 
-def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str | None = None,
-                    image_column: str | None = None, text_column: str | None = None,
-                    data_root: str | Path = "data", n_rows: int | None = None,
-                    need_captions: bool = False) -> RowSource:
+def open_row_source(
+    run: FeatureRun,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    data_root: str | Path = "data",
+    n_rows: int | None = None,
+    need_captions: bool = False,
+) -> RowSource:
     """The dataset rows of `run`, as named by its run.json (the arguments override it).
 
     Rows are run.json's row_ids; without them, dataset rows 0..n_rows-1 (the original repo's runs).
@@ -227,8 +241,9 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
     prefix = f"run '{run.name}' has no images to show"
     if not source:
         why = "it has no run.json (the original repo's format)" if not run.info else "its run.json names no dataset"
-        raise InputError(f"{prefix}: {why}; pass --dataset (a dataset name or folder; the original repo used "
-                         "--dataset coco)")
+        raise InputError(
+            f"{prefix}: {why}; pass --dataset (a dataset name or folder; the original repo used --dataset coco)"
+        )
     if not image_column:
         # a run.json dataset without an image column has no images; a --dataset override defaults to "image"
         image_column = info.get("image_column") if info else "image"
@@ -240,16 +255,19 @@ def open_row_source(run: FeatureRun, *, dataset: str | None = None, split: str |
         n = run.info.get("n_rows", n_rows)
         ids = None if n is None else list(range(int(n)))
     try:  # captions are optional here: their column is checked below
-        pairs = load_pairs(source, split or info.get("split") or "train", image_column, None,
-                           row_ids=ids, data_root=data_root)
+        pairs = load_pairs(
+            source, split or info.get("split") or "train", image_column, None, row_ids=ids, data_root=data_root
+        )
     except InputError as e:
         raise InputError(f"{prefix}: {e}") from None
     columns = list(pairs.dataset.column_names)
     if caption_column in columns:
         return RowSource(replace(pairs, text_column=caption_column), run.name)
     if need_captions or text_column:
-        raise InputError(f"run '{run.name}' has no captions to show: its dataset '{source}' has no caption column "
-                         f"'{caption_column}' (columns: {', '.join(columns)}); pass --text_column")
+        raise InputError(
+            f"run '{run.name}' has no captions to show: its dataset '{source}' has no caption column "
+            f"'{caption_column}' (columns: {', '.join(columns)}); pass --text_column"
+        )
     return RowSource(pairs, run.name)
 
 
@@ -352,21 +370,29 @@ class ShowConfig:
     features_dir: str = field(default="sae_features", metadata={"help": "folder holding the runs"})
     layer: int | None = field(default=None, metadata={"help": "layer to show (default: the run's deepest)"})
     out: str | None = field(default=None, metadata={"help": "preview folder (default: previews/<run>)"})
-    min_support: int = field(default=16, metadata={
-        "help": "show only features active on at least this many rows"})
-    features: list[int] | None = field(default=None, metadata={
-        "help": "show only these feature indices (min_support not applied)"})
+    min_support: int = field(default=16, metadata={"help": "show only features active on at least this many rows"})
+    features: list[int] | None = field(
+        default=None, metadata={"help": "show only these feature indices (min_support not applied)"}
+    )
     size: int = field(default=100, metadata={"help": "tile size in pixels (the grid is 3 tiles square)"})
-    html: bool = field(default=False, metadata={
-        "help": "also write the static browser: index.html + features/f<index>.html (open from disk)"})
-    dataset: str | None = field(default=None, metadata={
-        "help": "dataset of the rows (default: the one in run.json; needed for the original repo's runs)"})
+    html: bool = field(
+        default=False,
+        metadata={"help": "also write the static browser: index.html + features/f<index>.html (open from disk)"},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "dataset of the rows (default: the one in run.json; needed for the original repo's runs)"},
+    )
     split: str | None = field(default=None, metadata={"help": "dataset split (default: from run.json)"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: from run.json)"})
     text_column: str | None = field(default=None, metadata={"help": "caption column (default: from run.json)"})
-    modality: str | None = field(default=None, metadata={
-        "help": "image or text (default: from run.json; image for the original repo's runs)",
-        "choices": ["image", "text"]})
+    modality: str | None = field(
+        default=None,
+        metadata={
+            "help": "image or text (default: from run.json; image for the original repo's runs)",
+            "choices": ["image", "text"],
+        },
+    )
     data_root: str = field(default="data", metadata={"help": "where generated datasets (shapes) live"})
     workers: int = field(default=4, metadata={"help": "threads reading images and writing grids (0: none)"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
@@ -422,8 +448,10 @@ def _claim_folder(out: Path, manifest: dict[str, Any]) -> None:
         except (OSError, ValueError):
             old = {}
         if (old.get("run"), old.get("layer")) != (manifest["run"], manifest["layer"]):
-            raise InputError(f"{out} holds the previews of run '{old.get('run')}' layer {old.get('layer')}; "
-                             f"pass --out DIR for run '{manifest['run']}' layer {manifest['layer']}")
+            raise InputError(
+                f"{out} holds the previews of run '{old.get('run')}' layer {old.get('layer')}; "
+                f"pass --out DIR for run '{manifest['run']}' layer {manifest['layer']}"
+            )
         same = ("size", "codes", "file_names")
         if any(old.get(k) != manifest[k] for k in same):
             remove_stale(out, set())
@@ -460,12 +488,21 @@ def show(cfg: ShowConfig) -> ShowResult:
     modality = cfg.modality or run.info.get("modality") or "image"
     if modality not in ("image", "text"):
         raise InputError(f"run '{run.name}' has modality '{modality}'; pass --modality image or text")
-    rows = open_row_source(run, dataset=cfg.dataset, split=cfg.split, image_column=cfg.image_column,
-                           text_column=cfg.text_column, data_root=cfg.data_root, n_rows=codes.n_rows,
-                           need_captions=modality == "text")
+    rows = open_row_source(
+        run,
+        dataset=cfg.dataset,
+        split=cfg.split,
+        image_column=cfg.image_column,
+        text_column=cfg.text_column,
+        data_root=cfg.data_root,
+        n_rows=codes.n_rows,
+        need_captions=modality == "text",
+    )
     if len(rows.row_ids) != codes.n_rows:
-        raise InputError(f"run '{run.name}' layer {layer} has {codes.n_rows} rows but its dataset selection has "
-                         f"{len(rows.row_ids)}; check run.json row_ids / --dataset")
+        raise InputError(
+            f"run '{run.name}' layer {layer} has {codes.n_rows} rows but its dataset selection has "
+            f"{len(rows.row_ids)}; check run.json row_ids / --dataset"
+        )
     cols = FeatureColumns.from_codes(codes)
     chosen, dead = select_features(cols, cfg.min_support, cfg.features)
     for i in dead:
@@ -475,11 +512,22 @@ def show(cfg: ShowConfig) -> ShowResult:
     out = Path(cfg.out or Path("previews") / run.name)
     out.mkdir(parents=True, exist_ok=True)
     html = cfg.html or (out / "index.html").exists()  # a browser written before is kept in step
-    manifest = {"format": SHOW_FORMAT, "run": run.name, "layer": layer, "modality": modality,
-                "features_dir": str(Path(cfg.features_dir).resolve()), "n_rows": codes.n_rows,
-                "d_sae": codes.d_sae, "codes": _fingerprint(codes), "size": cfg.size, "top": TOP,
-                "dataset": run.info.get("dataset") or {"name": cfg.dataset}, "file_names": FILE_NAMES,
-                "captions": rows.has_captions, "names": bool(names)}
+    manifest = {
+        "format": SHOW_FORMAT,
+        "run": run.name,
+        "layer": layer,
+        "modality": modality,
+        "features_dir": str(Path(cfg.features_dir).resolve()),
+        "n_rows": codes.n_rows,
+        "d_sae": codes.d_sae,
+        "codes": _fingerprint(codes),
+        "size": cfg.size,
+        "top": TOP,
+        "dataset": run.info.get("dataset") or {"name": cfg.dataset},
+        "file_names": FILE_NAMES,
+        "captions": rows.has_captions,
+        "names": bool(names),
+    }
     _claim_folder(out, manifest)
 
     top_rows, top_vals = cols.top(TOP)
@@ -498,21 +546,39 @@ def show(cfg: ShowConfig) -> ShowResult:
         grid, txt = f"{stem}.jpg", (f"{stem}.txt" if modality == "text" else None)
         if txt and captions is not None and not (out / txt).exists():
             lines = ["# rank\tactivation\trow_id\tcaption"]
-            lines += [f"{r + 1}\t{a:.6g}\t{int(rows.row_ids[n])}\t{(c or '').replace(chr(10), ' ')}"
-                      for r, (n, a, c) in enumerate(zip(pos, acts, captions))]
+            lines += [
+                f"{r + 1}\t{a:.6g}\t{int(rows.row_ids[n])}\t{(c or '').replace(chr(10), ' ')}"
+                for r, (n, a, c) in enumerate(zip(pos, acts, captions))
+            ]
             _write_text(out / txt, "\n".join(lines) + "\n")
         done = (out / grid).exists()
         if not done:
             _save_jpeg(make_grid([rows.thumbnail(n, cfg.size) for n in pos], cfg.size), out / grid)
         preview = FeaturePreview(
-            index=i, support=int(support[i]), freq=float(freq[i]), mean=float(mean[i]), max=float(mx[i]),
-            mass=float(cols.mass[i]), positions=pos, row_ids=[int(rows.row_ids[n]) for n in pos], acts=acts,
-            captions=captions, grid=grid, captions_file=txt if txt and (out / txt).exists() else None,
-            hist=cols.histogram(i), names=names.get(i))
+            index=i,
+            support=int(support[i]),
+            freq=float(freq[i]),
+            mean=float(mean[i]),
+            max=float(mx[i]),
+            mass=float(cols.mass[i]),
+            positions=pos,
+            row_ids=[int(rows.row_ids[n]) for n in pos],
+            acts=acts,
+            captions=captions,
+            grid=grid,
+            captions_file=txt if txt and (out / txt).exists() else None,
+            hist=cols.histogram(i),
+            names=names.get(i),
+        )
         return preview, not done
 
-    bar = tqdm(total=len(chosen), desc=f"previews {run.name} L{layer}", unit="feature", file=sys.stderr,
-               disable=not cfg.progress)
+    bar = tqdm(
+        total=len(chosen),
+        desc=f"previews {run.name} L{layer}",
+        unit="feature",
+        file=sys.stderr,
+        disable=not cfg.progress,
+    )
     previews, written = [], 0
     with bar:
         if cfg.workers > 0:
