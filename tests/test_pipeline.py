@@ -187,6 +187,37 @@ def test_train_image_and_text_clip(root, tmp_path):
     )
 
 
+def test_relu_run_records_and_reports_the_saved_folded_sae(root, tmp_path):
+    """A relu SAE trains with free decoder norms and is saved folded: the recorded features and
+    metrics.json are those of the saved files, not of the unfolded in-memory SAE (S_i differs by ||W_dec_i||)."""
+    features = tmp_path / "features"
+    clip = str(root / "tiny-open-clip")
+    flags = ["--model", "ClipText", "--clip_model_name", clip, "--layers", "-1", "--runname", "relu"]
+    assert train_text.main([*flags, *common(root, features, "--sae", "relu", "--l1_coef", "0.01")]) == 0
+    info = json.loads((features / "relu" / "run.json").read_text())
+    sae_dir = features / "relu" / info["sae_dirs"]["layer02"]
+    w = {k: v.astype(np.float64) for k, v in load_file(sae_dir / "sae.safetensors").items()}
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    norms = np.linalg.norm(w["W_dec"], axis=1)
+    np.testing.assert_allclose(norms, 1, atol=1e-5)
+    cache = open_cache(info["activation_cache"])
+
+    def codes(x: np.ndarray) -> np.ndarray:
+        return np.maximum((cfg["input_scale"] * x.astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
+
+    recorded = open_run(features, "relu").load(2).to_dense()
+    ref = codes(cache.to_tensor(cache.pooled(2)).numpy())
+    assert (ref > 0).any()
+    np.testing.assert_allclose(recorded, ref, rtol=1e-4, atol=1e-5)
+    tokens = np.concatenate([cache.to_tensor(t).numpy() for t in cache.token_shards(2)])
+    m = info["sae_metrics"]["2"]
+    assert m["eval_rows"] == len(tokens)  # every token row, so the means below are over the same rows
+    z = codes(tokens)
+    assert m["mean_activation"] == pytest.approx(z.mean(), rel=1e-4)
+    assert m["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-3)
+    assert json.loads((sae_dir / "metrics.json").read_text())["mean_activation"] == m["mean_activation"]
+
+
 def test_train_text_real_minilm(root, tmp_path):
     features = tmp_path / "features"
     assert (

@@ -11,7 +11,9 @@
   started again with the same arguments it resumes, and the final weights equal an uninterrupted
   run's (the data order is a function of (seed, epoch) only);
 - at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
-  `evaluate`'s output, with the firing-frequency histogram).
+  `evaluate`'s output, with the firing-frequency histogram). A relu SAE's decoder norms are folded
+  first (`fold_decoder_norms_`), so the saved files, metrics.json and the returned SAE (whose codes
+  the pipeline records) are one and the same function.
 """
 
 from __future__ import annotations
@@ -282,6 +284,7 @@ def train_saes(
     results = {}
     for spec, sae in zip(specs, saes):
         path = out_dir / spec.name if spec.name else out_dir
+        sae.fold_decoder_norms_()  # relu: metrics, the returned SAE and the files are the one folded SAE
         save_sae(sae, path)
         metrics = {"eval_rows": int(len(eval_rows)), **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size)}
         write_json(path / "metrics.json", metrics)
