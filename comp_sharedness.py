@@ -5,10 +5,10 @@
 
 Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2), rho^+ = max(rho, 0); prints the top features by Delta.
 Definitions: docs/comparison.md.
-Unless --no-save, the results are also saved next to M for the feature browser (sae/viz/browser.py):
-<features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json, the best match of every feature
-in each compared run, and comparisons/sharedness_L{layer:02d}.json, the full result. Only runs recorded
-by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
+Unless --no-save, the results are also saved next to M for the feature browser
+(format: sae/analysis/comparison_files.py): <features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json,
+the best match of every feature in each compared run, and comparisons/sharedness_L{layer:02d}.json, the full
+result. Only runs recorded by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import argparse
 from collections.abc import Sequence
 
 from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli
-from sae.viz.previews import ShowConfig, show
+from sae.viz.previews import ShowConfig
+from sae.viz.show_run import show
 
 
 def main(argv: Sequence[str] | None = None) -> int:

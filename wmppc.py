@@ -6,9 +6,10 @@ Prints `All Layers : x | Last layer : y` (the only line with `All Layers :`), MP
 per-layer-pair matrix. Reads this toolkit's runs and the original repo's dense `layerNN.pt` runs.
 Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to the source run for the feature browser
-(sae/viz/browser.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json, per source layer a, the best
-match of every feature over all of B's layers, and comparisons/wmppc__B.json, the full result. Only runs
-recorded by this toolkit (with a run.json) get them; one line on stderr says where, or why not.
+(format: sae/analysis/comparison_files.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json,
+per source layer a, the best match of every feature over all of B's layers, and comparisons/wmppc__B.json,
+the full result. Only runs recorded by this toolkit (with a run.json) get them; one line on stderr says
+where, or why not.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import show
+from sae.analysis.comparison_files import COMPARISONS, MATCH_FORMAT, load_comparisons, save_best_matches
 from sae.analysis.naming import names_path, write_names
 from sae.data.features import open_run
-from sae.viz.browser import COMPARISONS, MATCH_FORMAT, THUMB, load_comparisons, match_text, save_best_matches
+from sae.viz.browser import THUMB, match_text
 from tests.test_show import D_SAE, N_DATASET, N_ROWS, TILE, WORDS, make_codes, make_dataset, write_run
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 
 import comp_sharedness
 import wmppc
+from sae.analysis.comparison_files import load_comparisons
 from sae.data.features import open_run
-from sae.viz.browser import load_comparisons
 from tests.test_compare import ref_corr, sharedness_runs, sparse_matrix, write_original, write_run
 
 CPU = ["--no-progress", "--device", "cpu"]

@@ -434,7 +434,7 @@ def plot_matrix(result: WMPPCResult, path: str | Path, *, vmin: float | None = 0
 
 def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
     """The run's comparisons/ folder, or None and why results cannot be saved there."""
-    from sae.viz.browser import COMPARISONS
+    from sae.analysis.comparison_files import COMPARISONS
 
     if run.format != FORMAT or not (run.path / "run.json").exists():
         return None, (
@@ -445,7 +445,7 @@ def _comparisons_dir(run: FeatureRun) -> tuple[Path | None, str]:
 
 
 def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str]:
-    """Save, in the source run's comparisons/ folder, for the feature browser (sae/viz/browser.py):
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/analysis/comparison_files.py):
 
     L{a:02d}__{target}__wmppc.json   per source layer a, every feature's best match over all target layers
                                      (best-matches-v1: target feature, -1 for dead; its layer; rho)
@@ -453,8 +453,8 @@ def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str
 
     Returns the paths written and, when nothing could be written, why.
     """
+    from sae.analysis.comparison_files import save_best_matches
     from sae.util.atomic import write_json
-    from sae.viz.browser import save_best_matches
 
     folder, why = _comparisons_dir(source)
     if folder is None:
@@ -729,7 +729,7 @@ def dumps(obj: dict[str, Any]) -> str:
 
 
 def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[Path], str]:
-    """Save, in the source run's comparisons/ folder, for the feature browser (sae/viz/browser.py):
+    """Save, in the source run's comparisons/ folder, for the feature browser (sae/analysis/comparison_files.py):
 
     L{layer:02d}__{run}__comp_sharedness.json   per compared run (G and H), the best match of every feature
                                                 of the source layer (best-matches-v1)
@@ -737,8 +737,8 @@ def save_sharedness(result: SharednessResult, source: FeatureRun) -> tuple[list[
 
     Returns the paths written and, when nothing could be written, why.
     """
+    from sae.analysis.comparison_files import save_best_matches
     from sae.util.atomic import write_json
-    from sae.viz.browser import save_best_matches
 
     folder, why = _comparisons_dir(source)
     if folder is None:

@@ -1,9 +1,9 @@
 """What each SAE feature means, at a glance: its top-activating rows as image grids and captions.
 
-`show(cfg)` (the body of show.py) reads one layer of a recorded run (`sae/data/features.py`), finds for every
-live feature its `TOP` = 9 highest-activating rows, fetches those rows from the run's own dataset by
-row id (run.json `dataset` + `row_ids`; nothing assumes COCO), and writes into the preview folder
-(`previews/<run>` by default):
+`write_previews(cfg)` (called by `show` in sae/viz/show_run.py, the body of show.py) reads one layer of a
+recorded run (`sae/data/features.py`), finds for every live feature its `TOP` = 9 highest-activating rows,
+fetches those rows from the run's own dataset by row id (run.json `dataset` + `row_ids`; nothing assumes
+COCO), and writes into the preview folder (`previews/<run>` by default):
 
     show.json                              the folder's manifest: run, layer, features_dir (written first;
                                            a folder holding another run or layer is refused)
@@ -428,8 +428,14 @@ class ShowResult:
     previews: list[FeaturePreview]
     written: int
     skipped: int  # grids that already existed
+    html: bool = False  # the browser pages are wanted (--html, or written before)
+    run_dir: Path | None = None  # the run's folder (its comparisons/ feed the browser)
     removed: list[str] = field(default_factory=list)  # files of features no longer shown, deleted
     browser: Path | None = None  # index.html, when the browser was written
+
+    def files(self) -> set[str]:
+        """The grids and caption files of the shown features, relative to `out`."""
+        return {p.grid for p in self.previews} | {p.captions_file for p in self.previews if p.captions_file}
 
 
 FILE_NAMES = "mass{mass_key(S)}_feat{index:05d}.jpg (.txt: captions of text runs); see docs/show.md"
@@ -472,10 +478,22 @@ def _load_names(run: FeatureRun, layer: int) -> dict[int, list[tuple[str, float]
         return {}
 
 
-def show(cfg: ShowConfig) -> ShowResult:
-    """Write the grids (and caption files, features.json, the browser) of one layer of a run."""
-    from tqdm import tqdm
+@dataclass
+class _Layer:
+    """One layer of a run opened for showing: its codes, their columns, the rows and what to show."""
 
+    run: FeatureRun
+    layer: int
+    codes: SparseCodes
+    modality: str
+    rows: RowSource
+    cols: FeatureColumns
+    chosen: list[int]
+    names: dict[int, list[tuple[str, float]]]
+
+
+def _open_layer(cfg: ShowConfig) -> _Layer:
+    """Check the flags, open the run's layer and its dataset rows, and choose the features to show."""
     if not cfg.run:
         raise InputError("give --run (a run name under --features_dir)")
     if cfg.size < 8:
@@ -507,16 +525,17 @@ def show(cfg: ShowConfig) -> ShowResult:
     chosen, dead = select_features(cols, cfg.min_support, cfg.features)
     for i in dead:
         print(f"feature {i} never fires in run '{run.name}' layer {layer}; skipped", file=sys.stderr)
-    names = _load_names(run, layer)
+    return _Layer(run, layer, codes, modality, rows, cols, chosen, _load_names(run, layer))
 
-    out = Path(cfg.out or Path("previews") / run.name)
-    out.mkdir(parents=True, exist_ok=True)
-    html = cfg.html or (out / "index.html").exists()  # a browser written before is kept in step
-    manifest = {
+
+def _manifest(cfg: ShowConfig, shown: _Layer) -> dict[str, Any]:
+    """show.json: what the preview folder holds."""
+    run, codes = shown.run, shown.codes
+    return {
         "format": SHOW_FORMAT,
         "run": run.name,
-        "layer": layer,
-        "modality": modality,
+        "layer": shown.layer,
+        "modality": shown.modality,
         "features_dir": str(Path(cfg.features_dir).resolve()),
         "n_rows": codes.n_rows,
         "d_sae": codes.d_sae,
@@ -525,25 +544,34 @@ def show(cfg: ShowConfig) -> ShowResult:
         "top": TOP,
         "dataset": run.info.get("dataset") or {"name": cfg.dataset},
         "file_names": FILE_NAMES,
-        "captions": rows.has_captions,
-        "names": bool(names),
+        "captions": shown.rows.has_captions,
+        "names": bool(shown.names),
     }
-    _claim_folder(out, manifest)
 
-    top_rows, top_vals = cols.top(TOP)
-    support, freq, mean, mx = cols.support, cols.freq, cols.mean_active, cols.max
-    want_captions = (modality == "text" or html) and rows.has_captions
-    if want_captions and chosen:
-        rows.caption(0)  # materialise the captions once, before the worker threads start
 
-    def build(i: int) -> tuple[FeaturePreview, bool]:
-        """Write feature i's files (unless they exist); (its preview, whether the grid was written)."""
-        k = int(min(TOP, support[i]))
-        pos = top_rows[i, :k].tolist()
-        acts = [float(v) for v in top_vals[i, :k]]
-        captions = [rows.caption(n) for n in pos] if want_captions else None
+@dataclass
+class _FeatureWriter:
+    """Writes one feature's grid (and caption file) unless it exists; thread-safe (RowSource locks its cache)."""
+
+    shown: _Layer
+    out: Path
+    size: int
+    want_captions: bool
+
+    def __post_init__(self) -> None:
+        self.top_rows, self.top_vals = self.shown.cols.top(TOP)  # [d_sae, TOP] positions and activations
+        if self.want_captions and self.shown.chosen:
+            self.shown.rows.caption(0)  # materialise the captions once, before the worker threads start
+
+    def __call__(self, i: int) -> tuple[FeaturePreview, bool]:
+        """(feature i's preview, whether its grid was written now)."""
+        cols, rows, out = self.shown.cols, self.shown.rows, self.out
+        k = int(min(TOP, cols.support[i]))
+        pos = self.top_rows[i, :k].tolist()
+        acts = [float(v) for v in self.top_vals[i, :k]]
+        captions = [rows.caption(n) for n in pos] if self.want_captions else None
         stem = preview_stem(i, float(cols.mass[i]))
-        grid, txt = f"{stem}.jpg", (f"{stem}.txt" if modality == "text" else None)
+        grid, txt = f"{stem}.jpg", (f"{stem}.txt" if self.shown.modality == "text" else None)
         if txt and captions is not None and not (out / txt).exists():
             lines = ["# rank\tactivation\trow_id\tcaption"]
             lines += [
@@ -553,13 +581,13 @@ def show(cfg: ShowConfig) -> ShowResult:
             _write_text(out / txt, "\n".join(lines) + "\n")
         done = (out / grid).exists()
         if not done:
-            _save_jpeg(make_grid([rows.thumbnail(n, cfg.size) for n in pos], cfg.size), out / grid)
+            _save_jpeg(make_grid([rows.thumbnail(n, self.size) for n in pos], self.size), out / grid)
         preview = FeaturePreview(
             index=i,
-            support=int(support[i]),
-            freq=float(freq[i]),
-            mean=float(mean[i]),
-            max=float(mx[i]),
+            support=int(cols.support[i]),
+            freq=float(cols.freq[i]),
+            mean=float(cols.mean_active[i]),
+            max=float(cols.max[i]),
             mass=float(cols.mass[i]),
             positions=pos,
             row_ids=[int(rows.row_ids[n]) for n in pos],
@@ -568,43 +596,43 @@ def show(cfg: ShowConfig) -> ShowResult:
             grid=grid,
             captions_file=txt if txt and (out / txt).exists() else None,
             hist=cols.histogram(i),
-            names=names.get(i),
+            names=self.shown.names.get(i),
         )
         return preview, not done
 
-    bar = tqdm(
-        total=len(chosen),
-        desc=f"previews {run.name} L{layer}",
-        unit="feature",
-        file=sys.stderr,
-        disable=not cfg.progress,
-    )
+
+def _write_all(write: _FeatureWriter, chosen: list[int], workers: int, bar: Any) -> tuple[list[FeaturePreview], int]:
+    """Run `write` over the chosen features, in index order; (previews, grids written)."""
     previews, written = [], 0
-    with bar:
-        if cfg.workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
+    if workers > 0:
+        from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(cfg.workers) as pool:  # image decoding and JPEG encoding release the GIL
-                done = pool.map(build, chosen)
-                for preview, wrote in done:
-                    previews.append(preview)
-                    written += wrote
-                    bar.update()
-        else:
-            for i in chosen:
-                preview, wrote = build(i)
-                previews.append(preview)
-                written += wrote
-                bar.update()
-    skipped = len(previews) - written
+        with ThreadPoolExecutor(workers) as pool:  # image decoding and JPEG encoding release the GIL
+            done = pool.map(write, chosen)
+    else:
+        done = map(write, chosen)
+    for preview, wrote in done:
+        previews.append(preview)
+        written += wrote
+        bar.update()
+    return previews, written
+
+
+def write_previews(cfg: ShowConfig) -> ShowResult:
+    """Write the grids, caption files and features.json of one layer of a run (pages and stale files:
+    sae/viz/show_run.py)."""
+    from tqdm import tqdm
+
+    shown = _open_layer(cfg)
+    out = Path(cfg.out or Path("previews") / shown.run.name)
+    out.mkdir(parents=True, exist_ok=True)
+    html = cfg.html or (out / "index.html").exists()  # a browser written before is kept in step
+    manifest = _manifest(cfg, shown)
+    _claim_folder(out, manifest)
+    want_captions = (shown.modality == "text" or html) and shown.rows.has_captions
+    write = _FeatureWriter(shown, out, cfg.size, want_captions)
+    desc = f"previews {shown.run.name} L{shown.layer}"
+    with tqdm(total=len(shown.chosen), desc=desc, unit="feature", file=sys.stderr, disable=not cfg.progress) as bar:
+        previews, written = _write_all(write, shown.chosen, cfg.workers, bar)
     write_json(out / "features.json", {**manifest, "features": [p.to_json() for p in previews]})
-    result = ShowResult(out, manifest, previews, written, skipped)
-    keep = {p.grid for p in previews} | {p.captions_file for p in previews if p.captions_file}
-    if html:
-        from sae.viz.browser import feature_page_name, write_browser
-
-        result.browser = write_browser(result, run_dir=run.path)
-        keep |= {f"features/{feature_page_name(p.index)}" for p in previews}
-    # last, once the new listing is complete: the files of features no longer selected
-    result.removed = remove_stale(out, keep)
-    return result
+    return ShowResult(out, manifest, previews, written, len(previews) - written, html=html, run_dir=shown.run.path)
