@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     from sae.analysis.compare import (
+        codes_warning,
         comparative_sharedness,
         dumps,
         format_sharedness,
@@ -102,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plot_sharedness(result, cfg.plot)
     print(dumps(result.to_json()) if cfg.json else format_sharedness(result))
+    if cfg.json and len(set(result.codes.values())) > 1:
+        print(codes_warning(result.codes), file=sys.stderr)
     if cfg.save:
         print(saved_message(*save_sharedness(result, source)), file=sys.stderr)
     return 0

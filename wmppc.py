@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import sys
 
-    from sae.analysis.compare import dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
+    from sae.analysis.compare import codes_warning, dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
     from sae.analysis.correlation import make_engine
     from sae.data.features import open_run
 
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.plot:
         plot_matrix(result, cfg.plot, **({"vmin": None, "vmax": None} if cfg.plot_autoscale else {}))
     print(dumps(result.to_json()) if cfg.json else format_wmppc(result))
+    if cfg.json and len(set(result.codes.values())) > 1:
+        print(codes_warning(result.codes), file=sys.stderr)
     if cfg.save:
         print(saved_message(*save_wmppc(result, source)), file=sys.stderr)
     return 0

@@ -4,7 +4,9 @@
    layer; all real tokens, plus the recorded position of each row), reused when it exists;
 2. train: one SAE per layer (and per `--seeds` value) in one pass over the cached tokens;
 3. record: the codes of the first seed's SAE at each row's recorded position, written to
-   `<features_dir>/<runname>/layerNN/` (format csr-v1), then `run.json` last.
+   `<features_dir>/<runname>/layerNN/` (format csr-v1), then `run.json` last. `--record_codes`
+   chooses the codes: `sae` (the SAE's inference codes) or `ungated` (relu of every latent's
+   pre-activation, the original repo's definition); run.json["record_codes"] says which.
 
 Killed at any stage and started again with the same flags, it resumes: the cache resumes from its
 last finished shard, the trainer from its last checkpoint, and features are rewritten whole.
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from sae.data.cache import CacheConfig, extract_activations
 from sae.data.datasets import DataConfig, pairs_from_config
-from sae.data.features import FORMAT, LayerWriter, SparseCodes, layer_dir_name, write_run_info
+from sae.data.features import FORMAT, RECORD_CODES, LayerWriter, SparseCodes, layer_dir_name, write_run_info
 from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
 from sae.nn.sources import ActivationSource
 from sae.nn.trainer import SAESpec, train_saes
@@ -64,6 +66,13 @@ def build_parser(modality: str, description: str) -> argparse.ArgumentParser:
         default=None,
         help="train one SAE per seed and layer in the same pass (features: the first seed)",
     )
+    parser.add_argument(
+        "--record_codes",
+        default="sae",
+        choices=tuple(RECORD_CODES),
+        help="recorded features: sae = the SAE's inference codes (default); ungated = relu(pre-activations) of "
+        "every latent, the original repo's definition (docs/definitions.md)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(parser.add_argument_group("dataset"), DataConfig)
@@ -78,10 +87,23 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def record_codes(sae: Any, x: torch.Tensor, codes: str = "sae") -> torch.Tensor:
+    """x [n, d_in] -> recorded features [n, d_sae]: the inference codes (`sae`) or relu(pre) (`ungated`)."""
+    if codes == "ungated":
+        return sae.pre_acts(x).clamp_min(0)
+    return sae.encode(x)
+
+
 def _record(
-    sae: torch.nn.Module, pooled: np.ndarray, run_dir: Path, layer: int, progress: bool, batch: int = 1024
+    sae: Any,
+    pooled: np.ndarray,
+    run_dir: Path,
+    layer: int,
+    progress: bool,
+    codes: str = "sae",
+    batch: int = 1024,
 ) -> None:
-    """Encode the recorded vectors [N, d] of one layer and write them as sparse codes."""
+    """Encode the recorded vectors [N, d] of one layer and write them as sparse codes (zeros not stored)."""
     device = sae.W_dec.device
     with LayerWriter(run_dir, layer, sae.cfg.d_sae) as writer, torch.no_grad():
         for start in tqdm(
@@ -94,7 +116,7 @@ def _record(
             x = torch.from_numpy(np.asarray(pooled[start : start + batch], dtype=np.float32)).to(device)
             if pooled.dtype == np.uint16:  # bfloat16 bits
                 x = torch.from_numpy(np.array(pooled[start : start + batch])).view(torch.bfloat16).float().to(device)
-            writer.append(SparseCodes.from_dense(sae.encode(x).cpu().numpy()))
+            writer.append(SparseCodes.from_dense(record_codes(sae, x, codes).cpu().numpy()))
 
 
 def _replaceable(run_dir: Path) -> bool:
@@ -140,6 +162,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         "sae": {k: v for k, v in vars(args).items() if k in _SAE_FLAGS},
         "train": tcfg.to_dict(),
         "seeds": seeds,
+        **({"record_codes": args.record_codes} if args.record_codes != "sae" else {}),  # old runs keep their key
     }
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
     settings_path = run_dir / SETTINGS_FILE
@@ -198,7 +221,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
 
     saes = {layer: trained[layer_dir_name(layer)].sae for layer in layers}
     for layer in layers:
-        _record(saes[layer], cache.pooled(layer), run_dir, layer, progress)
+        _record(saes[layer], cache.pooled(layer), run_dir, layer, progress, args.record_codes)
     first = saes[layers[0]].cfg
     d_sae = {str(layer): int(saes[layer].cfg.d_sae) for layer in layers}
     info = {
@@ -221,6 +244,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         "d_in": {str(layer): cache.d_of(layer) for layer in layers},
         "k": first.k,
         "seeds": seeds,
+        "record_codes": args.record_codes,
         "sae_metrics": {str(layer): trained[layer_dir_name(layer)].metrics for layer in layers},
         "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
         "activation_cache": str(cache.path),

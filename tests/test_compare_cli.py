@@ -105,7 +105,7 @@ def test_sharedness_table_json_csv(tmp_path, capsys):
     ]
     assert comp_sharedness.main([*base, "--csv", str(tmp_path / "top.csv")]) == 0
     out = capsys.readouterr().out
-    assert "rho_G" in out and "best:G1" in out and len(out.strip().splitlines()) == 4 + 6
+    assert "rho_G" in out and "best:G1" in out and len(out.strip().splitlines()) == 5 + 6
     with open(tmp_path / "top.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["index"]) for r in rows) == [0, 1, 2, 3, 4, 5]

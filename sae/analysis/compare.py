@@ -17,6 +17,8 @@ correlations (see sae/analysis/correlation.py):
 
 Each (run, layer) is read from disk once per call (the original format's dense tensors are memory-mapped).
 Dead features (constant over the rows up to float32 round-off) get rho = 0.
+Every result names the feature definition of each run (`record_codes`: `sae` codes or `ungated`
+relu(pre), see sae.data.features.RECORD_CODES) and warns when the compared runs differ.
 """
 
 from __future__ import annotations
@@ -41,8 +43,30 @@ from sae.analysis.correlation import (
     column_stats,
     make_engine,
 )
-from sae.data.features import FORMAT, FeatureRun, SparseCodes
+from sae.data.features import FORMAT, RECORD_CODES, FeatureRun, SparseCodes
 from sae.util.errors import InputError
+
+
+def codes_of(runs: Sequence[FeatureRun]) -> dict[str, str]:
+    """Run name -> its feature definition (a key of RECORD_CODES)."""
+    return {r.name: r.record_codes for r in runs}
+
+
+def codes_lines(codes: dict[str, str]) -> list[str]:
+    """One line naming each run's feature definition, plus a warning line when they differ."""
+    lines = ["features: " + ", ".join(f"{run} = {c}" for run, c in codes.items())]
+    if len(set(codes.values())) > 1:
+        lines.append(codes_warning(codes))
+    return lines
+
+
+def codes_warning(codes: dict[str, str]) -> str:
+    kinds = {c: RECORD_CODES.get(c, c) for c in sorted(set(codes.values()))}
+    return (
+        "warning: the compared runs record different features ("
+        + "; ".join(f"{c}: {d}" for c, d in kinds.items())
+        + "); rerun with the same --record_codes to compare like with like"
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -221,6 +245,7 @@ class WMPPCResult:
     dead_source_features: list[int]  # per source layer
     dead_target_features: list[int]  # per target layer
     original_scaling: bool = False
+    codes: dict[str, str] = field(default_factory=dict)  # run name -> record_codes
     rho_all_layers: list[np.ndarray] = field(default_factory=list, repr=False)  # [L_A] of [d_a]
     null: NullBaseline | None = None
     # the best match over every target layer of each source feature ([L_A] of [d_a]; rho: rho_all_layers)
@@ -261,6 +286,7 @@ class WMPPCResult:
             "layer_scores": self.layer_scores.tolist(),
             "mppc_matrix": self.mppc_matrix.tolist(),
             "original_scaling": self.original_scaling,
+            "record_codes": self.codes,
         }
         if self.null is not None:
             out["null"] = self.null.to_json()
@@ -352,6 +378,7 @@ def wmppc(
         dead_source_features=dead_src,
         dead_target_features=[t.stats.n_dead for t in targets],
         original_scaling=original_scaling,
+        codes=codes_of([source, target]),
         rho_all_layers=rho_all,
         best_feature=feat_all,
         best_layer=layer_all,
@@ -382,6 +409,7 @@ def format_wmppc(result: WMPPCResult) -> str:
         f"N = {result.n_samples} rows; dead source features per layer: {result.dead_source_features}"
         + (" (correlations scaled by (N-1)/N as in the original)" if result.original_scaling else "")
     )
+    lines += codes_lines(result.codes)
     lines.append("")
     lines.append(f"wMPPC per layer pair (rows: {result.source} layers, columns: {result.target} layers)")
     width = 8
@@ -520,6 +548,7 @@ class SharednessResult:
     top: float
     dead_features: int
     original_scaling: bool = False
+    codes: dict[str, str] = field(default_factory=dict)  # run name -> record_codes
 
     def feature_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -553,6 +582,7 @@ class SharednessResult:
             "n_selected": len(self.selected),
             "dead_features": self.dead_features,
             "original_scaling": self.original_scaling,
+            "record_codes": self.codes,
             "features": self.feature_rows(),
         }
 
@@ -648,6 +678,7 @@ def comparative_sharedness(
         top=top,
         dead_features=src.stats.n_dead,
         original_scaling=original_scaling,
+        codes=codes_of([source, *runs.values()]),
     )
 
 
@@ -692,6 +723,7 @@ def format_sharedness(result: SharednessResult) -> str:
         f"rho+ = max(rho, 0); {result.dead_features} dead; best match shown as feature (rho) in each run's layer "
         + ", ".join(f"{run}:{m.layers if len(m.layers) > 1 else m.layers[0]}" for run, m in result.matches.items())
     )
+    head += "\n" + "\n".join(codes_lines(result.codes))
     cols = _table_columns(result)
     rows = _table_rows(result)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]

@@ -16,13 +16,15 @@ token (the --token flag) and token_rule (the position it resolved to for this mo
 last, mean), train_tokens (which tokens the SAEs trained on), dataset {name, split, image_column,
 text_column, max_samples, fingerprint}, split, n_rows, row_ids, bad_rows (rows dropped by --skip_bad),
 architecture, d_sae, d_in {layer: width}, k, n_tokens (training tokens), sae_metrics {layer: {...}},
-sae_dirs {sae name: folder}, format ("csr-v1") and provenance (package versions, python, git
+sae_dirs {sae name: folder}, record_codes (which codes the layers hold: RECORD_CODES; absent = "sae"),
+format ("csr-v1") and provenance (package versions, python, git
 commit). d_sae and n_tokens are one int when every layer shares it, else a {layer: int} map (the
 stages of a CLIP ResNet differ in width and token count).
 Each layer folder is written under a temporary name and renamed into place when complete.
 
 The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors
-[n_rows, d_sae] (any float dtype); `layer-1.pt` is taken as the deepest layer.
+[n_rows, d_sae] (any float dtype); `layer-1.pt` is taken as the deepest layer. Those hold the ungated
+codes relu((x - b_dec) W_enc) of token 0 (`TopKSAE.get_cls_features` in its sparse_autoencoders.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ import numpy as np
 
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
+
+RECORD_CODES = {
+    "sae": "the SAE's inference codes (TopK / threshold / ReLU per architecture)",
+    "ungated": "relu(pre-activations) of every latent, no TopK (the original repo's get_cls_features)",
+}
+"""The definitions of recorded features (train_image.py / train_text.py --record_codes)."""
 
 FORMAT = "csr-v1"
 _LAYER_DIR = re.compile(r"^layer(-?\d+)$")
@@ -230,6 +238,13 @@ class FeatureRun:
     def layers(self) -> list[int]:
         """Layer indices, shallowest first; the original format's -1 (the last layer) sorts last."""
         return sorted(self._files, key=lambda l: (l < 0, l))
+
+    @property
+    def record_codes(self) -> str:
+        """Which codes the run holds (a key of RECORD_CODES): the original format's are ungated."""
+        if self.format != FORMAT:
+            return "ungated"
+        return str(self.info.get("record_codes", "sae"))
 
     @property
     def row_ids(self) -> list[int] | None:
