@@ -139,7 +139,7 @@ def test_reuse_without_loading_the_model(setup, tmp_path, monkeypatch):
     assert again.path == first.path
     subset = extract_activations(spec, pairs, [-1], _cfg(tmp_path), progress=False)  # a subset of layers
     assert subset.path == first.path and subset.pooled(2).shape == (8, 32)
-    with pytest.raises(AssertionError):  # anything else (here: other rows) needs the model
+    with pytest.raises(AssertionError, match="must not be loaded"):  # anything else (here: other rows) needs the model
         extract_activations(spec, load_pairs(str(setup["shapes"]), max_samples=9), [-1], _cfg(tmp_path), progress=False)
     with pytest.raises(InputError, match=r"layer 5 is not in .*layers: 0, 1, 2"):
         first.pooled(5)
@@ -174,7 +174,7 @@ def test_killed_run_resumes(setup, tmp_path):
     )
     adapter = spec.load("cpu")
     killer = _Killer(adapter, kill_at=5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^$"):  # raised by _Killer
         extract_activations(spec, pairs, [0, 2], cfg, adapter=adapter, shard_tokens=31, progress=False)
     partial = next((tmp_path / "a").glob(".*.partial"))
     assert not (tmp_path / "a" / partial.name[1 : -len(".partial")]).exists()
@@ -184,7 +184,7 @@ def test_killed_run_resumes(setup, tmp_path):
     assert progress["shards_done"] > 0 and progress["restart"] == sum(progress["shard_rows"])
     assert progress["restart"] % 3 == 0 and progress["restart"] <= 12  # shards close at batch ends
     killer.kill_at, killer.calls = 2, 0  # killed again while resuming
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^$"):  # raised by _Killer
         extract_activations(spec, pairs, [0, 2], cfg, adapter=adapter, shard_tokens=31, progress=False)
     assert json.loads((partial / "progress.json").read_text())["restart"] >= progress["restart"]
     killer.kill_at, killer.calls = None, 0
@@ -334,7 +334,7 @@ def test_clip_resnet_layers_keep_their_own_layout(setup, resnet, tmp_path):
     # killed after the 3rd batch (one shard closed), then resumed
     killer = _Killer(adapter, kill_at=4)
     cfg_b = _cfg(tmp_path / "b", cache_dtype="float32", bs=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^$"):  # raised by _Killer
         extract_activations(resnet, pairs, [0, 2, -1], cfg_b, adapter=adapter, shard_tokens=150, progress=False)
     killer.kill_at, killer.calls = None, 0
     done = extract_activations(resnet, pairs, [0, 2, -1], cfg_b, adapter=adapter, shard_tokens=150, progress=False)

@@ -134,7 +134,7 @@ def test_training_rows_for_a_data_diet():
     assert training_rows(100, 100, None) == (100, 100)
     assert training_rows(100, 100, 0.25) == (33, 100)
     assert training_rows(1000, 100, 0.5) == (100, 100)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"--image_fraction must be in \(0, 1\)"):
         training_rows(100, 100, 1.0)
 
 

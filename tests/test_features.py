@@ -36,7 +36,7 @@ def test_from_topk_sorts_and_drops_zeros():
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed"):
         with LayerWriter(tmp_path / "run", layer=0, d_sae=4) as w:
             w.append(SparseCodes.from_dense(np.eye(4, dtype=np.float32)))
             raise RuntimeError("killed")

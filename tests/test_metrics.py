@@ -119,7 +119,7 @@ def test_merge_equals_single_accumulator():
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-12), key
         assert torch.equal(merged.firing_counts(), whole.firing_counts())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot merge d_in/d_sae"):
         a.merge(MetricsAccumulator(D_IN, D_SAE + 1))
 
 
@@ -170,11 +170,11 @@ def test_per_sample_fvu_differs_from_dataset_fvu():
 
 def test_input_validation():
     acc = MetricsAccumulator(D_IN, D_SAE)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no rows seen yet"):
         acc.compute()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="x and x_hat must both be"):
         acc.update(torch.zeros(3, D_IN), torch.zeros(3, D_IN + 1), torch.zeros(3, D_SAE))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="codes must be"):
         acc.update(torch.zeros(3, D_IN), torch.zeros(3, D_IN), torch.zeros(4, D_SAE))
     acc.update(torch.zeros(0, D_IN), torch.zeros(0, D_IN), torch.zeros(0, D_SAE))
     assert acc.n_rows == 0

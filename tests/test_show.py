@@ -231,7 +231,7 @@ def test_file_names_sort_by_mass_for_any_finite_mass():
             assert float(f"{k[5:]}e{int(k[1:4]) - 400}") == pytest.approx(v, rel=1e-6)
     names = sorted(preview_stem(i, v) for i, v in enumerate([3.0, -2.0, 2e9, 7.5, -1e10, 0.0]))
     assert [int(n[-5:]) for n in names] == [4, 1, 5, 0, 3, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mass must be finite"):
         mass_key(float("nan"))
 
 

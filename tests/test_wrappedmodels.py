@@ -314,7 +314,7 @@ def test_flags_and_defaults():
     assert args.siglip2_model_name == "google/siglip2-large-patch16-384"
     assert args.vit_model_name == "google/vit-large-patch16-384" and args.dino_model_name == "dinov2_vitl14"
     assert not hasattr(args, "bert_model_name")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse: invalid choice
         p.parse_args(["--model", "Bert"])
     p = argparse.ArgumentParser()
     wm.add_model_args(p, "text")
@@ -343,7 +343,7 @@ def test_unavailable_models_fail_in_one_line(tmp_path):
         wm.ModelSpec("ClipText", "hf-hub:no-org/no-clip"),
         wm.ModelSpec("ViT", str(tmp_path)),
     ]:
-        with pytest.raises(InputError) as e:
+        with pytest.raises(InputError, match="local directory") as e:
             spec.load("cpu")
         msg = str(e.value)
         assert "\n" not in msg and len(msg) < 600

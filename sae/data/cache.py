@@ -48,10 +48,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -73,6 +73,47 @@ FORMAT = "actcache-v2"
 TOKEN_CHOICES = ("pooled", "first", "last", "mean", "eot")  # the recorded position per row (encoders: TOKEN_HELP)
 DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16)}
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LayerOutput(Protocol):
+    """What the cache reads of one forward pass (sae.encoders.adapter.EncoderOutput)."""
+
+    hidden: dict[int, torch.Tensor]  # {layer: [B, T, d]}
+    pooled: dict[int, torch.Tensor]  # {layer: [B, d]} the recorded position
+
+    def train_mask_of(self, layer: int) -> torch.Tensor: ...  # [B, T_layer] bool: the tokens stored for training
+
+
+class Encoder(Protocol):
+    """A loaded encoder with hooked blocks (sae.encoders.adapter.Adapter)."""
+
+    model: str
+    name: str
+    n_blocks: int
+    device: torch.device
+    train_final: bool  # the final position is stored for training even when it is padding
+
+    preprocess: Callable[[list[Any]], dict[str, torch.Tensor]]  # raw items -> batch of CPU tensors (picklable)
+
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[int], token: str = "pooled") -> LayerOutput: ...
+    def d_of(self, layer: int) -> int: ...
+    def token_rule(self, token: str) -> str: ...
+
+
+class LayerInfo(Protocol):
+    def resolve_layers(self, layers: Sequence[int] | None) -> list[int]: ...
+
+
+class EncoderSpec(Protocol):
+    """A choice of encoder, loaded on demand (sae.encoders.registry.ModelSpec)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def modality(self) -> str: ...
+    def identity(self) -> dict[str, Any]: ...  # what the activations depend on (cache key)
+    def info(self) -> LayerInfo: ...
+    def load(self, device: str) -> Encoder: ...
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -238,7 +279,7 @@ def _hash(obj: Any) -> str:
 
 
 def cache_material(
-    spec: Any, pairs: Pairs, layers: Sequence[int], dtype: str, token: str, skip_bad: bool
+    spec: EncoderSpec, pairs: Pairs, layers: Sequence[int], dtype: str, token: str, skip_bad: bool
 ) -> dict[str, Any]:
     """Everything the cached arrays depend on (layers already resolved)."""
     return {
@@ -345,7 +386,7 @@ def clean_cache_dir(cache_dir: str | Path, keep: str | None = None, show: bool =
 class _Collate:
     """DataLoader collate_fn: drops unreadable rows, preprocesses the rest (runs in the workers)."""
 
-    def __init__(self, preprocess: Any):
+    def __init__(self, preprocess: Callable[[list[Any]], dict[str, torch.Tensor]]):
         self.preprocess = preprocess
 
     def __call__(self, items: list[tuple[int, Any]]) -> tuple[list[int], list[BadRow], dict | None]:
@@ -585,7 +626,7 @@ def _free_bytes(path: Path) -> int:
 
 
 def extract_activations(
-    spec: Any,
+    spec: EncoderSpec,
     pairs: Pairs,
     layers: Sequence[int],
     cfg: CacheConfig | None = None,
@@ -593,7 +634,7 @@ def extract_activations(
     token: str = "pooled",
     skip_bad: bool = False,
     device: str = "auto",
-    adapter: Any = None,
+    adapter: Encoder | None = None,
     shard_tokens: int | None = None,
     progress: bool = True,
 ) -> ActivationCache:
@@ -634,7 +675,7 @@ def extract_activations(
     return open_cache(root / key)
 
 
-def _partition(out: Any, layers: list[int]) -> list[list[int]]:
+def _partition(out: LayerOutput, layers: list[int]) -> list[list[int]]:
     """Layers grouped by token layout (same training mask), in layer order."""
     groups: list[list[int]] = []
     for layer in layers:
@@ -649,7 +690,7 @@ def _partition(out: Any, layers: list[int]) -> list[list[int]]:
 
 
 def _build(
-    adapter: Any,
+    adapter: Encoder,
     pairs: Pairs,
     layers: list[int],
     cfg: CacheConfig,
@@ -833,7 +874,7 @@ def _finish(
     pairs: Pairs,
     bad: list[list[int]],
     material: dict[str, Any],
-    adapter: Any,
+    adapter: Encoder,
     key: str,
     elapsed: float,
     provenance: Any,
@@ -893,6 +934,6 @@ def _finish(
     )
 
 
-def train_tokens_rule(adapter: Any) -> str:
+def train_tokens_rule(adapter: Encoder) -> str:
     """Which tokens of a row are stored for SAE training, in words (run.json / meta.json)."""
     return "real tokens + final position (the pooled one)" if adapter.train_final else "real tokens"

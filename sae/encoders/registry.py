@@ -33,105 +33,7 @@ from sae.util.errors import InputError
 # Registry and flags
 
 
-@dataclass(frozen=True)
-class Family:
-    """One `--model` value."""
-
-    model: str
-    modality: str
-    name_flag: str  # the flag holding the model name, e.g. "clip_model_name"
-    default_name: str
-    info: Callable[[str, str | None], ModelInfo]
-    load: Callable[[str, str | None, torch.device], Adapter]
-    pooled: str  # the position --token pooled records (docs)
-    preprocess_id: str  # what the preprocessing depends on besides the model name (cache key)
-
-
-FAMILIES: dict[str, Family] = {
-    f.model: f
-    for f in [
-        Family(
-            "ClipVision",
-            IMAGE,
-            "clip_model_name",
-            "ViT-L/14-quickgelu",
-            open_clip_info(IMAGE),
-            load_clip_vision,
-            "CLS",
-            "open_clip val transform v1",
-        ),
-        Family(
-            "SigLIP2Vision",
-            IMAGE,
-            "siglip2_model_name",
-            "google/siglip2-large-patch16-384",
-            hf_info("SigLIP2 vision model", lambda n: siglip_sub_config(n, IMAGE)[1]),
-            load_siglip_vision,
-            "mean of patch tokens",
-            "AutoImageProcessor v1",
-        ),
-        Family(
-            "ViT",
-            IMAGE,
-            "vit_model_name",
-            "google/vit-large-patch16-384",
-            hf_info("ViT model"),
-            load_vit,
-            "CLS",
-            "AutoImageProcessor v1",
-        ),
-        Family(
-            "DinoV2",
-            IMAGE,
-            "dino_model_name",
-            "dinov2_vitl14",
-            hf_info("DINOv2 model"),
-            load_dino,
-            "CLS",
-            "AutoImageProcessor v1",
-        ),
-        Family(
-            "ClipText",
-            TEXT,
-            "clip_model_name",
-            "ViT-L/14-quickgelu",
-            open_clip_info(TEXT),
-            load_clip_text,
-            "EOT (argmax of token ids)",
-            "open_clip tokenizer v1",
-        ),
-        Family(
-            "SiglipText",
-            TEXT,
-            "siglip2_model_name",
-            "google/siglip2-large-patch16-384",
-            hf_info("SigLIP2 text model", lambda n: siglip_sub_config(n, TEXT)[1]),
-            load_siglip_text,
-            "last position",
-            f"max_length={SIGLIP_TEXT_LENGTH} padding v1",
-        ),
-        Family(
-            "Bert",
-            TEXT,
-            "bert_model_name",
-            "bert-large-uncased",
-            hf_info("BERT model"),
-            load_encoder("Bert", "BERT model"),
-            "[CLS]",
-            "padding=longest truncation v1",
-        ),
-        Family(
-            "Deberta",
-            TEXT,
-            "deberta_model_name",
-            "microsoft/deberta-large",
-            hf_info("DeBERTa model"),
-            load_encoder("Deberta", "DeBERTa model"),
-            "[CLS]",
-            "padding=longest truncation v1",
-        ),
-    ]
-}
+# the one table of default model names (L size): {flag: (default, help)}
 NAME_FLAGS = {
     "clip_model_name": (
         "ViT-L/14-quickgelu",
@@ -150,6 +52,103 @@ NAME_FLAGS = {
     ),
     "bert_model_name": ("bert-large-uncased", "BERT checkpoint: hub id or local directory"),
     "deberta_model_name": ("microsoft/deberta-large", "DeBERTa (v1) checkpoint: hub id or local directory"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One `--model` value."""
+
+    model: str
+    modality: str
+    name_flag: str  # the flag holding the model name, e.g. "clip_model_name" (its default: NAME_FLAGS)
+    info: Callable[[str, str | None], ModelInfo]
+    load: Callable[[str, str | None, torch.device], Adapter]
+    pooled: str  # the position --token pooled records (docs)
+    preprocess_id: str  # what the preprocessing depends on besides the model name (cache key)
+
+    @property
+    def default_name(self) -> str:
+        """The L-size model of the paper's table."""
+        return NAME_FLAGS[self.name_flag][0]
+
+
+FAMILIES: dict[str, Family] = {
+    f.model: f
+    for f in [
+        Family(
+            "ClipVision",
+            IMAGE,
+            "clip_model_name",
+            open_clip_info(IMAGE),
+            load_clip_vision,
+            "CLS",
+            "open_clip val transform v1",
+        ),
+        Family(
+            "SigLIP2Vision",
+            IMAGE,
+            "siglip2_model_name",
+            hf_info("SigLIP2 vision model", lambda n: siglip_sub_config(n, IMAGE)[1]),
+            load_siglip_vision,
+            "mean of patch tokens",
+            "AutoImageProcessor v1",
+        ),
+        Family(
+            "ViT",
+            IMAGE,
+            "vit_model_name",
+            hf_info("ViT model"),
+            load_vit,
+            "CLS",
+            "AutoImageProcessor v1",
+        ),
+        Family(
+            "DinoV2",
+            IMAGE,
+            "dino_model_name",
+            hf_info("DINOv2 model"),
+            load_dino,
+            "CLS",
+            "AutoImageProcessor v1",
+        ),
+        Family(
+            "ClipText",
+            TEXT,
+            "clip_model_name",
+            open_clip_info(TEXT),
+            load_clip_text,
+            "EOT (argmax of token ids)",
+            "open_clip tokenizer v1",
+        ),
+        Family(
+            "SiglipText",
+            TEXT,
+            "siglip2_model_name",
+            hf_info("SigLIP2 text model", lambda n: siglip_sub_config(n, TEXT)[1]),
+            load_siglip_text,
+            "last position",
+            f"max_length={SIGLIP_TEXT_LENGTH} padding v1",
+        ),
+        Family(
+            "Bert",
+            TEXT,
+            "bert_model_name",
+            hf_info("BERT model"),
+            load_encoder("Bert", "BERT model"),
+            "[CLS]",
+            "padding=longest truncation v1",
+        ),
+        Family(
+            "Deberta",
+            TEXT,
+            "deberta_model_name",
+            hf_info("DeBERTa model"),
+            load_encoder("Deberta", "DeBERTa model"),
+            "[CLS]",
+            "padding=longest truncation v1",
+        ),
+    ]
 }
 
 

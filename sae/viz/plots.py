@@ -18,11 +18,14 @@ Dead features (S = 0) are left out and counted in the legend's title.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sae.util.errors import InputError
+
+if TYPE_CHECKING:
+    from sae.analysis.compare import SharednessResult
 
 DPI = 150
 DIFF = r"$\rho_G^2-\rho_H^2$"
@@ -49,7 +52,7 @@ def _place_labels(fig: Any, ax: Any, points: list[tuple[int, float, float]]) -> 
     return placed
 
 
-def sharedness_figure(result: Any, *, label_top: int = 8) -> Any:
+def sharedness_figure(result: SharednessResult, *, label_top: int = 8) -> Any:
     """The Delta-against-S scatter of a comparative sharedness result, as a matplotlib Figure."""
     import matplotlib
 
@@ -115,7 +118,7 @@ def sharedness_figure(result: Any, *, label_top: int = 8) -> Any:
     return fig
 
 
-def plot_sharedness(result: Any, path: str | Path, *, label_top: int = 8) -> None:
+def plot_sharedness(result: SharednessResult, path: str | Path, *, label_top: int = 8) -> None:
     """Save the Delta-against-S scatter of a comparative sharedness result (format from `path`'s suffix)."""
     import matplotlib.pyplot as plt
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from sae.analysis.naming import load_names, names_path
+from sae.data.datasets import Pairs
 from sae.data.features import FeatureRun, SparseCodes, open_run
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
@@ -173,7 +174,7 @@ class RowSource:
     `has_captions` is False when the rows have no caption column (image runs only): captions are None.
     """
 
-    def __init__(self, pairs: Any, run_name: str):
+    def __init__(self, pairs: Pairs, run_name: str):
         self.pairs = pairs
         self.run_name = run_name
         self.has_captions = pairs.text_column is not None
