@@ -234,3 +234,21 @@ def test_default_dead_window():
     assert default_dead_window(3000, 5 * 3000, 256) == 1500  # a tenth of a short run
     assert default_dead_window(3000, 100 * 3000, 256) == 3000  # at most one epoch
     assert default_dead_window(3000, 1000, 256) == 256  # at least one batch
+
+
+@pytest.mark.parametrize("k, epochs", [(4, 0.5), (8, 1), (4, 3)])
+def test_batchtopk_inference_l0_is_k_after_any_run(tmp_path, k, epochs):
+    """The threshold is estimated at the final weights, so the saved SAE keeps about k latents per row
+    on data it did not train on, even after half an epoch (the EMA of the training steps gave 1.3 for k = 4)."""
+    from sae.nn.checkpoint import load_sae
+
+    planted = planted_activations(n=6000, d=16, n_concepts=64, active_per_row=3, seed=2, coefficients="heavy")
+    train, held = planted.x[:4000], planted.x[4000:]
+    spec = SAESpec("b", "x", SAEConfig(architecture="batchtopk", d_sae=128, k=k))
+    out = train_saes(ActivationSource({"x": [train]}), [spec], _tcfg(epochs=epochs), tmp_path, progress=False)["b"]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["l0"] == out.metrics["l0"] and abs(metrics["l0"] - k) <= 0.1 * k, metrics["l0"]
+    assert metrics["threshold"] == pytest.approx(float(out.sae.threshold)) and metrics["threshold_rows"] == 4000
+    with torch.no_grad():
+        l0_held = float((load_sae(tmp_path / "b").encode(torch.from_numpy(held)) > 0).sum(1).float().mean())
+    assert abs(l0_held - k) <= 0.1 * k, l0_held

@@ -1,7 +1,7 @@
 """Planted ground truth: activations built from a known sparse dictionary of concepts.
 
 x_n = sum_c a_nc * D_c + offset + noise_n, with D [n_concepts, d] unit-norm rows, each row using
-`active_per_row` concepts with coefficients a_nc ~ U(0.5, 1.5) (others 0). An SAE that learned the
+`active_per_row` concepts with coefficients a_nc ~ U(0.5, 1.5) or log-normal (others 0). An SAE that learned the
 concepts has, for every planted D_c, a decoder row with cosine close to 1 (`recovery`).
 """
 
@@ -27,18 +27,26 @@ def planted_activations(
     noise: float = 0.05,
     offset: float = 1.0,
     seed: int = 0,
+    coefficients: str = "uniform",
 ) -> PlantedData:
-    """Generate planted data; `noise` is the per-row noise norm, `offset` the norm of a shared mean."""
+    """Generate planted data; `noise` is the per-row noise norm, `offset` the norm of a shared mean.
+    `coefficients`: "uniform" U(0.5, 1.5), or "heavy", log-normal exp(N(0, 1)) (median 1, heavy right tail)."""
+    if coefficients not in ("uniform", "heavy"):
+        raise ValueError(f"coefficients must be 'uniform' or 'heavy' (got {coefficients!r})")
     rng = np.random.default_rng(seed)
     dictionary = rng.standard_normal((n_concepts, d))
     dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
-    coefficients = np.zeros((n, n_concepts))
     chosen = np.argsort(rng.random((n, n_concepts)), axis=1)[:, :active_per_row]
-    np.put_along_axis(coefficients, chosen, rng.uniform(0.5, 1.5, (n, active_per_row)), axis=1)
+    if coefficients == "uniform":
+        values = rng.uniform(0.5, 1.5, (n, active_per_row))
+    else:
+        values = np.exp(rng.standard_normal((n, active_per_row)))
+    coefs = np.zeros((n, n_concepts))
+    np.put_along_axis(coefs, chosen, values, axis=1)
     shared = rng.standard_normal(d)
-    x = coefficients @ dictionary + offset * shared / np.linalg.norm(shared)
+    x = coefs @ dictionary + offset * shared / np.linalg.norm(shared)
     x += rng.standard_normal((n, d)) * noise / np.sqrt(d)
-    return PlantedData(x.astype(np.float32), dictionary.astype(np.float32), coefficients.astype(np.float32))
+    return PlantedData(x.astype(np.float32), dictionary.astype(np.float32), coefs.astype(np.float32))
 
 
 def recovery(dictionary: np.ndarray, W_dec: np.ndarray) -> float:

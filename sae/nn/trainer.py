@@ -13,7 +13,9 @@
 - at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
   `evaluate`'s output, with the firing-frequency histogram). A relu SAE's decoder norms are folded
   first (`fold_decoder_norms_`), so the saved files, metrics.json and the returned SAE (whose codes
-  the pipeline records) are one and the same function.
+  the pipeline records) are one and the same function. A batchtopk SAE's inference threshold is
+  estimated at the final weights from the first THRESHOLD_ROWS training rows (`estimate_threshold_`);
+  metrics.json then holds "threshold", "threshold_rows" and the inference "l0" it gives.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sae.util.device import resolve_device
 from sae.util.errors import InputError
 
 STATE_FILE = "trainer_state.pt"
+THRESHOLD_ROWS = 1 << 17  # training rows (at most one epoch) for BatchTopK's final threshold estimate
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -285,8 +288,21 @@ def train_saes(
     for spec, sae in zip(specs, saes):
         path = out_dir / spec.name if spec.name else out_dir
         sae.fold_decoder_norms_()  # relu: metrics, the returned SAE and the files are the one folded SAE
+        extra: dict[str, Any] = {}
+        if spec.cfg.architecture == "batchtopk":
+            n_batches = max(1, min(steps_per_epoch, -(-THRESHOLD_ROWS // tcfg.batch_size)))
+            batches = (
+                source.read(spec.key, rows).to(device) * spec.cfg.input_scale
+                for _, rows in _batches(source, tcfg, 0, n_batches)
+            )
+            extra["threshold_rows"] = sae.estimate_threshold_(batches)
+            extra["threshold"] = float(sae.threshold)
         save_sae(sae, path)
-        metrics = {"eval_rows": int(len(eval_rows)), **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size)}
+        metrics = {
+            "eval_rows": int(len(eval_rows)),
+            **extra,
+            **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size),
+        }
         write_json(path / "metrics.json", metrics)
         results[spec.name] = TrainedSAE(sae, metrics, path)
     return results
