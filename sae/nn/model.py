@@ -175,6 +175,8 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
 class SparseAutoencoder(nn.Module):
     """An SAE with parameters W_enc, b_enc, W_dec, b_dec (and `threshold` for batchtopk)."""
 
+    threshold: Tensor  # [] buffer: batchtopk's inference threshold
+
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
         super().__init__()
         cfg.validate()
@@ -379,10 +381,10 @@ class SparseAutoencoder(nn.Module):
         The EMA kept during training lags the weights (seeded from the first batch, it left an inference
         L0 of 1.3 for k = 4 after a short run); estimated at the final weights from 32 batches of 4096
         rows, inference L0 is within a few percent of k (tests/test_trainer.py checks 10%)."""
-        mins, rows = [], 0
+        mins, rows, k = [], 0, int(self.cfg.k or 0)
         for xs in batches:
             pre = torch.addmm(self.b_enc, xs.to(self.W_enc.dtype) - self.b_dec, self.W_enc)
-            r, c = batch_topk_entries(pre, self.cfg.k * len(xs), start=2 * self.cfg.k)
+            r, c = batch_topk_entries(pre, k * len(xs), start=2 * k)
             if r.numel():
                 mins.append(pre[r, c].min())
             rows += len(xs)
