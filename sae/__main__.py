@@ -57,5 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `share-concepts` console script: same as `python -m sae`."""
     run_cli(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

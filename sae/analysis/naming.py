@@ -38,7 +38,11 @@ from sae.util.atomic import write_json
 from sae.util.errors import InputError
 
 OFFSETS = ("none", "b_dec")
-DEFAULT_VOCAB = Path(__file__).resolve().parents[2] / "vocab" / "default.txt"
+# the repository's vocab/default.txt; an installed wheel carries it as sae/vocab/default.txt
+_PACKAGED_VOCAB = Path(__file__).resolve().parents[1] / "vocab" / "default.txt"
+DEFAULT_VOCAB = (
+    _PACKAGED_VOCAB if _PACKAGED_VOCAB.exists() else Path(__file__).resolve().parents[2] / "vocab" / "default.txt"
+)
 
 
 def load_vocab(path: str | Path = DEFAULT_VOCAB) -> list[str]:

@@ -11,7 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
-    """The commit of this checkout (with a '+dirty' suffix when it has changes), or None outside git."""
+    """The commit of this checkout (with a '+dirty' suffix when it has changes), or None outside git
+    (an installed copy: its folder is not a checkout, even inside someone else's repository)."""
+    if not (REPO_ROOT / ".git").exists() or not (REPO_ROOT / "sae").is_dir():
+        return None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
