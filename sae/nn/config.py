@@ -160,6 +160,12 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata=_help("data-order seed"))
     device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu or cuda[:i]"))
+    log_every: int = field(
+        default=10, metadata=_help("steps between lines of each SAE's train_log.jsonl (the last step is always logged)")
+    )
+    wandb: str | None = field(
+        default=None, metadata=_help("also log the curves to this Weights & Biases project (needs the wandb package)")
+    )
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -168,6 +174,8 @@ class TrainConfig:
             raise InputError(f"--batch_size must be at least 1 (got {self.batch_size})")
         if self.lr is not None and not self.lr > 0:
             raise InputError(f"--lr must be positive (got {self.lr})")
+        if self.log_every < 1:
+            raise InputError(f"--log_every must be at least 1 (got {self.log_every})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,9 @@
 - checkpoints (`out_dir/trainer_state.pt`) every `checkpoint_every` steps and on SIGINT/SIGTERM;
   started again with the same arguments it resumes, and the final weights equal an uninterrupted
   run's (the data order is a function of (seed, epoch) only);
+- every `log_every` steps, a line of `<out_dir>/<spec.name>/train_log.jsonl` per SAE (step, loss, FVU,
+  L0, dead fraction, lr; sae/nn/trainlog.py), cut back to the checkpoint's step on resume; with
+  `tcfg.wandb`, the same numbers go to that Weights & Biases project;
 - at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
   `evaluate`'s output, with the firing-frequency histogram). A relu SAE's decoder norms are folded
   first (`fold_decoder_norms_`), so the saved files, metrics.json and the returned SAE (whose codes
@@ -40,6 +43,7 @@ from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource, epoch_batches
+from sae.nn.trainlog import TrainLog, WandbLogger
 from sae.util.atomic import atomic_path, write_json
 from sae.util.device import resolve_device
 from sae.util.errors import InputError
@@ -113,9 +117,12 @@ def _fingerprint(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConf
         "n_rows": source.n_rows,
         "d_in": {k: source.d_in(k) for k in source.keys},
         "specs": [(s.name, s.key, {k: v for k, v in s.cfg.to_dict().items() if k != "input_scale"}) for s in specs],
-        "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("device", "checkpoint_every", "eval_rows")},
+        "train": {k: v for k, v in tcfg.to_dict().items() if k not in _NOT_FINGERPRINTED},
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_NOT_FINGERPRINTED = ("device", "checkpoint_every", "eval_rows", "log_every", "wandb")  # resume may change them
 
 
 def _batches(source: ActivationSource, tcfg: TrainConfig, start: int, total: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -231,6 +238,12 @@ def train_saes(
         with atomic_path(state_path) as tmp:
             torch.save(snapshot, tmp)
 
+    logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, start) for spec in specs]
+    wandb = (
+        WandbLogger(tcfg.wandb, out_dir.name, f"{out_dir.name}-{fingerprint}", {"train": tcfg.to_dict()})
+        if tcfg.wandb
+        else None
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(
         total=total,
@@ -245,8 +258,10 @@ def train_saes(
             batch = {key: source.read(key, rows).to(device, non_blocking=True) for key in {s.key for s in specs}}
             factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
             rows_seen += len(rows)
+            done = step + 1
+            log_now = done % tcfg.log_every == 0 or done == total
             shown = []
-            for spec, sae, opt, sf, lr in zip(specs, saes, opts, since_fired, lrs):
+            for spec, sae, opt, sf, lr, log in zip(specs, saes, opts, since_fired, lrs, logs):
                 xs = batch[spec.key] * spec.cfg.input_scale
                 with autocast:
                     out = sae.training_loss(xs, sf >= dead_window)
@@ -259,21 +274,31 @@ def train_saes(
                 sae.normalize_decoder_()
                 sf += len(rows)
                 sf[out.fired] = 0
-                if len(shown) < 3:
+                if len(shown) < 3 or log_now:
                     var = (xs - xs.mean(0)).pow(2).sum(1).mean()
                     fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
-                    dead = (
-                        f"{float((sf >= dead_window).float().mean()):.1%}" if rows_seen >= dead_window else "n/a"
-                    )  # nothing can be dead before one window of rows
-                    shown.append(f"loss {float(out.loss.detach()):.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead {dead}")
+                    # nothing can be dead before one window of rows
+                    dead = float((sf >= dead_window).float().mean()) if rows_seen >= dead_window else None
+                    loss = float(out.loss.detach())
+                    if len(shown) < 3:
+                        shown.append(
+                            f"loss {loss:.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead "
+                            + ("n/a" if dead is None else f"{dead:.1%}")
+                        )
+                    if log_now:
+                        entry = {"step": done, "rows_seen": rows_seen, "loss": loss, "fvu": fvu, "l0": out.l0}
+                        log.write({**entry, "dead_fraction": dead, "lr": lr * factor})
+                        if wandb is not None:
+                            wandb.log(spec.name, {**entry, "dead_fraction": dead, "lr": lr * factor})
             bar.set_postfix_str(" | ".join(shown) + (" ..." if len(specs) > 3 else ""), refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(step)
-            done = step + 1
             if flag.received is not None:
                 checkpoint(done)
                 bar.close()
+                for log in logs:
+                    log.close()
                 raise TrainingInterrupted(
                     f"stopped by signal {flag.received} after step {done}/{total}; checkpoint saved in "
                     f"{state_path}; run the same command again to resume"
@@ -281,6 +306,10 @@ def train_saes(
             if done % tcfg.checkpoint_every == 0 and done < total:
                 checkpoint(done)
     bar.close()
+    for log in logs:
+        log.close()
+    if wandb is not None:
+        wandb.close()
     checkpoint(total)
 
     eval_rows = source.sample_rows(tcfg.eval_rows or source.n_rows)
