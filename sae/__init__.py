@@ -26,7 +26,17 @@ _LAZY = {
     "ActivationSource": "sae.nn.sources",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "SparseAutoencoder",
+    "SAEConfig",
+    "TrainConfig",
+    "load_sae",
+    "save_sae",
+    "train_saes",
+    "SAESpec",
+    "ActivationSource",
+]
 
 if TYPE_CHECKING:
     from sae.nn.checkpoint import load_sae, save_sae

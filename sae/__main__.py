@@ -2,6 +2,8 @@
 
 python -m sae train --activations X.npy --sae topk --k 32 --expansion_factor 8 --epochs 5 --out DIR
 python -m sae demo
+python -m sae export --format saelens --sae RUN/saes/layer05 --out OUT   (or sparsify, dictionary_learning)
+python -m sae push --run RUN --repo ORG/NAME                             (Hugging Face Hub)
 """
 
 from __future__ import annotations
@@ -37,6 +39,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sae.nn.checkpoint import load_sae
+    from sae.nn.interop import export_sae, run_metadata
+
+    sae = load_sae(args.sae)
+    meta = run_metadata(Path(args.sae)) if not str(args.sae).startswith("hf://") else {}
+    out = export_sae(sae, args.format, args.out, meta)
+    print(f"{sae.cfg.architecture} SAE written for {args.format} in {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from sae.nn.hub import push_run, stage_run
+
+    if args.out:
+        print(f"folder for {args.repo} written to {stage_run(args.run, args.out, args.repo)} (not uploaded)")
+        return 0
+    print(f"uploaded: {push_run(args.run, args.repo, private=args.private)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -53,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--rows", type=int, default=400, help="rows of the generated captioned dataset")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+    export = sub.add_parser("export", help="write an SAE as a SAELens, sparsify or dictionary_learning folder")
+    export.add_argument("--format", required=True, choices=("saelens", "sparsify", "dictionary_learning"))
+    export.add_argument("--sae", required=True, help="SAE folder (RUN/saes/layerNN) or hf://ORG/NAME/SUBFOLDER")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(func=cmd_export)
+    push = sub.add_parser("push", help="upload a run's SAEs, run.json and a model card to the Hugging Face Hub")
+    push.add_argument("--run", required=True, help="run folder (holds run.json)")
+    push.add_argument("--repo", required=True, help="Hub repository ORG/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--out", default=None, help="only write the folder that would be uploaded here")
+    push.set_defaults(func=cmd_push)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -7,14 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import sae
 from helpers import one_thread
+
+import sae
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_names_resolve_lazily():
-    code = "import sys, sae; print('sae.nn.model' in sys.modules); from sae import SparseAutoencoder; print(SparseAutoencoder.__module__)"
+    code = (
+        "import sys, sae; print('sae.nn.model' in sys.modules); "
+        "from sae import SparseAutoencoder; print(SparseAutoencoder.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.split() == ["False", "sae.nn.model"]  # `import sae` alone loads no torch module
     for name in sae.__all__:

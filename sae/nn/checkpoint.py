@@ -2,14 +2,14 @@
 
 sae.safetensors (float32):
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in],
-    threshold [] (batchtopk only: the global inference threshold)
+    threshold [] (batchtopk only: the global inference threshold; jumprelu: [d_sae], one per latent)
 cfg.json: the SAEConfig fields (architecture, d_in, d_sae, k, k_levels, prefixes, input_scale, ...),
 plus "format", "version" and "provenance" (package versions, git commit).
 
 With s = cfg["input_scale"], a reconstruction from the files alone is
     pre = (s * x - b_dec) @ W_enc + b_enc
     z   = top-k of pre per row, then ReLU      (topk, matryoshka, msae_*: k = cfg["k"])
-        = pre * (pre > threshold)              (batchtopk)
+        = pre * (pre > threshold)              (batchtopk, jumprelu; relu-clamped threshold)
         = ReLU(pre)                            (relu)
     x_hat = (z @ W_dec + b_dec) / s
 """
@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.nn.config import SAEConfig
+from sae.nn.hub import resolve_sae_path
+from sae.nn.interop import detect_format, read_foreign
 from sae.nn.model import SparseAutoencoder
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
@@ -39,8 +41,8 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
         name: p.detach().float().cpu().contiguous()
         for name, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))
     }
-    if sae.cfg.architecture == "batchtopk":
-        tensors["threshold"] = sae.threshold.detach().float().cpu().reshape(())
+    if sae.cfg.architecture in ("batchtopk", "jumprelu"):
+        tensors["threshold"] = sae.threshold.detach().float().cpu().contiguous()
     with atomic_path(out_dir / "sae.safetensors") as tmp:
         save_file(tensors, str(tmp))
     cfg = {"format": FORMAT, **sae.cfg.to_dict(), "provenance": provenance()}
@@ -59,8 +61,12 @@ def _unit_norm_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE written by `save_sae` from its directory."""
-    path = Path(path)
+    """Load an SAE folder written by `save_sae`, by SAELens or by sparsify (sae/nn/interop.py), or
+    `hf://ORG/NAME/SUBFOLDER` from the Hugging Face Hub (sae/nn/hub.py)."""
+    path = resolve_sae_path(path)
+    fmt = detect_format(path)
+    if fmt != "native":
+        return read_foreign(path, fmt, device)
     if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
         raise InputError(f"{path} is not an SAE checkpoint (needs cfg.json and sae.safetensors)")
     cfg = SAEConfig.from_dict(read_json(path / "cfg.json"))

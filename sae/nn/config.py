@@ -11,6 +11,9 @@ from sae.util.cli import add_dataclass_args, dataclass_from_args
 from sae.util.errors import InputError
 
 ARCHITECTURES = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka", "relu")
+# read from other libraries' folders (sae/nn/interop.py) for inference, never trained here:
+# jumprelu = pre * (pre > threshold_i), one threshold per latent
+LOADED_ONLY = ("jumprelu",)
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -73,7 +76,7 @@ class SAEConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES + LOADED_ONLY:
             raise InputError(f"unknown --sae '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
         if self.k is None:
             if self.architecture.startswith("msae"):

@@ -14,7 +14,8 @@ act is, per architecture:
 - batchtopk: at inference, JumpReLU with one global threshold (pre > threshold), estimated during
   training, so a row's codes never depend on its batch (the MSAE repo's BatchTopK keeps batch
   selection at inference: a bug we do not copy);
-- relu: ReLU.
+- relu: ReLU;
+- jumprelu (read from SAELens folders, inference only): pre * (pre > threshold_i), one threshold per latent.
 
 Training (`training_loss`) differs per architecture; see each `_loss_*` docstring. Decoder rows of the
 constrained architectures are kept at unit norm after every step, with the gradient component
@@ -189,7 +190,8 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec.t().clone().contiguous().to(device))  # tied init, a copy
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
-        self.register_buffer("threshold", torch.zeros((), device=device))
+        shape = (cfg.d_sae,) if cfg.architecture == "jumprelu" else ()  # one per latent, or batchtopk's global one
+        self.register_buffer("threshold", torch.zeros(shape, device=device))
 
     # ---- inference -------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -203,7 +205,7 @@ class SparseAutoencoder(nn.Module):
         arch = self.cfg.architecture
         if arch == "relu" or (k is not None and k >= self.cfg.d_sae):
             return pre.clamp_min(0)
-        if arch == "batchtopk" and k is None:
+        if arch in ("batchtopk", "jumprelu") and k is None:
             return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
         top = pre.topk(k or self.cfg.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp_min(0))
@@ -226,6 +228,8 @@ class SparseAutoencoder(nn.Module):
     def training_loss(self, xs: Tensor, dead: Tensor | None = None) -> TrainOutput:
         """xs [n, d_in] already scaled; `dead` bool [d_sae] marks latents for the AuxK loss."""
         arch = self.cfg.architecture
+        if arch == "jumprelu":
+            raise ValueError("jumprelu SAEs are read from other libraries for inference; they are not trained here")
         if arch in ("topk", "matryoshka"):
             return self._loss_topk(xs, dead)
         if arch == "batchtopk":
@@ -409,12 +413,14 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def fold_decoder_norms_(self) -> None:
         """Make decoder rows unit-norm without changing the function (exact for ReLU-type codes):
-        W_dec[i] /= n_i, W_enc[:, i] *= n_i, b_enc[i] *= n_i, threshold unchanged only if all n_i = 1."""
+        W_dec[i] /= n_i, W_enc[:, i] *= n_i, b_enc[i] *= n_i (jumprelu: threshold[i] *= n_i); codes scale by n_i."""
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
         if torch.allclose(norms, torch.ones_like(norms)):
             return
-        if self.cfg.architecture != "relu":
-            raise RuntimeError("only ReLU SAEs have unconstrained decoder norms to fold")
+        if self.cfg.architecture not in ("relu", "jumprelu"):
+            raise RuntimeError("only ReLU and JumpReLU SAEs have unconstrained decoder norms to fold")
+        if self.cfg.architecture == "jumprelu":
+            self.threshold *= norms
         self.W_dec /= norms[:, None]
         self.W_enc *= norms[None, :]
         self.b_enc *= norms
