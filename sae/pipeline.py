@@ -16,9 +16,11 @@ passes, one per layout, in `saes/groupNN/layerNN[_seedS]/` (NN: the group's firs
 `sae_dirs` names every SAE's folder. Each layer's SAE is sized from its own width (d_sae =
 --expansion_factor x d_in, or --d_sae).
 
-A run folder is protected: a rerun with other settings is refused (--overwrite replaces it), except
-when the run has no outputs yet (it failed before training, e.g. on an unreadable image): then it is
-replaced. Temporary files of dead processes in the run folder are removed.
+A run folder is protected: --runname is one plain folder name; a rerun with other settings is refused
+(--overwrite replaces it), except when the run has no outputs yet (it failed before training, e.g. on an
+unreadable image): then it is replaced. Only a folder holding this toolkit's settings.json is ever
+deleted or cleaned of dead processes' temporary files. A lock (`<features_dir>/.<runname>.lock`) is held
+for the command's whole life: a second command on the same run is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +47,7 @@ from sae.nn.trainer import SAESpec, train_saes
 from sae.util.atomic import read_json, remove_dead_temporaries, write_json
 from sae.util.cli import add_dataclass_args, dataclass_from_args
 from sae.util.errors import InputError
+from sae.util.lock import exclusive
 from sae.util.provenance import provenance
 
 SETTINGS_FILE = "settings.json"
@@ -147,9 +151,8 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     seeds = args.seeds or [args.seed]
     if len(set(seeds)) != len(seeds):
         raise InputError(f"--seeds must be distinct (got {seeds})")
-    runname = args.runname or args.model.lower()
+    runname = check_runname(args.runname) if args.runname is not None else default_runname(args.model)
     run_dir = Path(args.features_dir) / runname
-    progress = not args.quiet
 
     pairs = pairs_from_config(data_cfg)
     settings = {
@@ -165,25 +168,76 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         **({"record_codes": args.record_codes} if args.record_codes != "sae" else {}),  # old runs keep their key
     }
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
+    busy = f"run '{runname}' in {args.features_dir} is being written by another process; wait for it or stop it"
+    with exclusive(Path(args.features_dir) / f".{runname}.lock", busy):
+        if not _claim_run_dir(run_dir, runname, fingerprint, args.overwrite):
+            print(f"run '{runname}' is already complete in {run_dir}")
+            return 0
+        write_json(run_dir / SETTINGS_FILE, {"fingerprint": fingerprint, **settings})
+        _extract_train_record(args, modality, spec, pairs, layers, cache_cfg, data_cfg, tcfg, seeds, run_dir, runname)
+    return 0
+
+
+def check_runname(name: str) -> str:
+    """`name` when it is one plain path component (a folder directly under --features_dir)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise InputError(
+            f"--runname {name!r} must be a plain folder name (no '/', not '.' or '..', not starting with '.')"
+        )
+    return name
+
+
+def default_runname(model: str) -> str:
+    """The --model name as a folder name: lowercased, characters other than [a-z0-9._-] replaced by '_'."""
+    name = re.sub(r"[^a-z0-9._-]+", "_", model.lower()).strip("._")
+    return name or "run"
+
+
+def _claim_run_dir(run_dir: Path, runname: str, fingerprint: str, overwrite: bool) -> bool:
+    """Make `run_dir` ready for a run with `fingerprint` (the run's lock held); False when that run is
+    already complete. Only a folder holding this toolkit's settings file is ever deleted."""
     settings_path = run_dir / SETTINGS_FILE
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise InputError(f"{run_dir} exists and is not a run folder; choose another --runname")
+    if not settings_path.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise InputError(
+                f"{run_dir} exists and is not a run of this toolkit (no {SETTINGS_FILE}); choose another --runname"
+            )
+        return True
     remove_dead_temporaries(run_dir)
-    if settings_path.exists() and read_json(settings_path).get("fingerprint") != fingerprint:
+    try:
+        saved = read_json(settings_path).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        saved = None  # unreadable settings: treated as other settings
+    if saved != fingerprint:
         if _replaceable(run_dir):
             print(f"run '{runname}' had no outputs yet: starting it again with these settings")
-        elif not args.overwrite:
+        elif not overwrite:
             raise InputError(
-                f"run '{runname}' in {args.features_dir} was made with other settings; "
-                "choose another --runname or pass --overwrite"
+                f"run '{runname}' in {run_dir.parent} was made with other settings; choose another --runname "
+                f"(--overwrite would delete its features and SAEs)"
             )
         shutil.rmtree(run_dir)
-    elif not settings_path.exists() and run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise InputError(f"{run_dir} exists and is not a run of this toolkit; pass --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    if (run_dir / "run.json").exists():
-        print(f"run '{runname}' is already complete in {run_dir}")
-        return 0
-    write_json(settings_path, {"fingerprint": fingerprint, **settings})
+        return True
+    return not (run_dir / "run.json").exists()
+
+
+def _extract_train_record(
+    args: argparse.Namespace,
+    modality: str,
+    spec: Any,
+    pairs: Any,
+    layers: list[int],
+    cache_cfg: CacheConfig,
+    data_cfg: DataConfig,
+    tcfg: TrainConfig,
+    seeds: list[int],
+    run_dir: Path,
+    runname: str,
+) -> None:
+    """The three stages (module docstring) into `run_dir`, whose lock is held."""
+    progress = not args.quiet
 
     cache = extract_activations(
         spec,
@@ -259,7 +313,6 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
             f"dead {m['dead_fraction']:.1%} (on {m['eval_rows']} tokens)"
         )
     print(f"features of {cache.n_rows} rows written to {run_dir}")
-    return 0
 
 
 def _one_or_map(values: dict[str, int]) -> int | dict[str, int]:

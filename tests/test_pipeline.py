@@ -345,7 +345,7 @@ def test_kill_and_resume_through_the_cli(root, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "train_saes", sigterm_at_step_7)
     with pytest.raises(TrainingInterrupted, match="checkpoint saved in"):
         train_image.main(mine)
-    assert stopped and (resumed / "r" / "saes" / "trainer_state.pt").exists()
+    assert stopped and (resumed / "r" / "saes" / "trainer_state.safetensors").exists()
     assert not (resumed / "r" / "run.json").exists()
     monkeypatch.setattr(pipeline, "train_saes", train_saes)
     assert train_image.main(mine) == 0

@@ -295,7 +295,7 @@ def embedding_identity(image_spec: Any, text_spec: Any, pairs: Pairs, normalize:
 
 def existing(out: str | Path, identity: dict[str, Any], overwrite: bool) -> Embeddings | None:
     """The folder `out` when it holds embeddings of the same identity; None when it is free (or
-    `overwrite`, which deletes it); InputError when it holds something else."""
+    `overwrite`, which deletes it when it holds embeddings); InputError when it holds something else."""
     out = Path(out)
     if not out.exists():
         return None
@@ -303,9 +303,11 @@ def existing(out: str | Path, identity: dict[str, Any], overwrite: bool) -> Embe
         emb = open_embeddings(out)
         if json.dumps(emb.meta.get("identity"), sort_keys=True) == json.dumps(identity, sort_keys=True, default=str):
             return emb
+    if not (out / "meta.json").is_file() or out.is_symlink():
+        raise InputError(f"{out} exists and does not hold embeddings of this toolkit; choose another --out")
     if not overwrite:
         raise InputError(
-            f"{out} exists and holds other embeddings (or something else); choose another --out or pass --overwrite"
+            f"{out} holds other embeddings; choose another --out (--overwrite would delete them and embed again)"
         )
     shutil.rmtree(out)
     return None

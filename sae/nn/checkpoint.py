@@ -16,9 +16,12 @@ With s = cfg["input_scale"], a reconstruction from the files alone is
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sae.nn.config import SAEConfig
@@ -78,3 +81,61 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
         if "threshold" in tensors:
             sae.threshold.copy_(tensors["threshold"])
     return sae
+
+
+# ------------------------------------------------------------------------------ trainer state (no pickle)
+
+STATE_FORMAT = "share-concepts-trainer-state-v1"
+
+
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """`obj` with every tensor replaced by {"__tensor__": key}; the tensors go into `tensors[key]`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _split_tensors(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a trainer state")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict):
+        return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_trainer_state(state: dict[str, Any], path: str | Path) -> None:
+    """Write a nested dict of tensors and plain values (ints, floats, str, lists, dicts with int or str
+    keys) as one safetensors file, atomically: the tensors as tensors, the rest as JSON in its metadata.
+    No pickle: loading it cannot run code."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors(state, tensors, "s")
+    meta = {"format": STATE_FORMAT, "state": json.dumps(skeleton)}
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path}: could not write the training checkpoint ({e})") from e
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """Read what `save_trainer_state` wrote; InputError naming the file when it is not such a file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise InputError(f"{path}: not a training checkpoint of this toolkit")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return _join_tensors(json.loads(meta["state"]), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: unreadable training checkpoint ({e}); delete it to start training again") from e

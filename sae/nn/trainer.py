@@ -7,7 +7,7 @@
 - inputs scaled so that their mean squared norm is d_in (the factor is stored in each cfg.json);
 - dead latents: rows since each latent last fired; past `dead_window` (default_dead_window) they
   feed the AuxK loss; the bar shows the dead % once that many rows have been trained on;
-- checkpoints (`out_dir/trainer_state.pt`) every `checkpoint_every` steps and on SIGINT/SIGTERM;
+- checkpoints (`out_dir/trainer_state.safetensors`, no pickle) every `checkpoint_every` steps and on SIGINT/SIGTERM;
   started again with the same arguments it resumes, and the final weights equal an uninterrupted
   run's (the data order is a function of (seed, epoch) only);
 - every `log_every` steps, a line of `<out_dir>/<spec.name>/train_log.jsonl` per SAE (step, loss, FVU,
@@ -38,11 +38,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.nn.checkpoint import save_sae
+from sae.nn.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource, epoch_batches
+<<<<<<< HEAD
 from sae.nn.trainlog import TrainLog, WandbLogger
 from sae.util.atomic import atomic_path, write_json
 from sae.util.device import resolve_device
@@ -50,6 +51,14 @@ from sae.util.errors import InputError
 
 STATE_FILE = "trainer_state.pt"
 THRESHOLD_ROWS = 1 << 17  # training rows (at most one epoch) for BatchTopK's final threshold estimate
+=======
+from sae.util.atomic import write_json
+from sae.util.device import resolve_device
+from sae.util.errors import InputError
+
+STATE_FILE = "trainer_state.safetensors"
+OLD_STATE_FILE = "trainer_state.pt"  # pickled; never loaded
+>>>>>>> 5178d4e (Trainer checkpoints without pickle (trainer_state.safetensors: tensors + JSON metadata; an old pickled trainer_state.pt is refused, never loaded); --runname is one plain folder name; only folders holding settings.json are deleted or cleaned, after validation; a lock on the run for the command's life; embeddings --overwrite deletes only embeddings; tests incl. a planted pickle payload)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -203,7 +212,12 @@ def train_saes(
     dead_window = tcfg.dead_window or default_dead_window(source.n_rows, total * tcfg.batch_size, tcfg.batch_size)
 
     state_path = out_dir / STATE_FILE
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    if (out_dir / OLD_STATE_FILE).exists() and not state_path.exists():
+        raise InputError(
+            f"{out_dir / OLD_STATE_FILE} is a checkpoint in the old pickle format, which is never loaded (it could "
+            "run code); delete it to train from the start"
+        )
+    state = load_trainer_state(state_path) if state_path.exists() else None
     if state is not None and state["fingerprint"] != fingerprint:
         raise InputError(f"{out_dir} holds a run with other settings; choose another --out or delete it")
     if state is None:
@@ -235,8 +249,7 @@ def train_saes(
             "since_fired": {s.name: sf.cpu() for s, sf in zip(specs, since_fired)},
             "rows_seen": rows_seen,
         }
-        with atomic_path(state_path) as tmp:
-            torch.save(snapshot, tmp)
+        save_trainer_state(snapshot, state_path)
 
     logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, start) for spec in specs]
     wandb = (

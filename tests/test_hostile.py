@@ -1,0 +1,159 @@
+"""Hostile but fair inputs: a planted pickle never runs, run names cannot reach outside --features_dir,
+only this toolkit's run folders are ever deleted, and a second command on a busy run is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_image
+from sae.__main__ import main as sae_main
+from sae.encoders.tiny import build_open_clip
+from sae.nn.checkpoint import load_trainer_state, save_trainer_state
+from sae.util.errors import InputError
+from sae.util.lock import exclusive
+
+
+class _Payload:
+    """Unpickling this creates the file `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _one_line_error(fn, *args) -> str:
+    with pytest.raises(InputError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("where", ["trainer_state.pt", "trainer_state.safetensors"])
+def test_a_planted_pickle_never_runs(tmp_path, where):
+    """A malicious checkpoint in the output folder, under the old pickle name or the new one: training
+    refuses with one line naming the file, and the payload's file is never created."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "evil": _Payload(marker)}, out / where)
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "control"))).close()  # the payload is live: control
+    assert (tmp_path / "control").exists()
+    args = ["train", "--activations", str(tmp_path / "x.npy"), "--k", "2", "--expansion_factor", "2"]
+    message = _one_line_error(sae_main, [*args, "--epochs", "1", "--out", str(out), "--quiet"])
+    assert str(out / where) in message
+    assert ("old pickle format" if where.endswith(".pt") else "unreadable training checkpoint") in message
+    assert not marker.exists()
+
+
+def test_trainer_state_round_trip_keeps_types(tmp_path):
+    groups = [{"betas": (0.9, 0.99), "fused": None}]
+    state = {"step": 3, "opts": {"a": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": groups}}}
+    save_trainer_state(state, tmp_path / "s.safetensors")
+    back = load_trainer_state(tmp_path / "s.safetensors")
+    assert back["step"] == 3 and list(back["opts"]["a"]["state"]) == [0]
+    assert torch.equal(back["opts"]["a"]["state"][0]["exp_avg"], torch.ones(2))
+    assert back["opts"]["a"]["param_groups"][0] == {"betas": [0.9, 0.99], "fused": None}
+
+
+# ------------------------------------------------------------------------------ run names and run folders
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    with contextlib.redirect_stderr(io.StringIO()):
+        build_open_clip(root)
+    return root / "tiny-open-clip"
+
+
+def _args(clip: Path, tmp_path: Path, runname: str, *extra: str) -> list[str]:
+    return [
+        "--model",
+        "ClipVision",
+        "--clip_model_name",
+        str(clip),
+        "--layers",
+        "-1",
+        "--dataset",
+        "shapes:12",
+        "--data_root",
+        str(tmp_path / "data"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--features_dir",
+        str(tmp_path / "features"),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--k",
+        "2",
+        "--expansion_factor",
+        "2",
+        "--runname",
+        runname,
+        *extra,
+    ]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("runname", ["..", ".", "", "a/b", "/abs", ".hidden"])
+def test_a_run_name_is_one_plain_folder_name(clip, tmp_path, runname, monkeypatch):
+    """`--runname .. --overwrite` once emptied the working directory: now nothing is touched."""
+    features = tmp_path / "features"
+    (features / "other").mkdir(parents=True)
+    (features / "other" / "settings.json").write_text("{}")
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    (tmp_path / f".x.tmp-{2**22 + 1}").write_text("old temporary")
+    monkeypatch.chdir(features)
+    before = _tree(tmp_path)
+    message = _one_line_error(train_image.main, _args(clip, tmp_path, runname, "--overwrite"))
+    assert "must be a plain folder name" in message
+    assert _tree(tmp_path) == before
+
+
+def test_only_this_toolkits_run_folders_are_deleted(clip, tmp_path):
+    """A folder without settings.json is never deleted, --overwrite or not, and the refusal of a run
+    with other settings says what --overwrite would delete."""
+    mine = tmp_path / "features" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    message = _one_line_error(train_image.main, _args(clip, tmp_path, "mine", "--overwrite"))
+    assert "not a run of this toolkit" in message and "--overwrite" not in message
+    assert (mine / "notes.txt").read_text() == "my notes"
+
+    run = tmp_path / "features" / "r"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"fingerprint": "other"}))
+    (run / "layer02").mkdir()
+    (run / "layer02" / "values.npy").write_bytes(b"features")
+    message = _one_line_error(train_image.main, _args(clip, tmp_path, "r"))
+    assert "other settings" in message and "--overwrite would delete its features and SAEs" in message
+    assert (run / "layer02" / "values.npy").exists()
+
+
+def test_a_second_command_on_a_busy_run_is_refused(clip, tmp_path):
+    """While one command holds the run's lock, another with other settings neither replaces its
+    settings.json nor touches anything else."""
+    run = tmp_path / "features" / "r"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"fingerprint": "the running one"}))
+    with exclusive(tmp_path / "features" / ".r.lock", "busy"):
+        before = _tree(tmp_path / "features")
+        message = _one_line_error(train_image.main, _args(clip, tmp_path, "r", "--overwrite"))
+        assert "being written by another process" in message
+        assert _tree(tmp_path / "features") == before
