@@ -132,6 +132,9 @@ class EmbedArgs(Common):
 class OverlapArgs(Common):
     run_a: str | None = field(default=None, metadata=_h("feature run A (a folder under --features_dir)"))
     run_b: str | None = field(default=None, metadata=_h("feature run B, recorded on the same rows"))
+    allow_different_data: bool = field(
+        default=False, metadata=_h("compare runs recorded on different datasets (said in the result)")
+    )
     features_dir: str = field(default="sae_features", metadata=_h("folder holding the runs"))
     layer_a: int | None = field(default=None, metadata=_h("layer of A (default: its deepest)"))
     layer_b: int | None = field(default=None, metadata=_h("layer of B (default: its deepest)"))
@@ -446,7 +449,7 @@ def cmd_overlap(a: OverlapArgs) -> int:
     run_a, run_b = open_run(a.features_dir, a.run_a), open_run(a.features_dir, a.run_b)
     la, ca = load_layer(run_a, a.layer_a)
     lb, cb = load_layer(run_b, a.layer_b)
-    check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows)
+    different = check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows, a.allow_different_data)
     res = overlap_analysis(
         ca,
         cb,
@@ -459,6 +462,8 @@ def cmd_overlap(a: OverlapArgs) -> int:
         progress=a.progress,
     )
     res.extra.update(run_a=a.run_a, layer_a=la, run_b=a.run_b, layer_b=lb)
+    if different:
+        res.extra["allow_different_data"] = different
     js = res.to_json(top=a.top)
     if a.out:
         _save_npz(a.out, res.arrays())

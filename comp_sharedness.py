@@ -51,6 +51,9 @@ class SharednessConfig:
     original_scaling: bool = field(
         default=False, metadata={"help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"}
     )
+    allow_different_data: bool = field(
+        default=False, metadata={"help": "compare runs recorded on different datasets (said in the result)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
 
@@ -76,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         comparative_sharedness,
         dumps,
         format_sharedness,
+        save_and_say,
         save_sharedness,
-        saved_message,
         write_sharedness_csv,
     )
     from sae.analysis.correlation import make_engine
@@ -95,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=make_engine(cfg.device),
         original_scaling=cfg.original_scaling,
         progress=cfg.progress,
+        allow_different_data=cfg.allow_different_data,
     )
     if cfg.csv:
         write_sharedness_csv(result, cfg.csv)
@@ -106,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.json and len(set(result.codes.values())) > 1:
         print(codes_warning(result.codes), file=sys.stderr)
     if cfg.save:
-        print(saved_message(*save_sharedness(result, source)), file=sys.stderr)
+        print(save_and_say(save_sharedness, result, source), file=sys.stderr)
     return 0
 
 

@@ -45,6 +45,9 @@ class WMPPCConfig:
     original_scaling: bool = field(
         default=False, metadata={"help": "scale correlations by (N-1)/N like the original code; off: exact Pearson"}
     )
+    allow_different_data: bool = field(
+        default=False, metadata={"help": "compare runs recorded on different datasets (said in the result)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, or cuda[:N]"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
 
@@ -58,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import sys
 
-    from sae.analysis.compare import codes_warning, dumps, format_wmppc, plot_matrix, save_wmppc, saved_message, wmppc
+    from sae.analysis.compare import codes_warning, dumps, format_wmppc, plot_matrix, save_and_say, save_wmppc, wmppc
     from sae.analysis.correlation import make_engine
     from sae.data.features import open_run
 
@@ -74,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         null=cfg.null,
         seed=cfg.seed,
         progress=cfg.progress,
+        allow_different_data=cfg.allow_different_data,
     )
     if cfg.plot:
         plot_matrix(result, cfg.plot, **({"vmin": None, "vmax": None} if cfg.plot_autoscale else {}))
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.json and len(set(result.codes.values())) > 1:
         print(codes_warning(result.codes), file=sys.stderr)
     if cfg.save:
-        print(saved_message(*save_wmppc(result, source)), file=sys.stderr)
+        print(save_and_say(save_wmppc, result, source), file=sys.stderr)
     return 0
 
 

@@ -157,3 +157,61 @@ def test_a_second_command_on_a_busy_run_is_refused(clip, tmp_path):
         message = _one_line_error(train_image.main, _args(clip, tmp_path, "r", "--overwrite"))
         assert "being written by another process" in message
         assert _tree(tmp_path / "features") == before
+
+
+# ------------------------------------------------------------------------------ different data, same row ids
+
+
+def _run_on(root: Path, name: str, x: np.ndarray, fingerprint: str) -> None:
+    from sae.data.features import SparseCodes, write_layer, write_run_info
+
+    write_layer(root / name, 3, SparseCodes.from_dense(x))
+    dataset = {"name": "shapes", "split": "train", "fingerprint": fingerprint}
+    info = {"name": name, "n_rows": len(x), "layers": [3], "row_ids": list(range(len(x))), "dataset": dataset}
+    write_run_info(root / name, info)
+
+
+@pytest.fixture
+def other_data(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 1.0, (60, 8)).astype(np.float32) * (rng.random((60, 8)) < 0.3)
+    _run_on(tmp_path, "A", x, "f-one")
+    _run_on(tmp_path, "A2", x[::-1].copy(), "f-one")
+    _run_on(tmp_path, "B", x, "f-two")
+    return tmp_path
+
+
+def test_runs_of_different_data_are_refused_unless_allowed(other_data, capsys):
+    """Row ids 0..N-1 on both sides, datasets differ: every comparison refuses with one line; with
+    --allow_different_data it runs and the result says so."""
+    import analyze
+    import comp_sharedness
+    import wmppc
+
+    common = ["--features_dir", str(other_data), "--no-progress"]
+    calls = [
+        (wmppc.main, ["--source", "A", "--target", "B", "--device", "cpu", "--no-save", *common]),
+        (comp_sharedness.main, ["--source", "A", "--min_group", "A2", "--max_group", "B", "--no-save", *common]),
+        (analyze.main, ["overlap", "--run_a", "A", "--run_b", "B", "--k", "3", *common]),
+    ]
+    for main, argv in calls:
+        message = _one_line_error(main, argv)
+        assert "recorded on different data" in message and "f-one" in message and "f-two" in message
+        assert "--allow_different_data" in message
+        assert main([*argv, "--allow_different_data"]) == 0
+        assert "WARNING --allow_different_data: runs 'A'" in capsys.readouterr().out
+        assert main([*argv, "--allow_different_data", "--json"]) == 0
+        assert "f-two" in json.loads(capsys.readouterr().out)["allow_different_data"]
+    assert wmppc.main(["--source", "A", "--target", "A2", "--device", "cpu", "--no-save", *common]) == 0
+
+
+def test_an_unwritable_comparisons_folder_is_a_warning_after_the_result(other_data, capsys):
+    import wmppc
+
+    (other_data / "A" / "comparisons").write_text("a file where the folder goes")  # as root, chmod would not stop it
+    argv = ["--source", "A", "--target", "A2", "--features_dir", str(other_data), "--no-progress", "--device", "cpu"]
+    assert wmppc.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "All Layers :" in out
+    assert err.strip().splitlines()[-1].startswith("warning: comparison results not saved:")
+    assert "Traceback" not in err

@@ -27,7 +27,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +79,37 @@ def _progress(total: int, desc: str, enabled: bool):
 # Loading and checking layers
 
 
-def check_same_rows(runs: Sequence[FeatureRun]) -> None:
-    """InputError unless the runs declare (in run.json) the same number of rows and the same row ids in the
-    same order; checked before any layer is read."""
+def _data_of(run: FeatureRun) -> tuple[str, str, str] | None:
+    """(dataset name, split, fingerprint) from run.json; None when the run does not record it."""
+    ds = run.info.get("dataset")
+    if not isinstance(ds, dict) or not ds.get("fingerprint"):
+        return None
+    return str(ds.get("name")), str(ds.get("split")), str(ds["fingerprint"])
+
+
+def check_same_data(runs: Sequence[FeatureRun], allow_different_data: bool = False) -> str | None:
+    """InputError when two runs record (in run.json) different datasets (name, split or fingerprint:
+    equal row ids 0..N-1 do not make the same rows); with `allow_different_data` the difference is
+    returned as one line for the result instead. None when the data agree (or are not recorded)."""
+    known = [(run, d) for run in runs if (d := _data_of(run)) is not None]
+    for run, d in known[1:]:
+        ref, d_ref = known[0]
+        if d[2] != d_ref[2] or d[1] != d_ref[1]:
+            what = (
+                f"runs '{ref.name}' ({d_ref[0]}, split {d_ref[1]}, fingerprint {d_ref[2]}) and '{run.name}' "
+                f"({d[0]}, split {d[1]}, fingerprint {d[2]}) were recorded on different data"
+            )
+            if not allow_different_data:
+                raise InputError(f"{what}; compare runs of the same data, or pass --allow_different_data")
+            return what
+    return None
+
+
+def check_same_rows(runs: Sequence[FeatureRun], allow_different_data: bool = False) -> str | None:
+    """InputError unless the runs declare (in run.json) the same data (`check_same_data`), the same number
+    of rows and the same row ids in the same order; checked before any layer is read. Returns
+    `check_same_data`'s line when different data are allowed."""
+    different = check_same_data(runs, allow_different_data)
     declared = [(run, _declared_rows(run)) for run in runs]
     declared = [(run, n) for run, n in declared if n is not None]
     for run, n in declared[1:]:
@@ -105,6 +133,7 @@ def check_same_rows(runs: Sequence[FeatureRun]) -> None:
                 f"runs '{ref.name}' and '{run.name}' hold different rows: row_ids "
                 f"differ first at row {diff[0]} ({a[diff[0]]} vs {b[diff[0]]})"
             )
+    return different
 
 
 class LayerLoader:
@@ -251,6 +280,7 @@ class WMPPCResult:
     # the best match over every target layer of each source feature ([L_A] of [d_a]; rho: rho_all_layers)
     best_feature: list[np.ndarray] = field(default_factory=list, repr=False)  # target feature, -1 for dead
     best_layer: list[np.ndarray] = field(default_factory=list, repr=False)  # target layer holding it
+    different_data: str | None = None  # set when compared with --allow_different_data
 
     @property
     def all_layers(self) -> float:
@@ -290,6 +320,8 @@ class WMPPCResult:
         }
         if self.null is not None:
             out["null"] = self.null.to_json()
+        if self.different_data:
+            out["allow_different_data"] = self.different_data
         return out
 
 
@@ -305,6 +337,7 @@ def wmppc(
     seed: int = 0,
     progress: bool = False,
     loader: LayerLoader | None = None,
+    allow_different_data: bool = False,
 ) -> WMPPCResult:
     """wMPPC(source -> target) over the chosen layers (all by default), plus a row-permutation null.
 
@@ -316,7 +349,7 @@ def wmppc(
         raise InputError(f"--null must be >= 0, not {null}")
     engine = engine or make_engine()
     loader = loader or LayerLoader(engine)
-    check_same_rows([source, target])
+    different = check_same_rows([source, target], allow_different_data)
     src_layers = _select_layers(source, source_layers)
     tgt_layers = _select_layers(target, target_layers)
     perms: list[np.ndarray] = []
@@ -382,6 +415,7 @@ def wmppc(
         rho_all_layers=rho_all,
         best_feature=feat_all,
         best_layer=layer_all,
+        different_data=different,
     )
     if null:
         result.null = NullBaseline(
@@ -410,6 +444,8 @@ def format_wmppc(result: WMPPCResult) -> str:
         + (" (correlations scaled by (N-1)/N as in the original)" if result.original_scaling else "")
     )
     lines += codes_lines(result.codes)
+    if result.different_data:
+        lines.append(f"WARNING --allow_different_data: {result.different_data}")
     lines.append("")
     lines.append(f"wMPPC per layer pair (rows: {result.source} layers, columns: {result.target} layers)")
     width = 8
@@ -508,6 +544,15 @@ def save_wmppc(result: WMPPCResult, source: FeatureRun) -> tuple[list[Path], str
     return [*paths, full], ""
 
 
+def save_and_say(save: Callable[[Any, FeatureRun], tuple[list[Path], str]], result: Any, source: FeatureRun) -> str:
+    """`saved_message` of `save(result, source)`; a folder that cannot be written (read-only, full) is a
+    warning line, printed after the result, not an error."""
+    try:
+        return saved_message(*save(result, source))
+    except OSError as e:
+        return f"warning: comparison results not saved: {e.filename or source.path}: {e.strerror or e}"
+
+
 def saved_message(paths: Sequence[Path], why: str) -> str:
     """One line: where comparison results were saved, or why not."""
     if not paths:
@@ -549,6 +594,7 @@ class SharednessResult:
     dead_features: int
     original_scaling: bool = False
     codes: dict[str, str] = field(default_factory=dict)  # run name -> record_codes
+    different_data: str | None = None  # set when compared with --allow_different_data
 
     def feature_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -583,6 +629,7 @@ class SharednessResult:
             "dead_features": self.dead_features,
             "original_scaling": self.original_scaling,
             "record_codes": self.codes,
+            **({"allow_different_data": self.different_data} if self.different_data else {}),
             "features": self.feature_rows(),
         }
 
@@ -616,6 +663,7 @@ def comparative_sharedness(
     original_scaling: bool = False,
     progress: bool = False,
     loader: LayerLoader | None = None,
+    allow_different_data: bool = False,
 ) -> SharednessResult:
     """Generalized comparative sharedness of the source's features (deepest layer by default).
 
@@ -638,7 +686,7 @@ def comparative_sharedness(
     engine = engine or make_engine()
     loader = loader or LayerLoader(engine)
     runs = {r.name: r for r in [*min_group, *max_group]}
-    check_same_rows([source, *runs.values()])
+    different = check_same_rows([source, *runs.values()], allow_different_data)
     src_layer = _select_layers(source, [layer])[0] if layer is not None else source.layers[-1]
     plan = {name: _compared_layers(run, spec) for name, run in runs.items()}
     bar = _progress(sum(len(v) for v in plan.values()), f"sharedness {source.name}", progress)
@@ -679,6 +727,7 @@ def comparative_sharedness(
         dead_features=src.stats.n_dead,
         original_scaling=original_scaling,
         codes=codes_of([source, *runs.values()]),
+        different_data=different,
     )
 
 
@@ -724,6 +773,8 @@ def format_sharedness(result: SharednessResult) -> str:
         + ", ".join(f"{run}:{m.layers if len(m.layers) > 1 else m.layers[0]}" for run, m in result.matches.items())
     )
     head += "\n" + "\n".join(codes_lines(result.codes))
+    if result.different_data:
+        head += f"\nWARNING --allow_different_data: {result.different_data}"
     cols = _table_columns(result)
     rows = _table_rows(result)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]

@@ -398,15 +398,18 @@ def load_layer(run: FeatureRun, layer: int | None) -> tuple[int, SparseCodes]:
     return chosen, run.load(chosen)
 
 
-def check_same_rows(run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int) -> None:
+def check_same_rows(
+    run_a: FeatureRun, run_b: FeatureRun, n_a: int, n_b: int, allow_different_data: bool = False
+) -> str | None:
     """InputError unless both runs cover the same rows in the same order: n_a, n_b the rows of the layers
-    read, then what run.json declares (`sae.analysis.compare.check_same_rows`)."""
+    read, then what run.json declares (`sae.analysis.compare.check_same_rows`, whose line on different
+    data, allowed, it returns)."""
     if n_a != n_b:
         raise InputError(
             f"run '{run_a.name}' has {n_a} rows, run '{run_b.name}' {n_b}: top-k overlap "
             "needs features recorded on the same rows"
         )
-    check_declared_rows([run_a, run_b])
+    return check_declared_rows([run_a, run_b], allow_different_data)
 
 
 def format_overlap(js: dict[str, Any], top: int = 10) -> str:
@@ -425,6 +428,8 @@ def format_overlap(js: dict[str, Any], top: int = 10) -> str:
             f"+- {n['std_a_to_b']:.4f}, B->A {n['mean_best_overlap_b_to_a']:.4f} +- {n['std_b_to_a']:.4f}; "
             f"per-feature p95 {n['p95']:.3f}, p99 {n['p99']:.3f}"
         )
+    if js.get("allow_different_data"):
+        lines.append(f"WARNING --allow_different_data: {js['allow_different_data']}")
     for name, p in js["pairings"].items():
         extra = f", {p['n_above_null_p99']} above the null's p99" if "n_above_null_p99" in p else ""
         lines.append(f"{name}: {p['n_pairs']} pairs, mean overlap {p['mean_overlap']:.4f}{extra}")
