@@ -251,9 +251,10 @@ def cmd_stability(a: StabilityArgs) -> int:
         )
     stats = None
     if a.activations:
-        from sae.nn.sources import load_npy
+        from sae.nn.sources import check_finite_rows, load_npy
 
         x = load_npy(a.activations, "activation")
+        check_finite_rows(x, str(a.activations))
         stats = code_stats(iter_codes(sae_a, x, batch_size=a.batch_size, device=a.device, progress=a.progress))
     elif a.run:
         from sae.analysis.overlap import load_layer

@@ -506,7 +506,7 @@ def test_errors(tmp_path):
         wmppc(run("A"), run("orig_short"), engine=eng)
     with pytest.raises(InputError, match=r"different rows: row_ids differ first at row 0"):
         wmppc(run("A"), run("shuffled"), engine=eng)
-    with pytest.raises(InputError, match=r"run 'nan' layer 0 holds 1 non-finite"):
+    with pytest.raises(InputError, match=r"nan/layer00: values.npy holds 1 non-finite"):
         wmppc(run("A"), run("nan"), engine=eng)
     with pytest.raises(InputError, match=r"run 'orig_inf' layer -1 holds 1 non-finite"):
         wmppc(run("orig_inf"), run("A"), engine=eng)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from sae.analysis.stability import encode_codes
 from sae.data.features import SparseCodes
+from sae.nn.sources import check_finite_rows
 from sae.util.errors import InputError
 
 Codes = np.ndarray | torch.Tensor | SparseCodes | scipy.sparse.spmatrix
@@ -367,6 +368,7 @@ def check_embeddings(img: np.ndarray, txt: np.ndarray, paired: bool = True) -> N
             raise InputError(f"{name} embeddings must be floats, got dtype {a.dtype}")
         if a.shape[0] == 0:
             raise InputError(f"{name} embeddings have no rows")
+        check_finite_rows(a, f"{name} embeddings")
     if img.shape[1] != txt.shape[1]:
         raise InputError(
             f"image embeddings have width {img.shape[1]}, text embeddings {txt.shape[1]}: "

@@ -45,6 +45,7 @@ from sae.analysis.correlation import (
 )
 from sae.data.features import FORMAT, RECORD_CODES, FeatureRun, SparseCodes
 from sae.util.errors import InputError
+from sae.util.readers import reading
 
 
 def codes_of(runs: Sequence[FeatureRun]) -> dict[str, str]:
@@ -184,10 +185,11 @@ def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
     path = run.layer_path(layer)
     import torch
 
-    try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # saved without the zip format: cannot be memory-mapped
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "tensor file"):
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # saved without the zip format: cannot be memory-mapped
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(tensor, torch.Tensor) or tensor.is_sparse:
         return run.load(layer)
     if tensor.dim() != 2:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from sae.data.datasets import BadRow, Pairs
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
+from sae.util.readers import read_npy
 
 FORMAT = "share-concepts-embeddings-v1"
 VLMS = {
@@ -165,8 +166,13 @@ def open_embeddings(path: str | Path) -> Embeddings:
     meta = read_json(path / "meta.json")
     if meta.get("format") != FORMAT:
         raise InputError(f"{path}/meta.json: format {meta.get('format')!r}, expected {FORMAT}")
-    img, txt = np.load(path / "image.npy", mmap_mode="r"), np.load(path / "text.npy", mmap_mode="r")
-    ids = np.load(path / "row_ids.npy")
+    img, txt = read_npy(path / "image.npy"), read_npy(path / "text.npy")
+    ids = read_npy(path / "row_ids.npy", mmap=False)
+    if img.ndim != 2 or img.dtype.kind != "f" or txt.dtype.kind != "f" or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise InputError(
+            f"{path}: image.npy {img.dtype}{list(img.shape)}, text.npy {txt.dtype}{list(txt.shape)} and row_ids.npy "
+            f"{ids.dtype}{list(ids.shape)} are not float [N, d], float [N, d] and int [N]"
+        )
     if img.shape != txt.shape or img.shape[0] != len(ids):
         raise InputError(f"{path}: image {img.shape}, text {txt.shape} and {len(ids)} row ids do not agree")
     return Embeddings(path, img, txt, ids, meta)

@@ -353,6 +353,8 @@ def overlap_analysis(
             f"the runs have different numbers of rows ({codes_a.n_rows} vs {codes_b.n_rows}); "
             "top-k overlap needs the same rows in the same order"
         )
+    if not 1 <= k <= codes_a.n_rows:
+        raise InputError(f"--k must be between 1 and the number of rows, {codes_a.n_rows} (got {k})")
     min_rows = k if min_rows is None else min_rows
     if not 1 <= min_rows <= k:
         raise InputError(f"--min_rows must be between 1 and k = {k} (got {min_rows})")

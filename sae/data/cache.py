@@ -68,6 +68,7 @@ from sae.util.atomic import (
     write_json,
 )
 from sae.util.errors import InputError
+from sae.util.readers import read_npy
 
 FORMAT = "actcache-v2"
 TOKEN_CHOICES = ("pooled", "first", "last", "mean", "eot")  # the recorded position per row (encoders: TOKEN_HELP)
@@ -205,7 +206,7 @@ class ActivationCache:
     @property
     def row_ids(self) -> np.ndarray:
         """int64 [N]: the dataset row of each run row."""
-        return np.load(self.path / "row_ids.npy")
+        return read_npy(self.path / "row_ids.npy", mmap=False)
 
     def _layer_dir(self, layer: int) -> Path:
         if layer not in self.meta["layers"]:
@@ -217,19 +218,19 @@ class ActivationCache:
     def token_shards(self, layer: int) -> list[np.ndarray]:
         """[n_tok_s, d] arrays of the stored tokens of each shard (row-aligned across layers)."""
         d = self._layer_dir(layer)
-        return [np.load(d / f"tokens-{s:05d}.npy", mmap_mode="r") for s in range(len(self.meta["shard_rows"]))]
+        return [read_npy(d / f"tokens-{s:05d}.npy") for s in range(len(self.meta["shard_rows"]))]
 
     def pooled(self, layer: int) -> np.ndarray:
         """[N, d] vectors at the recorded position (meta['token'])."""
-        return np.load(self._layer_dir(layer) / "pooled.npy", mmap_mode="r")
+        return read_npy(self._layer_dir(layer) / "pooled.npy")
 
     def _token_file(self, name: str, layer: int | None) -> np.ndarray:
         self._layout(layer)  # checks the layer, or that there is one layout
         if self.meta["token_files"] == "per_layer":
             if layer is None:
                 layer = self.layers[0]
-            return np.load(self._layer_dir(layer) / f"{name}.npy", mmap_mode="r")
-        return np.load(self.path / f"{name}.npy", mmap_mode="r")
+            return read_npy(self._layer_dir(layer) / f"{name}.npy")
+        return read_npy(self.path / f"{name}.npy")
 
     def token_row(self, layer: int | None = None) -> np.ndarray:
         """int32 [n_tokens]: run row of each stored token of `layer` (index into row_ids)."""

@@ -40,6 +40,7 @@ import numpy as np
 
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
+from sae.util.readers import read_npy, reading
 
 RECORD_CODES = {
     "sae": "the SAE's inference codes (TopK / threshold / ReLU per architecture)",
@@ -218,6 +219,8 @@ class FeatureRun:
         if (path / "run.json").exists():
             self.format = FORMAT
             self.info = read_json(path / "run.json")
+            if not isinstance(self.info, dict):
+                raise InputError(f"{path / 'run.json'}: not a JSON object")
             for child in path.iterdir():
                 m = _LAYER_DIR.match(child.name)
                 if m and (child / "meta.json").exists():
@@ -261,14 +264,51 @@ class FeatureRun:
         path = self.layer_path(layer)
         if self.format == FORMAT:
             meta = read_json(path / "meta.json")
-            load = lambda n: np.load(path / f"{n}.npy", mmap_mode="r")  # noqa: E731
-            return SparseCodes(load("indptr"), load("indices"), load("values"), int(meta["d_sae"]))
+            if not isinstance(meta, dict) or not isinstance(meta.get("d_sae"), int) or meta["d_sae"] < 1:
+                raise InputError(f"{path / 'meta.json'}: no positive integer d_sae")
+            load = lambda n: read_npy(path / f"{n}.npy")  # noqa: E731
+            codes = SparseCodes(load("indptr"), load("indices"), load("values"), meta["d_sae"])
+            check_csr(codes, path)
+            return codes
         import torch
 
-        dense = torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, "tensor file"):
+            dense = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
+            raise InputError(f"{path}: holds {type(dense).__name__}, not a 2-D tensor [N, d_sae]")
         if dense.is_sparse:
             dense = dense.to_dense()
-        return SparseCodes.from_dense(dense.float().numpy())
+        codes = SparseCodes.from_dense(dense.float().numpy())
+        check_csr(codes, path)
+        return codes
+
+
+def check_csr(codes: SparseCodes, where: str | Path, chunk: int = 1 << 22) -> None:
+    """InputError naming `where` unless `codes` is a valid csr-v1 matrix: indptr int64 [n_rows + 1] from 0,
+    non-decreasing, ending at nnz = len(indices) = len(values); indices int32 in [0, d_sae); values
+    float32 and finite. Reads the arrays once, by chunks (memory maps stay small)."""
+    p, i, v = codes.indptr, codes.indices, codes.values
+    wrong = []
+    for name, arr, dtype in (("indptr", p, np.int64), ("indices", i, np.int32), ("values", v, np.float32)):
+        if arr.ndim != 1 or arr.dtype != dtype:
+            wrong.append(f"{name}.npy is {arr.dtype} {list(arr.shape)}, not 1-D {np.dtype(dtype).name}")
+    if wrong:
+        raise InputError(f"{where}: {'; '.join(wrong)}")
+    if len(p) < 1 or p[0] != 0 or p[-1] != len(i) or len(i) != len(v):
+        raise InputError(
+            f"{where}: bad CSR arrays (indptr[0] = {p[0] if len(p) else None}, indptr[-1] = "
+            f"{p[-1] if len(p) else None}, {len(i)} indices, {len(v)} values)"
+        )
+    for a in range(0, len(p), chunk):
+        if (np.diff(p[a : a + chunk + 1]) < 0).any():
+            raise InputError(f"{where}: bad CSR arrays (indptr decreases)")
+    for a in range(0, len(i), chunk):
+        ia, va = i[a : a + chunk], v[a : a + chunk]
+        if len(ia) and (ia.min() < 0 or ia.max() >= codes.d_sae):
+            raise InputError(f"{where}: bad CSR arrays (a latent index outside [0, {codes.d_sae}))")
+        if not np.isfinite(va).all():
+            count = sum(int((~np.isfinite(v[b : b + chunk])).sum()) for b in range(0, len(v), chunk))
+            raise InputError(f"{where}: values.npy holds {count} non-finite values (NaN or inf)")
 
 
 def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]:

@@ -31,6 +31,7 @@ from sae.nn.model import SparseAutoencoder
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
 from sae.util.provenance import provenance
+from sae.util.readers import reading
 
 FORMAT = "share-concepts-sae-v1"
 
@@ -72,14 +73,27 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
         return read_foreign(path, fmt, device)
     if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
         raise InputError(f"{path} is not an SAE checkpoint (needs cfg.json and sae.safetensors)")
-    cfg = SAEConfig.from_dict(read_json(path / "cfg.json"))
-    sae = SparseAutoencoder(cfg, device=device)
-    tensors = load_file(str(path / "sae.safetensors"), device=str(device))
+    raw = read_json(path / "cfg.json")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path / 'cfg.json'}: not a JSON object")
+    try:
+        cfg = SAEConfig.from_dict(raw)
+        cfg.validate()
+        sae = SparseAutoencoder(cfg, device=device)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path / 'cfg.json'}: not an SAE configuration ({e})") from None
+    weights = path / "sae.safetensors"
+    with reading(weights, "safetensors file"):
+        tensors = load_file(str(weights), device=str(device))
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(tensors[name])
-        if "threshold" in tensors:
-            sae.threshold.copy_(tensors["threshold"])
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(["threshold"] if "threshold" in tensors else [])):
+            own = getattr(sae, name)
+            if name not in tensors or tensors[name].shape != own.shape:
+                got = list(tensors[name].shape) if name in tensors else "missing"
+                raise InputError(f"{weights}: {name} is {got}, cfg.json needs {list(own.shape)}")
+            if not torch.isfinite(tensors[name]).all():
+                raise InputError(f"{weights}: {name} holds NaN or inf")
+            own.copy_(tensors[name])
     return sae
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sae.util.errors import InputError
+from sae.util.readers import read_npy
 
 
 def load_npy(path: str | Path, what: str = "activation") -> np.ndarray:
@@ -25,20 +26,25 @@ def load_npy(path: str | Path, what: str = "activation") -> np.ndarray:
     a directory, an .npz archive, another shape or dtype) is a one-line InputError naming it."""
     if Path(path).is_dir():
         raise InputError(f"{path} is a directory, not a .npy file [rows, d_in]")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise InputError(f"{what} file not found: {path}") from None
-    except (ValueError, OSError) as e:
-        raise InputError(f"cannot read {path} as a .npy array: {e}") from None
-    if not isinstance(arr, np.ndarray):  # np.load opened an .npz archive
-        arr.close()
-        raise InputError(f"{path} is an .npz archive, not a .npy array [rows, d_in]")
+    if not Path(path).exists():
+        raise InputError(f"{what} file not found: {path}")
+    arr = read_npy(path)
     if arr.ndim != 2:
         raise InputError(f"{path} must hold a 2-D array [rows, d_in], got shape {arr.shape}")
     if arr.dtype.kind != "f":
         raise InputError(f"{path} must hold floats, got dtype {arr.dtype}")
     return arr
+
+
+def check_finite_rows(arr: np.ndarray, what: str, chunk_rows: int = 65536) -> None:
+    """InputError naming the first row of a float array [rows, d] (memory maps read by chunks) that holds
+    NaN or inf."""
+    for start in range(0, arr.shape[0], chunk_rows):
+        bad = ~np.isfinite(np.asarray(arr[start : start + chunk_rows])).reshape(
+            min(chunk_rows, arr.shape[0] - start), -1
+        )
+        if bad.any():
+            raise InputError(f"{what} row {start + int(np.argmax(bad.any(1)))} holds NaN or inf")
 
 
 class ActivationSource:

@@ -157,6 +157,8 @@ def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.devic
         mean_sq = float(x.double().pow(2).sum(1).mean())
         if mean_sq <= 0:
             raise InputError(f"activations '{spec.key}' are all zero")
+        if float((x - x[:1]).abs().max()) == 0:
+            raise InputError(f"activations '{spec.key}': every row is the same; an SAE has nothing to learn")
         spec.cfg.input_scale = math.sqrt(spec.cfg.d_in / mean_sq)
         sae = SparseAutoencoder(spec.cfg, device=device)
         spread = torch.linspace(0, len(x) - 1, min(4096, len(x))).round().long()  # x is in row order
@@ -196,6 +198,8 @@ def train_saes(
     out_dir.mkdir(parents=True, exist_ok=True)
     if len({s.name for s in specs}) != len(specs):
         raise InputError("two SAEs share an output name")
+    if source.n_rows < 2:
+        raise InputError(f"training needs at least 2 rows of activations, got {source.n_rows}")
     for spec in specs:
         if spec.key not in source.keys:
             raise InputError(f"no activations named '{spec.key}' (have {source.keys})")

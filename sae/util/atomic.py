@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from sae.util import readers
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,14 +63,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (numpy ones included) replaced by None (JSON null)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON, atomically."""
+    """Write `obj` as indented, strictly valid JSON (NaN and inf become null), atomically."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+read_json = readers.read_json  # one JSON reader: a bad file is a one-line InputError naming it
 
 
 # ------------------------------------------------------------------------------ leftovers of dead runs
