@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -215,3 +216,70 @@ def test_an_unwritable_comparisons_folder_is_a_warning_after_the_result(other_da
     assert "All Layers :" in out
     assert err.strip().splitlines()[-1].startswith("warning: comparison results not saved:")
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ full disks
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (skips the test where mounting is not allowed)."""
+    import shutil
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a small file system for a disk-full test")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"mounting a tmpfs is not allowed here ({proc.stderr.decode().strip()})")
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_memory_map_on_a_full_disk_is_a_one_line_error(tmp_path):
+    """The file behind a memory map is reserved before any write: a full disk is an error naming the
+    file and the space it needs, not a SIGBUS."""
+    from sae.util.disk import open_memmap
+
+    with small_tmpfs(tmp_path / "mnt", "64k"):
+        message = _one_line_error(open_memmap, tmp_path / "mnt" / "x.npy", "w+", np.float32, (1 << 18,))
+        assert str(tmp_path / "mnt" / "x.npy") in message and "needs 1 MiB" in message and "KiB free" in message
+
+
+def test_a_full_cache_disk_is_one_line_and_a_rerun_with_space_completes(clip, tmp_path):
+    cache = tmp_path / "cache"
+    with small_tmpfs(cache, "16k") as resize:
+        message = _one_line_error(train_image.main, _args(clip, tmp_path, "r", "--epochs", "1"))
+        assert "the activation cache needs about" in message and "KiB" in message and "0.0 GiB" not in message
+        resize("16m")
+        assert train_image.main(_args(clip, tmp_path, "r", "--epochs", "1")) == 0
+        assert (tmp_path / "features" / "r" / "run.json").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_says_so_and_a_rerun_resumes(tmp_path):
+    """The file-size limit (RLIMIT_FSIZE) stands in for a full disk where no tmpfs can be mounted."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32))
+    cmd = [sys.executable, "-m", "sae", "train", "--activations", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")]
+    cmd += ["--k", "2", "--expansion_factor", "2", "--epochs", "2", "--batch_size", "64", "--quiet"]
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": repo}
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "trainer_state.safetensors" in last and "could not write" in last
+    assert not list((tmp_path / "o").glob(".*tmp*"))  # no half-written temporary left behind
+    assert sae_main(cmd[3:]) == 0  # the rerun, with space (in-process: faster)
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["fvu"] is not None

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sae.data.datasets import BadRow, Pairs
 from sae.util.atomic import atomic_path, read_json, write_json
+from sae.util.disk import open_memmap
 from sae.util.errors import InputError
 from sae.util.readers import read_npy
 
@@ -223,8 +224,8 @@ def embed_pairs(
     skipped: list[dict[str, Any]] = []
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        img = np.lib.format.open_memmap(tmp / "image.npy", mode="w+", dtype=np.float32, shape=(n, d))
-        txt = np.lib.format.open_memmap(tmp / "text.npy", mode="w+", dtype=np.float32, shape=(n, d))
+        img = open_memmap(tmp / "image.npy", mode="w+", dtype=np.float32, shape=(n, d))
+        txt = open_memmap(tmp / "text.npy", mode="w+", dtype=np.float32, shape=(n, d))
         with tqdm(
             total=n,
             desc=f"embedding pairs ({image_adapter.model} + {text_adapter.model})",

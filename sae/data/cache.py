@@ -67,6 +67,7 @@ from sae.util.atomic import (
     remove_dead_temporaries,
     write_json,
 )
+from sae.util.disk import free_bytes, human_bytes, open_memmap
 from sae.util.errors import InputError
 from sae.util.readers import read_npy
 
@@ -472,9 +473,7 @@ class _Writer:
             ldir.mkdir(exist_ok=True)
             work = ldir / "pooled.work.npy"
             mode = "r+" if work.exists() and state["kept_done"] > 0 else "w+"
-            self.pooled[layer] = np.lib.format.open_memmap(
-                work, mode=mode, dtype=self.np_dtype, shape=(n_req, widths[layer])
-            )
+            self.pooled[layer] = open_memmap(work, mode=mode, dtype=self.np_dtype, shape=(n_req, widths[layer]))
 
     def set_partition(self, partition: list[list[int]]) -> None:
         if self.partition is None:
@@ -551,7 +550,7 @@ class _Writer:
 def _concat_npy(parts: list[Path], out: Path, dtype: Any) -> int:
     total = sum(np.load(p, mmap_mode="r").shape[0] for p in parts)
     with atomic_path(out) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+        arr = open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
         i = 0
         for p in parts:
             x = np.load(p, mmap_mode="r")
@@ -621,9 +620,8 @@ def _resumable(partial: Path, layers: list[int], state: dict[str, Any], n_req: i
 
 
 def _free_bytes(path: Path) -> int:
-    with contextlib.suppress(OSError):
-        return shutil.disk_usage(path).free
-    return 1 << 62
+    free = free_bytes(path)
+    return 1 << 62 if free is None else free
 
 
 def extract_activations(
@@ -829,13 +827,13 @@ def _build(
                 if show:
                     per = ", ".join(f"{layer}: ~{counts[layer]:.0f} x {widths[layer]}" for layer in layers)
                     tqdm.write(
-                        f"activation cache {partial.parent / key}: about {est / 2**30:.2f} GiB ({n_req} rows x "
-                        f"tokens x width per layer [{per}] x {itemsize} B), {free / 2**30:.1f} GiB free"
+                        f"activation cache {partial.parent / key}: about {human_bytes(est)} ({n_req} rows x "
+                        f"tokens x width per layer [{per}] x {itemsize} B), {human_bytes(free)} free"
                     )
                 if est > free:
                     raise InputError(
-                        f"the activation cache needs about {est / 2**30:.1f} GiB but {cfg.cache_dir} "
-                        f"has {free / 2**30:.1f} GiB free: use fewer --layers, --max_samples, "
+                        f"the activation cache needs about {human_bytes(est)} but {cfg.cache_dir} "
+                        f"has {human_bytes(free)} free: use fewer --layers, --max_samples, "
                         f"--cache_dtype float16/bfloat16 or another --cache_dir"
                     )
             writer.append(arrays, rows, pos, B)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -68,7 +69,8 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run `main(argv)` and exit: InputError -> 'error: ...' and status 2; Ctrl-C -> status 130."""
+    """Run `main(argv)` and exit: InputError -> 'error: ...' and status 2, as is a disk that is full or
+    read-only (errors naming the file); Ctrl-C -> status 130."""
     try:
         code = main(argv)
     except InputError as e:
@@ -77,4 +79,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        print(
+            f"error: {e.filename or 'a file'}: {e.strerror}; free some space (or choose a writable folder)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     sys.exit(code or 0)
