@@ -283,3 +283,77 @@ def test_a_checkpoint_that_cannot_be_written_says_so_and_a_rerun_resumes(tmp_pat
     assert not list((tmp_path / "o").glob(".*tmp*"))  # no half-written temporary left behind
     assert sae_main(cmd[3:]) == 0  # the rerun, with space (in-process: faster)
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["fvu"] is not None
+
+
+# ------------------------------------------------------------------------------ NaN, inf and degenerate inputs
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (np.zeros((0, 8), np.float32), "have no rows"),
+        (np.ones((1, 8), np.float32), "at least 2 rows"),
+        (np.tile(np.arange(8, dtype=np.float32), (50, 1)), "every row is the same"),
+        (np.zeros(0, np.float32), "2-D"),
+    ],
+)
+def test_training_on_degenerate_rows_is_one_line(tmp_path, rows, message):
+    np.save(tmp_path / "x.npy", rows)
+    argv = ["train", "--activations", str(tmp_path / "x.npy"), "--k", "2", "--expansion_factor", "2"]
+    assert message in _one_line_error(sae_main, [*argv, "--out", str(tmp_path / "o"), "--quiet"])
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_json_files_are_strict_json():
+    from sae.util.atomic import json_safe
+
+    assert json.dumps(json_safe({"fvu": float("nan"), "x": [1.0, float("inf")], "n": np.float64("nan")})) == (
+        '{"fvu": null, "x": [1.0, null], "n": null}'
+    )
+
+
+def _codes_run(root: Path, name: str, x: np.ndarray) -> None:
+    from sae.data.features import SparseCodes, write_layer, write_run_info
+
+    write_layer(root / name, 0, SparseCodes.from_dense(x))
+    write_run_info(root / name, {"name": name, "n_rows": len(x), "layers": [0], "row_ids": list(range(len(x)))})
+
+
+def test_nan_int64_values_and_a_too_large_k_are_one_line(tmp_path):
+    import analyze
+
+    rng = np.random.default_rng(1)
+    x = rng.gamma(2.0, 1.0, (30, 6)).astype(np.float32) * (rng.random((30, 6)) < 0.5)
+    for name in ("A", "NAN", "INT"):
+        _codes_run(tmp_path, name, x)
+    values = np.load(tmp_path / "NAN" / "layer00" / "values.npy")
+    values[3] = np.nan
+    np.save(tmp_path / "NAN" / "layer00" / "values.npy", values)
+    np.save(tmp_path / "INT" / "layer00" / "values.npy", np.nan_to_num(values).astype(np.int64))
+    base = ["overlap", "--run_a", "A", "--features_dir", str(tmp_path), "--no-progress", "--k", "3"]
+    assert "values.npy holds 1 non-finite" in _one_line_error(analyze.main, [*base, "--run_b", "NAN"])
+    assert "values.npy is int64" in _one_line_error(analyze.main, [*base, "--run_b", "INT"])
+    too_many = _one_line_error(analyze.main, [*base, "--run_b", "A", "--k", "31"])
+    assert "--k must be between 1 and the number of rows, 30" in too_many
+
+
+def test_nan_embeddings_and_activations_are_one_line(tmp_path):
+    import analyze
+    from sae.nn.checkpoint import save_sae
+    from sae.nn.config import SAEConfig
+    from sae.nn.model import SparseAutoencoder
+
+    save_sae(SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, k=2)), tmp_path / "sae")
+    x = np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32)
+    x[5, 1] = np.inf
+    np.save(tmp_path / "bad.npy", x)
+    np.save(tmp_path / "ok.npy", np.nan_to_num(x, posinf=1.0))
+    bridge = ["bridge", "--sae", str(tmp_path / "sae"), "--device", "cpu", "--no-progress"]
+    message = _one_line_error(
+        analyze.main,
+        [*bridge, "--image_embeddings", str(tmp_path / "ok.npy"), "--text_embeddings", str(tmp_path / "bad.npy")],
+    )
+    assert "text embeddings row 5 holds NaN or inf" in message
+    stab = ["stability", "--sae_a", str(tmp_path / "sae"), "--sae_b", str(tmp_path / "sae"), "--device", "cpu"]
+    message = _one_line_error(analyze.main, [*stab, "--activations", str(tmp_path / "bad.npy"), "--no-progress"])
+    assert "bad.npy row 5 holds NaN or inf" in message
