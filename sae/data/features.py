@@ -308,7 +308,8 @@ def check_csr(codes: SparseCodes, where: str | Path, chunk: int = 1 << 22) -> No
             raise InputError(f"{where}: bad CSR arrays (a latent index outside [0, {codes.d_sae}))")
         if not np.isfinite(va).all():
             count = sum(int((~np.isfinite(v[b : b + chunk])).sum()) for b in range(0, len(v), chunk))
-            raise InputError(f"{where}: values.npy holds {count} non-finite values (NaN or inf)")
+            what = "values.npy holds" if Path(where).is_dir() else "holds"
+            raise InputError(f"{where}: {what} {count} non-finite values (NaN or inf)")
 
 
 def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]:
