@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import numpy as np
 import torch
@@ -467,7 +467,7 @@ class _Writer:
         self.rows_in_shard = 0
         self.rows: list[list[np.ndarray]] = []
         self.pos: list[list[np.ndarray]] = []
-        self.pooled: dict[int, np.ndarray] = {}
+        self.pooled: dict[int, np.memmap] = {}
         for layer in layers:
             ldir = root / layer_dir_name(layer)
             ldir.mkdir(exist_ok=True)
@@ -488,6 +488,7 @@ class _Writer:
 
     def append(self, arrays: dict[int, np.ndarray], rows: list[np.ndarray], pos: list[np.ndarray], n_rows: int) -> None:
         """Add the tokens of `n_rows` rows: arrays {layer: [n_tok_group, d]}, rows/pos per group."""
+        assert self.partition is not None, "set_partition comes before the first append"
         if self.files is None:
             self.files = {}
             for layer in self.layers:
@@ -496,7 +497,7 @@ class _Writer:
                 self.files[layer] = f
             self.rows, self.pos = [[] for _ in self.partition], [[] for _ in self.partition]
         for layer in self.layers:
-            self.files[layer].write(memoryview(np.ascontiguousarray(arrays[layer])).cast("B"))
+            self.files[layer].write(np.ascontiguousarray(arrays[layer]).data.cast("B"))
             self.fill[layer] += len(arrays[layer])
         for g in range(len(self.partition)):
             self.rows[g].append(rows[g])
@@ -508,6 +509,7 @@ class _Writer:
 
     def close_shard(self) -> None:
         """Publish the current shard: token files under their final names, then row/position files."""
+        assert self.files is not None and self.partition is not None, "a shard is closed after an append"
         for layer in self.layers:
             f, part = self.files[layer], self._part(layer)
             final = self.root / layer_dir_name(layer) / f"tokens-{self.shard:05d}.npy"
@@ -655,7 +657,7 @@ def extract_activations(
         raise InputError(f"--token {token!r} is not one of {', '.join(TOKEN_CHOICES)}")
     if token == "eot" and spec.modality != "text":
         raise InputError(f"--token eot applies to text models, not to {spec.model}")
-    layers = spec.info().resolve_layers(layers)
+    layers = list(spec.info().resolve_layers(layers))
     material = cache_material(spec, pairs, layers, cfg.cache_dtype, token, skip_bad)
     found = find_cache(cfg.cache_dir, material)
     if found is not None:
@@ -699,7 +701,7 @@ def _build(
     shard_tokens: int | None,
     show: bool,
 ) -> None:
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from sae.util.provenance import provenance
 
@@ -772,7 +774,7 @@ def _build(
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(
-        pairs.torch_dataset(modality, start),
+        cast(Dataset, pairs.torch_dataset(modality, start)),  # a map-style dataset (__len__, __getitem__)
         batch_size=cfg.extract_batch_size,
         shuffle=False,
         num_workers=workers,
@@ -885,6 +887,7 @@ def _finish(
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(writer.pooled[layer][:K]))
     writer.pooled.clear()
+    assert writer.partition is not None, "kept rows imply a batch, which set the partition"
     per_layer = len(writer.partition) > 1
     layouts = []
     for g, group in enumerate(writer.partition):

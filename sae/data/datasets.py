@@ -96,13 +96,13 @@ class Pairs:
     dataset: Any  # datasets.Dataset (the whole split)
     fingerprint: str
     max_samples: int | None = None
-    _texts: list[str] | None = field(default=None, repr=False)
+    _texts: list[str | None] | None = field(default=None, repr=False)
     _raw_images: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
-    def texts(self) -> list[str]:
+    def texts(self) -> list[str | None]:
         """All captions in row order (None is kept as None: a bad row)."""
         if self._texts is None:
             col = self.dataset.select_columns([self.text_column]).select(self.row_ids.tolist())
@@ -156,7 +156,7 @@ class Pairs:
             "column": self.image_column if modality == "image" else self.text_column,
             "n_rows": len(self.row_ids),
             "max_samples": self.max_samples,
-            "row_ids_sha": hashlib.sha256(np.ascontiguousarray(self.row_ids, dtype=np.int64)).hexdigest()[:16],
+            "row_ids_sha": hashlib.sha256(np.ascontiguousarray(self.row_ids, dtype=np.int64).data).hexdigest()[:16],
         }
 
     def describe(self) -> dict[str, Any]:
@@ -238,7 +238,7 @@ def _load_split(source: str, split: str) -> tuple[Any, str, str]:
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise InputError(f"{path} has no split '{split}' (splits: {', '.join(ds)})")
+                        raise InputError(f"{path} has no split '{split}' (splits: {', '.join(map(str, ds))})")
                     ds = ds[split]
             else:
                 ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
@@ -129,7 +130,7 @@ class SparseCodes:
         return SparseCodes(self.indptr[start : stop + 1] - a, self.indices[a:b], self.values[a:b], self.d_sae)
 
 
-def _write_npy_header(f: BinaryIO, dtype: np.dtype, n: int) -> None:
+def _write_npy_header(f: BinaryIO, dtype: npt.DTypeLike, n: int) -> None:
     np.lib.format.write_array_header_1_0(
         f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
     )

@@ -88,7 +88,7 @@ class SAEConfig:
         """Check the sizes once d_in and d_sae are known."""
         if self.d_in <= 0 or self.d_sae <= 0:
             raise InputError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
-        if self.architecture != "relu" and not 0 < self.k < self.d_sae:
+        if self.architecture != "relu" and not 0 < self.active_k < self.d_sae:
             raise InputError(f"--k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae})")
         if self.architecture.startswith("msae") and self.k_levels is not None:
             levels = self.k_levels
@@ -104,11 +104,17 @@ class SAEConfig:
         """msae_*: nested k values, ascending, ending at d_sae."""
         if self.k_levels is not None:
             return list(self.k_levels)
-        out, k = [], int(self.k)
+        out, k = [], self.active_k
         while k < self.d_sae:
             out.append(k)
             k *= 2
         return out + [self.d_sae]
+
+    @property
+    def active_k(self) -> int:
+        """`k` once `__post_init__` has filled its default (never None on a constructed config)."""
+        assert self.k is not None, "SAEConfig.__post_init__ sets k"
+        return self.k
 
     @property
     def prefix_sizes(self) -> list[int]:

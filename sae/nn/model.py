@@ -207,7 +207,7 @@ class SparseAutoencoder(nn.Module):
             return pre.clamp_min(0)
         if arch in ("batchtopk", "jumprelu") and k is None:
             return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
-        top = pre.topk(k or self.cfg.k, dim=1)
+        top = pre.topk(k or self.cfg.active_k, dim=1)
         return torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp_min(0))
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -250,7 +250,7 @@ class SparseAutoencoder(nn.Module):
         `sparse_decode`)."""
         n_dead = int(dead.sum()) if dead is not None else 0
         k_aux = min(self.cfg.aux_k, n_dead)
-        if k_aux == 0:
+        if k_aux == 0 or dead is None:
             return xs.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
         with torch.no_grad():
@@ -278,7 +278,7 @@ class SparseAutoencoder(nn.Module):
         xc = xs - self.b_dec
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            idx = pre.topk(self.cfg.k, dim=1, sorted=False).indices  # [n, k]
+            idx = pre.topk(self.cfg.active_k, dim=1, sorted=False).indices  # [n, k]
         n, k = idx.shape
         rows = torch.arange(n, device=xs.device).repeat_interleave(k)
         vals = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, idx.flatten()).clamp_min(0).view(n, k)
@@ -309,7 +309,7 @@ class SparseAutoencoder(nn.Module):
         n = xs.shape[0]
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            rows, cols = batch_topk_entries(pre, self.cfg.k * n, start=2 * self.cfg.k)  # row-major
+            rows, cols = batch_topk_entries(pre, self.cfg.active_k * n, start=2 * self.cfg.active_k)  # row-major
         n_kept = rows.numel()
         vals = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, cols).clamp_min(0)
         counts = torch.bincount(rows, minlength=n)
@@ -349,7 +349,7 @@ class SparseAutoencoder(nn.Module):
             losses.append((x_full - xs).pow(2).mean())
         w = torch.tensor(weights, device=xs.device)
         loss = (torch.stack(losses) * w).sum() / w.sum()
-        k = self.cfg.k
+        k = self.cfg.active_k
         with torch.no_grad():
             top_k = pre.topk(k, dim=1, sorted=False)
             vals_k = top_k.values.clamp_min(0)

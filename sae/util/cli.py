@@ -16,11 +16,14 @@ import errno
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sae.util.errors import InputError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -34,7 +37,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def add_dataclass_args(parser: argparse._ActionsContainer, cls: type, skip: Sequence[str] = ()) -> None:
     """Add one `--field` flag per dataclass field of `cls` (help from the field's metadata)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
