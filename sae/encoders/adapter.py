@@ -161,7 +161,7 @@ class Adapter:
     n_blocks: int
     d_model: int
     module: nn.Module
-    blocks: Sequence[nn.Module]
+    blocks: nn.ModuleList | Sequence[nn.Module]
     preprocess: Callable[[list], dict[str, Tensor]]
     run: Callable[[nn.Module, dict[str, Tensor]], Any]
     real_mask: Callable[[dict[str, Tensor], int], Tensor]

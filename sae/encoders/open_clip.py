@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,8 @@ def open_clip_info(modality: str) -> Callable[[str, str | None], ModelInfo]:
     return info
 
 
-def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> tuple[nn.Module, Callable]:
+def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> tuple[Any, Callable]:
+    """(open_clip CLIP or CustomTextCLIP, its image transform); open_clip leaves the return untyped."""
     import open_clip
 
     oc = open_clip_name(name)
@@ -76,7 +77,9 @@ def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> 
     previous = logging.root.manager.disable
     logging.disable(logging.ERROR)  # open_clip logs the failure before raising it; we report it once
     try:
-        model, preprocess = open_clip.create_model_from_pretrained(oc, pretrained=tag, device="cpu")
+        model, preprocess = cast(
+            "tuple[Any, Callable]", open_clip.create_model_from_pretrained(oc, pretrained=tag, device="cpu")
+        )
     except Exception as e:
         what = f"open_clip model '{name}'" + (f" with pretrained='{tag}'" if tag else "")
         raise InputError(
@@ -103,7 +106,7 @@ def _spatial_tokens(h: Tensor) -> Tensor:
     return h
 
 
-def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[Sequence[nn.Module], bool, int, str]:
+def _open_clip_vision_tower(visual: nn.Module, name: str) -> tuple[nn.ModuleList | Sequence[nn.Module], bool, int, str]:
     """(blocks, seq_first, n_prefix, pooled_rule) of an open_clip image tower.
 
     ViT: the residual blocks, CLS first. CLIP ResNet (ModifiedResNet): [layer1..layer4, attnpool], no
@@ -167,8 +170,9 @@ def load_clip_vision(name: str, pretrained: str | None, device: torch.device) ->
     )
 
 
-def _run_clip_text(module: nn.Module, batch: dict[str, Tensor]) -> Any:
-    """open_clip encode_text, unnormalised: final norm, EOT pooling and text projection."""
+def _run_clip_text(module: Any, batch: dict[str, Tensor]) -> Any:
+    """open_clip encode_text (`module`: an open_clip CLIP or CustomTextCLIP), unnormalised: final norm, EOT
+    pooling and text projection."""
     return module.encode_text(batch["input_ids"])
 
 

@@ -167,6 +167,12 @@ class ModelSpec:
             object.__setattr__(self, "name", FAMILIES[self.model].default_name)
 
     @property
+    def resolved_name(self) -> str:
+        """`name` once `__post_init__` has filled the family default (never None on a constructed spec)."""
+        assert self.name is not None, "ModelSpec.__post_init__ sets name"
+        return self.name
+
+    @property
     def family(self) -> Family:
         return FAMILIES[self.model]
 
@@ -180,16 +186,16 @@ class ModelSpec:
 
     def load(self, device: str | torch.device | None = "auto") -> Adapter:
         """Load the weights (one-line InputError when they are not available) onto `device`."""
-        return self.family.load(self.name, self.pretrained, resolve_device(device))
+        return self.family.load(self.resolved_name, self.pretrained, resolve_device(device))
 
     def identity(self) -> dict[str, Any]:
         """What the activations depend on, for cache keys."""
         ident: dict[str, Any] = {"model": self.model, "name": self.name, "preprocess": self.family.preprocess_id}
         if self.family.name_flag == "clip_model_name":
-            ident["pretrained"] = open_clip_pretrained(self.name, self.pretrained)
-        local = local_fingerprint(hf_name(self.name))
+            ident["pretrained"] = open_clip_pretrained(self.resolved_name, self.pretrained)
+        local = local_fingerprint(hf_name(self.resolved_name))
         if local:
-            ident["name"] = os.path.abspath(self.name)
+            ident["name"] = os.path.abspath(self.resolved_name)
             ident["local_files"] = local
         return ident
 

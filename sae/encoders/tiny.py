@@ -103,7 +103,7 @@ def build_vit(root: Path) -> Path:
         num_hidden_layers=3,
         num_attention_heads=2,
         intermediate_size=48,
-        num_labels=3,
+        num_labels=3,  # pyright: ignore[reportCallIssue]  # a PreTrainedConfig kwarg the strict config stubs omit
     )
     d = root / "tiny-vit"
     torch.manual_seed(0)
