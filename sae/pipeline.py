@@ -42,6 +42,7 @@ from sae.data.cache import CacheConfig, extract_activations
 from sae.data.datasets import DataConfig, pairs_from_config
 from sae.data.features import FORMAT, RECORD_CODES, LayerWriter, SparseCodes, layer_dir_name, write_run_info
 from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
+from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource
 from sae.nn.trainer import SAESpec, train_saes
 from sae.util.atomic import read_json, remove_dead_temporaries, write_json
@@ -91,7 +92,7 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_codes(sae: Any, x: torch.Tensor, codes: str = "sae") -> torch.Tensor:
+def record_codes(sae: SparseAutoencoder, x: torch.Tensor, codes: str = "sae") -> torch.Tensor:
     """x [n, d_in] -> recorded features [n, d_sae]: the inference codes (`sae`) or relu(pre) (`ungated`)."""
     if codes == "ungated":
         return sae.pre_acts(x).clamp_min(0)
@@ -99,7 +100,7 @@ def record_codes(sae: Any, x: torch.Tensor, codes: str = "sae") -> torch.Tensor:
 
 
 def _record(
-    sae: Any,
+    sae: SparseAutoencoder,
     pooled: np.ndarray,
     run_dir: Path,
     layer: int,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse
@@ -45,6 +45,9 @@ from sae.analysis.stability import encode_codes
 from sae.data.features import SparseCodes
 from sae.nn.sources import check_finite_rows
 from sae.util.errors import InputError
+
+if TYPE_CHECKING:
+    from sae.nn.model import SparseAutoencoder
 
 Codes = np.ndarray | torch.Tensor | SparseCodes | scipy.sparse.spmatrix
 DEAD_ENERGY = 1e-9
@@ -60,7 +63,7 @@ def as_csr(z: Codes) -> scipy.sparse.csr_matrix:
     if isinstance(z, torch.Tensor):
         z = z.detach().cpu().numpy()
     if scipy.sparse.issparse(z):
-        return scipy.sparse.csr_matrix(z, dtype=np.float64)
+        return scipy.sparse.csr_matrix(z, dtype=np.float64)  # pyright: ignore[reportCallIssue, reportArgumentType]  # scipy-stubs: spmatrix is a mixin, not the sparse base csr_matrix() takes
     z = np.asarray(z)
     if z.ndim != 2:
         raise InputError(f"codes must be 2-D [rows, concepts], got shape {z.shape}")
@@ -298,7 +301,7 @@ def bridge_summary(
         diag_vals[r0:r1] = B[rows - r0, rows]
         B[rows - r0, rows] = -np.inf  # off-diagonal lists only
         tops.add(B, r0)
-        if img_side is not None:
+        if img_side is not None and txt_side is not None:
             cross.add(B, r0, img_side[r0:r1, None] & txt_side[None, :])
 
     def pairs(t: _TopList) -> list[BridgePair]:
@@ -508,7 +511,7 @@ def analyze_codes(
 
 
 def analyze_joint(
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     img: np.ndarray,
     txt: np.ndarray,
     *,

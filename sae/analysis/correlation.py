@@ -295,6 +295,7 @@ class PreparedLayer:
         """float64 CSR [n_rows, d] of (x - center) / sqrt(css) (dead columns -> 0)."""
         if "csr" not in self.cache:
             if self.base is not None:
+                assert self.perm is not None, "permuted() gives a base together with a perm"
                 self.cache["csr"] = self.base.csr[self.perm]
             elif isinstance(self.data, SparseCodes):
                 self.cache["csr"] = self._csr_from_codes(self.data)

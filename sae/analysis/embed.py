@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -196,7 +196,7 @@ def embed_pairs(
     """Embed every (image, caption) row of `pairs` with both towers and write the folder `out`
     (module docstring). Rows with an unreadable image or caption stop the run (InputError), or with
     `skip_bad` are dropped from both files and listed in meta.json."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from sae.util.provenance import provenance
 
@@ -212,7 +212,7 @@ def embed_pairs(
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(
-        _PairRows(pairs),
+        cast(Dataset, _PairRows(pairs)),  # a map-style dataset (__len__, __getitem__)
         batch_size=batch_size,
         shuffle=False,
         num_workers=max(0, num_workers),

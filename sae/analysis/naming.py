@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from tqdm.auto import tqdm
 
 from sae.util.atomic import write_json
 from sae.util.errors import InputError
+
+if TYPE_CHECKING:
+    from sae.nn.model import SparseAutoencoder
 
 OFFSETS = ("none", "b_dec")
 # the repository's vocab/default.txt; an installed wheel carries it as sae/vocab/default.txt
@@ -79,7 +82,7 @@ def embed_vocab(
     return np.concatenate(parts)
 
 
-def feature_directions(sae: torch.nn.Module, offset: str = "none") -> np.ndarray:
+def feature_directions(sae: SparseAutoencoder, offset: str = "none") -> np.ndarray:
     """Each feature's direction in embedding space [d_sae, d_in] (see the module docstring)."""
     if offset not in OFFSETS:
         raise InputError(f"--offset must be one of {', '.join(OFFSETS)} (got {offset!r})")

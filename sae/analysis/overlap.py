@@ -153,7 +153,7 @@ def best_matches(O: scipy.sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
 
 
 def max_weight_matching(
-    O: scipy.sparse.spmatrix | np.ndarray, max_block: int = MAX_DENSE_BLOCK
+    O: scipy.sparse.csr_matrix | np.ndarray, max_block: int = MAX_DENSE_BLOCK
 ) -> tuple[np.ndarray, np.ndarray]:
     """The one-to-one matching of rows and columns of O [m, n] (entries >= 0) maximising the sum of
     the matched entries, as pairs with O > 0: (rows, cols), sorted by row. Exact (module docstring):
@@ -211,7 +211,7 @@ class Pairing:
         return [{"a": int(self.a[i]), "b": int(self.b[i]), "overlap": float(self.overlap[i])} for i in order]
 
 
-def restrict(O: scipy.sparse.spmatrix, live_a: np.ndarray, live_b: np.ndarray) -> scipy.sparse.csr_matrix:
+def restrict(O: scipy.sparse.csr_matrix, live_a: np.ndarray, live_b: np.ndarray) -> scipy.sparse.csr_matrix:
     """O with the rows of non-live A features and the columns of non-live B features emptied."""
     O = (scipy.sparse.diags(live_a.astype(float)) @ O @ scipy.sparse.diags(live_b.astype(float))).tocsr()
     O.eliminate_zeros()

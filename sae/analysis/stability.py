@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from tqdm.auto import tqdm
 from sae.data.features import SparseCodes
 from sae.util.device import resolve_device
 from sae.util.errors import InputError
+
+if TYPE_CHECKING:
+    from sae.nn.model import SparseAutoencoder
 
 # ------------------------------------------------------------------------------------------------
 # Matching
@@ -145,7 +148,7 @@ def code_stats(codes: SparseCodes | Iterable[SparseCodes], chunk: int = 1 << 23)
     n, sums, sq, count = 0, None, None, None
     for part in chunks:
         d = part.d_sae
-        if sums is None:
+        if sums is None or sq is None or count is None:
             sums, sq, count = np.zeros(d), np.zeros(d), np.zeros(d)
         elif len(sums) != d:
             raise InputError(f"code chunks of different widths: {len(sums)} vs {d}")
@@ -157,13 +160,13 @@ def code_stats(codes: SparseCodes | Iterable[SparseCodes], chunk: int = 1 << 23)
             sums += np.bincount(idx, val, minlength=d)
             sq += np.bincount(idx, val * val, minlength=d)
             count += np.bincount(idx, (val > 0).astype(np.float64), minlength=d)
-    if sums is None or n == 0:
+    if sums is None or sq is None or count is None or n == 0:
         raise InputError("no rows to compute feature statistics from")
     return CodeStats(n, sums / n, sq / n, count / n)
 
 
 def iter_codes(
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     x: np.ndarray | torch.Tensor,
     *,
     batch_size: int = 1024,
@@ -207,7 +210,7 @@ def concat_codes(chunks: Iterable[SparseCodes]) -> SparseCodes:
     )
 
 
-def encode_codes(sae: torch.nn.Module, x: np.ndarray | torch.Tensor, **kwargs: Any) -> SparseCodes:
+def encode_codes(sae: SparseAutoencoder, x: np.ndarray | torch.Tensor, **kwargs: Any) -> SparseCodes:
     """All codes of x [N, d_in] as one SparseCodes [N, d_sae] (see `iter_codes` for the options)."""
     return concat_codes(iter_codes(sae, x, **kwargs))
 
@@ -320,7 +323,7 @@ class StabilityResult:
         return arrays
 
 
-def dictionary_of(sae: torch.nn.Module, use: str = "decoder") -> np.ndarray:
+def dictionary_of(sae: SparseAutoencoder, use: str = "decoder") -> np.ndarray:
     """The feature directions of an SAE [d_sae, d_in]: decoder rows or encoder columns."""
     if use == "decoder":
         return sae.W_dec.detach().float().cpu().numpy()

@@ -193,7 +193,7 @@ class TrainConfig:
 _SAE_SKIP = ("architecture", "d_in", "d_sae", "input_scale", "seed")
 
 
-def add_sae_args(parser: argparse.ArgumentParser) -> None:
+def add_sae_args(parser: argparse._ActionsContainer) -> None:
     """The SAE and training flags shared by every training entry point."""
     parser.add_argument(
         "--sae",

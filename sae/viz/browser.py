@@ -475,7 +475,7 @@ def _feature_page(
     has_caps = p.captions is not None
     rows = "".join(
         f"<tr><td>{r + 1}</td><td>{rid}</td><td>{_num(a)}</td>"
-        + (f'<td class="t" style="white-space:normal">{_e(p.captions[r] or "")}</td>' if has_caps else "")
+        + (f'<td class="t" style="white-space:normal">{_e(p.captions[r] or "")}</td>' if p.captions is not None else "")
         + "</tr>"
         for r, (rid, a) in enumerate(zip(p.row_ids, p.acts))
     )

@@ -114,7 +114,7 @@ def sharedness_figure(result: SharednessResult, *, label_top: int = 8) -> Any:
         title=f"{int(live.sum())} features ({int((~live).sum())} dead not shown)",
     )
     fig.tight_layout()
-    _place_labels(fig, ax, [(int(i), s[i], delta[i]) for i in sel[:label_top]])
+    _place_labels(fig, ax, [(int(i), float(s[i]), float(delta[i])) for i in sel[:label_top]])
     return fig
 
 
