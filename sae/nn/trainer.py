@@ -43,22 +43,14 @@ from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource, epoch_batches
-<<<<<<< HEAD
 from sae.nn.trainlog import TrainLog, WandbLogger
-from sae.util.atomic import atomic_path, write_json
-from sae.util.device import resolve_device
-from sae.util.errors import InputError
-
-STATE_FILE = "trainer_state.pt"
-THRESHOLD_ROWS = 1 << 17  # training rows (at most one epoch) for BatchTopK's final threshold estimate
-=======
 from sae.util.atomic import write_json
 from sae.util.device import resolve_device
 from sae.util.errors import InputError
 
 STATE_FILE = "trainer_state.safetensors"
 OLD_STATE_FILE = "trainer_state.pt"  # pickled; never loaded
->>>>>>> 5178d4e (Trainer checkpoints without pickle (trainer_state.safetensors: tensors + JSON metadata; an old pickled trainer_state.pt is refused, never loaded); --runname is one plain folder name; only folders holding settings.json are deleted or cleaned, after validation; a lock on the run for the command's life; embeddings --overwrite deletes only embeddings; tests incl. a planted pickle payload)
+THRESHOLD_ROWS = 1 << 17  # training rows (at most one epoch) for BatchTopK's final threshold estimate
 
 
 class TrainingInterrupted(KeyboardInterrupt):
