@@ -23,7 +23,8 @@ import show
 from sae.analysis.comparison_files import COMPARISONS, MATCH_FORMAT, load_comparisons, save_best_matches
 from sae.analysis.naming import names_path, write_names
 from sae.data.features import open_run
-from sae.viz.browser import THUMB, match_text
+from sae.viz.browser import LINKS_FILE, THUMB, match_text
+from sae.viz.previews import grid_shape, make_grid
 from tests.test_show import D_SAE, N_DATASET, N_ROWS, TILE, WORDS, make_codes, make_dataset, write_run
 
 # ------------------------------------------------------------------------------------------------
@@ -82,8 +83,10 @@ def dom(path: Path) -> Node:
 
 
 def local_links(page: Path) -> list[str]:
+    """Links and sources of a page, less the other runs' links.js (loaded when there, skipped when not)."""
     d = dom(page)
-    return [n.attrs[a] for n in d.iter() for a in ("href", "src") if n.attrs.get(a)]
+    links = [n.attrs[a] for n in d.iter() for a in ("href", "src") if n.attrs.get(a)]
+    return [x for x in links if not x.endswith("/" + LINKS_FILE)]
 
 
 def has_class(node: Node, name: str) -> bool:
@@ -295,7 +298,7 @@ def test_index_dom(site):
     listed = details.all_text()
     assert "ignored notes.json" in listed and "ignored stray.json" in listed and "wmppc__txt.json" in listed
     assert "ignored wmppc__txt.json" not in listed and "ignored sharedness" not in listed
-    assert f"img.thumb{{width:{THUMB}px" in index.read_text() and THUMB >= 120
+    assert f"img.thumb{{max-width:{THUMB}px" in index.read_text() and THUMB >= 120
     assert d.find_all("img", id="zoom")
     for link in local_links(index):  # every link resolves to a file on disk
         assert (index.parent / unquote(link.split("#")[0])).is_file(), link
@@ -518,6 +521,65 @@ def test_click_sort_header_and_filter_in_headless_chromium(site, tmp_path):
         assert url.endswith("#sort=delta:desc&filter=Zebra")
         browser.open(index.resolve().as_uri() + "#sort=freq:asc&filter=zebra")
         assert browser.rows() == [(j, j in named) for j in sorted(shown, key=lambda j: (support[j], j))]
+    finally:
+        browser.close()
+
+
+def _reversed_site(site) -> Path:
+    """img's previews written before txt's: its matches into txt cannot be links at build time."""
+    prev = site["root"] / "previews_reversed"
+    if not (prev / "txt" / "index.html").exists():
+        base = ["--features_dir", str(site["feats"]), "--size", str(TILE), "--min_support", "10", "--html"]
+        assert show.main(["--run", "img", "--out", str(prev / "img"), *base, "--no-progress"]) == 0
+        assert not any(h.startswith("../txt/") for h in local_links(prev / "img" / "index.html"))
+        assert show.main(["--run", "txt", "--out", str(prev / "txt"), *base, "--no-progress"]) == 0
+    return prev
+
+
+def test_match_labels_wait_for_the_matched_run_in_the_page(site):
+    prev = _reversed_site(site)
+    spans = [n for n in dom(prev / "img" / "index.html").iter() if n.tag == "span" and has_class(n, "xm")]
+    assert spans and {n.attrs["data-run"] for n in spans} >= {"txt"}
+    listed = (prev / "txt" / LINKS_FILE).read_text()
+    assert listed.startswith('(window.SC_PAGES = window.SC_PAGES || {})["txt"] = {"layer": 7, "features": [')
+    scripts = [n.attrs.get("src") for n in dom(prev / "img" / "index.html").find_all("script")]
+    assert f"../txt/{LINKS_FILE}" in scripts
+    page = next((prev / "img" / "features").glob("f*.html"))
+    assert f"../../txt/{LINKS_FILE}" in [n.attrs.get("src") for n in dom(page).find_all("script")]
+
+
+def test_grids_are_sized_to_their_rows_with_bordered_labelled_tiles():
+    from PIL import Image
+
+    assert [grid_shape(n) for n in (1, 3, 4, 5, 7, 9)] == [(1, 1), (3, 1), (2, 2), (3, 2), (3, 3), (3, 3)]
+    tiles = [Image.new("RGB", (60, 60), (0, 200, 0)) for _ in range(4)]
+    g = make_grid(tiles, size=60, labels=["1.5", "2", "", "0.3"])
+    assert g.size == (120, 120)  # 4 rows: 2x2, no blank tiles
+    a = np.asarray(g).astype(int)
+    assert tuple(a[30, 0]) == (150, 150, 150) and tuple(a[0, 90]) == (150, 150, 150)  # thin border
+    assert tuple(a[30, 30]) == (0, 200, 0)
+    assert a[56, 2].sum() < 60 and a[116, 62].sum() < 60  # a dark label box in the bottom-left corner
+    assert tuple(a[116, 2]) == (0, 200, 0)  # tile 2: an empty label, none drawn
+    small = [Image.new("RGB", (40, 40), (0, 200, 0))]
+    assert tuple(np.asarray(make_grid(small, size=40, labels=["9"]))[36, 2]) == (0, 200, 0)  # < 48 px: no label
+    assert make_grid(tiles[:1], size=60).size == (60, 60)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_links_resolve_in_chromium_whatever_the_build_order_and_the_table_fits(site, tmp_path):
+    prev = _reversed_site(site)
+    browser = Chromium(_chromium(), tmp_path / "profile")
+    try:
+        browser.open((prev / "img" / "index.html").resolve().as_uri())
+        hrefs = browser.js("Array.from(document.querySelectorAll('#features td.m a')).map(a => a.href)")
+        to_txt = [h for h in hrefs if "/txt/features/" in h]
+        assert to_txt and browser.js("document.querySelectorAll('span.xm').length") < len(hrefs)
+        for h in to_txt:
+            assert Path(unquote(h.removeprefix("file://"))).exists()
+        # at 1400 px the table fits its frame: nothing cut off, no sideways scrolling
+        fits = "(() => { const w = document.querySelector('.tablewrap'); return w.scrollWidth <= w.clientWidth; })()"
+        assert browser.js(fits) is True
+        assert browser.js("document.querySelector('img.thumb').naturalWidth") > 0
     finally:
         browser.close()
 

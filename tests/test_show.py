@@ -15,7 +15,15 @@ from PIL import Image
 import show
 from sae.data.features import SparseCodes, write_layer, write_run_info
 from sae.util.errors import InputError
-from sae.viz.previews import TOP, FeatureColumns, make_grid, mass_key, preview_stem, select_features
+from sae.viz.previews import (
+    TOP,
+    FeatureColumns,
+    grid_shape,
+    make_grid,
+    mass_key,
+    preview_stem,
+    select_features,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 N_DATASET, N_ROWS, D_SAE, TILE = 50, 40, 24, 20
@@ -111,11 +119,13 @@ def ref_top(x: np.ndarray, k: int = TOP) -> tuple[list[list[int]], list[list[flo
 
 
 def tile_rows(img: Image.Image, size: int = TILE) -> list[int | None]:
-    """The dataset row shown in each of the 9 cells (None for a white, empty cell), by nearest colour."""
+    """The dataset row shown in each cell, row-major (None for a white, empty cell), by nearest colour
+    at the cell's centre (the activation label sits in the bottom-left corner)."""
     a = np.asarray(img.convert("RGB")).astype(int)
+    cols, n_rows = img.width // size, img.height // size
     out = []
-    for t in range(9):
-        y, x = (t // 3) * size + size // 2, (t % 3) * size + size // 2
+    for t in range(cols * n_rows):
+        y, x = (t // cols) * size + size // 2, (t % cols) * size + size // 2
         c = a[y, x]
         if (c > 245).all() and (255, 255, 255) not in PALETTE[:N_DATASET]:
             out.append(None)
@@ -252,7 +262,8 @@ def test_image_run_grids(world, tmp_path):
         assert f["positions"] == ref_rows[j] and f["row_ids"] == [int(ids[r]) for r in ref_rows[j]]
         np.testing.assert_allclose(f["acts"], ref_vals[j])
         img = Image.open(out / f["grid"])
-        assert img.size == (3 * TILE, 3 * TILE)
+        cols, n_rows = grid_shape(len(f["row_ids"]))
+        assert img.size == (cols * TILE, n_rows * TILE)  # sized to the rows it has
         assert tile_rows(img)[: len(ref_rows[j])] == f["row_ids"]  # each tile is the right dataset row
     assert not list(out.glob("*.txt"))  # image runs: grids only
     assert json.loads((out / "show.json").read_text())["run"] == "img"
@@ -288,7 +299,7 @@ def test_default_min_support_features_flag_and_rerun(world, tmp_path, capsys):
     assert "feature 0 never fires" in capsys.readouterr().err
     cells = tile_rows(Image.open(few / feats[0]["grid"]))
     ids = world["row_ids"]
-    assert cells[:3] == [int(ids[17]), int(ids[30]), int(ids[3])] and cells[3:] == [None] * 6
+    assert cells == [int(ids[17]), int(ids[30]), int(ids[3])]  # 3 rows: a 3x1 grid, no blank cells
     with pytest.raises(InputError, match="--features 24 is out of range"):
         run_show(world, tmp_path / "bad", "--features", "24")
 
@@ -424,6 +435,7 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
         "show.json",
         "features.json",
         "index.html",
+        "links.js",
         *mine,
         *(f"{stem(j)}.jpg" for j in few),
         *(f"features/f{j:05d}.html" for j in few),
@@ -440,6 +452,7 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
         "show.json",
         "features.json",
         "index.html",
+        "links.js",
         *mine,
         *(f"{stem(j)}.jpg" for j in many),
         *(f"features/f{j:05d}.html" for j in many),

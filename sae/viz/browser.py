@@ -15,7 +15,10 @@ Pages, in the preview folder show.py writes (sae/viz/previews.py):
                             captions, a histogram of the feature's activations (inline SVG), and a table
                             of its matches in other runs, linked to their pages
 
-Everything is inline (CSS, JS, SVG); images are relative links to the grid JPEGs.
+Everything is inline (CSS, JS, SVG); images are relative links to the grid JPEGs. Each preview folder
+also writes `links.js` (its run, layer and shown features): a match into another run is a link when
+that run's page exists at build time, and otherwise becomes one in the viewer once the other run's
+previews are written beside this folder (the page loads `../<run>/links.js`), whatever the build order.
 
 It reads the comparison results saved beside the run (format and reader: sae/analysis/comparison_files.py).
 """
@@ -23,6 +26,7 @@ It reads the comparison results saved beside the run (format and reader: sae/ana
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +51,11 @@ td.names{max-width:16em}
 th{background:#f3f3f3;position:sticky;top:0;z-index:1;cursor:pointer;user-select:none}
 th small{display:block;font-weight:normal;color:#555}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
-tr:hover td{background:#fafaf0} img.thumb{width:THUMBpx;height:THUMBpx;display:block}
-.tablewrap{overflow:auto;max-height:calc(100vh - 2em);border:1px solid #ddd}
+tr:hover td{background:#fafaf0} img.thumb{max-width:THUMBpx;max-height:THUMBpx;display:block}
+.tablewrap{overflow:auto;max-width:100%;max-height:calc(100vh - 2em);border:1px solid #ddd}
+#features{width:100%} #features td.t{max-width:none;min-width:12em;white-space:normal}
+#features td.names{white-space:normal;min-width:8em}
+@media (max-width:1100px){#features{font-size:12px} #features th,#features td{padding:2px 4px}}
 #zoom{position:fixed;pointer-events:none;border:1px solid #888;background:#fff;box-shadow:0 2px 8px #0004;z-index:5}
 #filter{font-size:15px;padding:4px;width:24em} .muted{color:#888} .sel{font-weight:bold}
 nav a{margin-right:1em} .stats td:first-child{text-align:left;color:#555}
@@ -141,11 +148,39 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if a < 1e-3 or a >= 1e5 else (f"{x:.4f}" if a < 1 else f"{x:.4g}" if a < 1e3 else f"{x:.0f}")
 
 
-def _page(title: str, body: str, script: str = "") -> str:
+LINKS_FILE = "links.js"
+# turns <span class="xm"> match labels into links when the matched run's links.js lists the feature
+LINKS_JS = r"""
+(function(){
+  const pages = window.SC_PAGES || {}, up = document.body.dataset.up || '../';
+  document.querySelectorAll('span.xm').forEach(s => {
+    const r = pages[s.dataset.run];
+    if (!r || r.layer !== +s.dataset.layer || !r.features.includes(+s.dataset.f)) return;
+    const a = document.createElement('a');
+    a.href = up + s.dataset.run + '/features/f' + String(s.dataset.f).padStart(5, '0') + '.html';
+    a.textContent = s.textContent;
+    s.replaceWith(a);
+  });
+})();
+"""
+
+
+def _link_scripts(comps: Comparisons, depth: int) -> str:
+    """<script> tags loading each matched run's links.js (a missing one is skipped), then LINKS_JS."""
+    up = "../" * (depth + 1)
+    runs = sorted({c.target for c in comps.matches})
+    if not runs:
+        return ""
+    tags = "".join(f'<script src="{_e(up + run)}/{LINKS_FILE}"></script>' for run in runs)
+    return f'{tags}<script>document.body.dataset.up="{up}";{LINKS_JS}</script>\n'
+
+
+def _page(title: str, body: str, script: str = "", links: str = "") -> str:
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+        + links
         + (f"<script>{script}</script>\n" if script else "")
         + "</body></html>\n"
     )
@@ -234,6 +269,13 @@ class _Links:
             return None
         return "../" * (depth + 1) + f"{run}/features/{feature_page_name(feature)}"
 
+    def anchor(self, run: str, layer: int, feature: int, label: str, depth: int) -> str:
+        """A link when the page exists now, else a span that LINKS_JS makes a link once it does."""
+        href = self.page(run, layer, feature, depth)
+        if href:
+            return f'<a href="{_e(href)}">{_e(label)}</a>'
+        return f'<span class="xm" data-run="{_e(run)}" data-layer="{layer}" data-f="{feature}">{_e(label)}</span>'
+
 
 def match_text(layer: int, feature: int, rho: float) -> str:
     """'L1 #142 ρ=0.166': the target layer, the feature and its correlation."""
@@ -246,9 +288,7 @@ def _match_cell(col: MatchColumn, i: int, links: _Links, depth: int) -> tuple[st
         return "", '<span class="muted">–</span>'
     b, j, r = col.matches[i]
     label = match_text(b, j, r)
-    href = links.page(col.target, b, j, depth)
-    inner = f'<a href="{_e(href)}">{_e(label)}</a>' if href else _e(label)
-    return f"{r:.6f}", inner
+    return f"{r:.6f}", links.anchor(col.target, b, j, label, depth)
 
 
 def _names_text(names: list[Any] | None, k: int = 3) -> str:
@@ -263,6 +303,8 @@ def write_browser(
     run, layer = man["run"], man["layer"]
     comps = comparisons or (load_comparisons(run_dir, run, layer) if run_dir else Comparisons())
     links = _Links(out)
+    shown = {"layer": int(layer), "features": [p.index for p in previews]}
+    _write(out / LINKS_FILE, f"(window.SC_PAGES = window.SC_PAGES || {{}})[{json.dumps(run)}] = {json.dumps(shown)};\n")
     _write_index(out, man, previews, comps, links)
     order = [p.index for p in previews]
     for n, p in enumerate(previews):
@@ -417,7 +459,8 @@ def _write_index(
         + "\n</tbody></table></div>"
         + '<img id="zoom" hidden alt="">'
     )
-    _write(out / "index.html", _page(f"{man['run']} layer {man['layer']}: features", body, INDEX_JS))
+    title = f"{man['run']} layer {man['layer']}: features"
+    _write(out / "index.html", _page(title, body, INDEX_JS, _link_scripts(comps, 0)))
 
 
 def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
@@ -428,9 +471,7 @@ def _matches_table(p: FeaturePreview, comps: Comparisons, links: _Links) -> str:
     for c in comps.matches:
         if p.index in c.matches:
             b, j, r = c.matches[p.index]
-            href = links.page(c.target, b, j, 1)
-            label = f"layer {b}, feature {j}"
-            match = f'<a href="{_e(href)}">{_e(label)}</a>' if href else _e(label)
+            match = links.anchor(c.target, b, j, f"layer {b}, feature {j}", 1)
             rho = f"{r:.3f}"
         else:
             match, rho = '<span class="muted">–</span>', ""
@@ -498,4 +539,4 @@ def _feature_page(
         f"smallest to its largest activation; {zeros} rows at 0 not shown</p>"
         f"<h2>Matches in other runs</h2>{_matches_table(p, comps, links)}"
     )
-    return _page(f"{man['run']} feature {p.index}", body)
+    return _page(f"{man['run']} feature {p.index}", body, links=_link_scripts(comps, 1))

@@ -7,8 +7,9 @@ COCO), and writes into the preview folder (`previews/<run>` by default):
 
     show.json                              the folder's manifest: run, layer, features_dir (written first;
                                            a folder holding another run or layer is refused)
-    mass{K}_feat{i:05d}.jpg                3x3 grid of the top rows' images (tile `size` px, white
-                                           background), best row top left, row-major
+    mass{K}_feat{i:05d}.jpg                grid of the top rows' images (up to 3x3, sized to the rows they
+                                           have; tiles `size` px with a thin border and their activation,
+                                           white background), best row top left, row-major
     mass{K}_feat{i:05d}.txt                text runs only: the 9 captions, one per line
                                            (rank, activation, dataset row id, caption; tab-separated)
     features.json                          per shown feature: statistics, top rows, captions, names,
@@ -328,24 +329,50 @@ def remove_stale(out: Path, keep: set[str]) -> list[str]:
     return gone
 
 
-def make_grid(tiles: Sequence[Any | None], size: int = 100, grid: int = GRID) -> Any:
-    """A (grid*size) x (grid*size) RGB image on white: tile t at row t // grid, column t % grid.
+MIN_LABELLED = 48  # px: smaller tiles carry no activation label (it would hide the image)
 
-    Each tile is an image already fitting size x size (centred in its cell), or None for an unreadable
-    image (a grey cell with a cross). Cells past len(tiles) stay white.
+
+def grid_shape(n: int, grid: int = GRID) -> tuple[int, int]:
+    """(columns, rows) of a grid for n tiles: one row up to `grid` tiles, else ceil(sqrt(n)) columns (at most
+    `grid`) and as many rows as needed: 3 -> 3x1, 4 -> 2x2, 5 -> 3x2, 9 -> 3x3."""
+    cols = max(1, min(grid, n if n <= grid else math.ceil(math.sqrt(n))))
+    return cols, max(1, min(grid, -(-n // cols)))
+
+
+def make_grid(
+    tiles: Sequence[Any | None], size: int = 100, grid: int = GRID, labels: Sequence[str] | None = None
+) -> Any:
+    """An RGB image on white, sized to the tiles it has (`grid_shape`: 3 tiles -> 3x1, 4 -> 2x2, 5 -> 3x2);
+    tile t at row t // columns, column t % columns.
+
+    Each tile is an image already fitting size x size (centred in its cell, with a thin grey border), or
+    None for an unreadable image (a grey cell with a cross). `labels` (e.g. the activations) are written
+    in the bottom-left corner of their tiles when tiles are at least MIN_LABELLED px.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    canvas = Image.new("RGB", (grid * size, grid * size), "white")
+    tiles = list(tiles[: grid * grid])
+    cols, rows = grid_shape(len(tiles), grid)
+    canvas = Image.new("RGB", (cols * size, rows * size), "white")
     draw = ImageDraw.Draw(canvas)
-    for t, tile in enumerate(tiles[: grid * grid]):
-        x0, y0 = (t % grid) * size, (t // grid) * size
+    font = ImageFont.load_default()
+    for t, tile in enumerate(tiles):
+        x0, y0 = (t % cols) * size, (t // cols) * size
         if tile is None:
             draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], fill=(200, 200, 200))
             draw.line([x0, y0, x0 + size - 1, y0 + size - 1], fill=(120, 120, 120), width=2)
             draw.line([x0, y0 + size - 1, x0 + size - 1, y0], fill=(120, 120, 120), width=2)
-            continue
-        canvas.paste(tile, (x0 + (size - tile.width) // 2, y0 + (size - tile.height) // 2))
+            box = (x0, y0, x0 + size - 1, y0 + size - 1)
+        else:
+            tx, ty = x0 + (size - tile.width) // 2, y0 + (size - tile.height) // 2
+            canvas.paste(tile, (tx, ty))
+            box = (tx, ty, tx + tile.width - 1, ty + tile.height - 1)
+            draw.rectangle(box, outline=(150, 150, 150))
+        if labels is not None and t < len(labels) and labels[t] and size >= MIN_LABELLED:
+            l, top, r, b = draw.textbbox((0, 0), labels[t], font=font)
+            w, h = r - l + 4, b - top + 4
+            draw.rectangle([box[0] + 1, box[3] - h, box[0] + w, box[3] - 1], fill=(0, 0, 0))
+            draw.text((box[0] + 3 - l, box[3] - h + 2 - top), labels[t], fill=(255, 255, 255), font=font)
     return canvas
 
 
@@ -582,7 +609,9 @@ class _FeatureWriter:
             _write_text(out / txt, "\n".join(lines) + "\n")
         done = (out / grid).exists()
         if not done:
-            _save_jpeg(make_grid([rows.thumbnail(n, self.size) for n in pos], self.size), out / grid)
+            labels = [f"{a:.3g}" for a in acts]
+            tiles = [rows.thumbnail(n, self.size) for n in pos]
+            _save_jpeg(make_grid(tiles, self.size, labels=labels), out / grid)
         preview = FeaturePreview(
             index=i,
             support=int(cols.support[i]),
