@@ -655,3 +655,24 @@ def test_plot_sharedness(site, tmp_path):
     fig = sharedness_figure(crowded, label_top=20)
     assert 1 <= len(_check_labels(fig)) < 20
     plt.close(fig)
+
+
+def test_index_plots_the_layers_training_curves(tmp_path):
+    from sae.viz.browser import _training_curves
+
+    run = tmp_path / "run"
+    (run / "saes" / "group00" / "layer07").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"sae_dirs": {"layer07": "saes/group00/layer07"}}))
+    lines = [
+        {"step": s, "loss": 1 / s, "fvu": 0.5 / s, "l0": 8.0, "dead_fraction": None if s < 3 else 0.1, "lr": 1e-3}
+        for s in range(1, 6)
+    ]
+    (run / "saes" / "group00" / "layer07" / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    html = _training_curves(run, 7)
+    d = DOM(html).root
+    polylines = d.find_all("polyline")
+    assert len(polylines) == 4 and "5 points, last step 5" in html
+    assert [len(p.attrs["points"].split()) for p in polylines] == [5, 5, 5, 3]  # nulls (no dead count yet) skipped
+    first, last = (tuple(map(float, pt.split(","))) for pt in polylines[0].attrs["points"].split()[::4])
+    assert first[0] < last[0] and first[1] < last[1]  # the loss falls: its line goes down (SVG y grows downward)
+    assert _training_curves(run, 3) == "" and _training_curves(None, 7) == ""

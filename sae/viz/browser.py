@@ -245,6 +245,62 @@ def histogram_svg(hist: dict[str, Any], width: int = 640, height: int = 260) -> 
     )
 
 
+def curve_svg(entries: list[dict[str, Any]], key: str, label: str, width: int = 400, height: int = 190) -> str:
+    """Inline SVG line chart of entries[key] against entries["step"] (train_log.jsonl lines; nulls skipped)."""
+    pts = [(float(e["step"]), float(e[key])) for e in entries if isinstance(e.get(key), (int, float))]
+    if not pts:
+        return ""
+    left, right, above, below = 56, 12, 22, 34
+    plot_w, plot_h = width - left - right, height - above - below
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(0.0, min(p[1] for p in pts)), max(p[1] for p in pts)
+    sx = plot_w / max(x1 - x0, 1e-12)
+    sy = plot_h / max(y1 - y0, 1e-12)
+    line = " ".join(f"{left + (x - x0) * sx:.1f},{above + plot_h - (y - y0) * sy:.1f}" for x, y in pts)
+    base = above + plot_h
+    ticks = "".join(
+        f'<text x="{left - 6}" y="{above + plot_h - (v - y0) * sy + 4:.1f}" text-anchor="end" font-size="11">'
+        f"{_num(v)}</text>"
+        for v in (y0, (y0 + y1) / 2, y1)
+    )
+    ticks += "".join(
+        f'<text x="{left + (v - x0) * sx:.1f}" y="{base + 15}" text-anchor="middle" font-size="11">{int(v)}</text>'
+        for v in (x0, (x0 + x1) / 2, x1)
+    )
+    return (
+        f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{_e(label)} during training"><text x="{left}" y="14" font-size="12">{_e(label)}</text>'
+        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>'
+        f'<line x1="{left}" y1="{above}" x2="{left}" y2="{base}" stroke="#333"/>{ticks}'
+        f'<text x="{left + plot_w / 2}" y="{height - 3}" text-anchor="middle" font-size="11">step</text>'
+        f'<polyline fill="none" stroke="#4a78c2" stroke-width="1.5" points="{line}"/></svg>'
+    )
+
+
+def _training_curves(run_dir: str | Path | None, layer: int) -> str:
+    """The layer's SAE training curves (its train_log.jsonl, sae/nn/trainlog.py), folded under a summary."""
+    from sae.nn.trainlog import read_train_log
+
+    if run_dir is None:
+        return ""
+    name = f"layer{int(layer):02d}"
+    try:
+        rel = (read_json(Path(run_dir) / "run.json").get("sae_dirs") or {}).get(name, f"saes/{name}")
+    except (OSError, ValueError, AttributeError):
+        rel = f"saes/{name}"
+    entries = read_train_log(Path(run_dir) / rel)
+    if not entries:
+        return ""
+    charts = "".join(
+        curve_svg(entries, key, label)
+        for key, label in (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
+    )
+    return (
+        f"<details><summary>Training curves of this layer's SAE ({len(entries)} points, last step "
+        f"{entries[-1]['step']}; {_e(rel)}/train_log.jsonl)</summary><div>{charts}</div></details>"
+    )
+
+
 class _Links:
     """Relative links to other runs' feature pages, when their previews sit beside this folder."""
 
@@ -305,7 +361,7 @@ def write_browser(
     links = _Links(out)
     shown = {"layer": int(layer), "features": [p.index for p in previews]}
     _write(out / LINKS_FILE, f"(window.SC_PAGES = window.SC_PAGES || {{}})[{json.dumps(run)}] = {json.dumps(shown)};\n")
-    _write_index(out, man, previews, comps, links)
+    _write_index(out, man, previews, comps, links, _training_curves(run_dir, layer))
     order = [p.index for p in previews]
     for n, p in enumerate(previews):
         prev_i = order[n - 1] if n > 0 else None
@@ -348,7 +404,12 @@ def _comparisons_note(comps: Comparisons) -> str:
 
 
 def _write_index(
-    out: Path, man: dict[str, Any], previews: list[FeaturePreview], comps: Comparisons, links: _Links
+    out: Path,
+    man: dict[str, Any],
+    previews: list[FeaturePreview],
+    comps: Comparisons,
+    links: _Links,
+    curves: str = "",
 ) -> None:
     has_names = any(p.names for p in previews)
     # (data-key, type, label, small second line, tooltip)
@@ -450,7 +511,7 @@ def _write_index(
         text = " ".join(words).lower()
         body_rows.append(f'<tr data-index="{p.index}" data-text="{_e(text)}">{"".join(cells)}</tr>')
     body = (
-        f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{_comparisons_note(comps)}"
+        f"<h1>Features of {_e(man['run'])}</h1><p>{_header(man)}</p>{_comparisons_note(comps)}{curves}"
         + '<p><input id="filter" type="search" placeholder="filter: feature index, '
         + ("names, " if has_names else "")
         + 'caption words, run names" autofocus> <span id="count"></span></p>'
