@@ -46,7 +46,7 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
         for name, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))
     }
     if sae.cfg.architecture in ("batchtopk", "jumprelu"):
-        tensors["threshold"] = sae.threshold.detach().float().cpu().contiguous()
+        tensors["threshold"] = sae.get_buffer("threshold").detach().float().cpu().contiguous()
     with atomic_path(out_dir / "sae.safetensors") as tmp:
         save_file(tensors, str(tmp))
     cfg = {"format": FORMAT, **sae.cfg.to_dict(), "provenance": provenance()}

@@ -56,7 +56,7 @@ def folded_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     }
     arch = sae.cfg.architecture
     if arch in ("batchtopk", "jumprelu"):
-        out["threshold"] = sae.threshold.detach().float().cpu().clamp_min(0).expand(sae.cfg.d_sae).clone()
+        out["threshold"] = sae.get_buffer("threshold").detach().float().cpu().clamp_min(0).expand(sae.cfg.d_sae).clone()
     elif arch == "relu":
         out["threshold"] = torch.zeros(sae.cfg.d_sae)
     return {k: v.contiguous() for k, v in out.items()}
@@ -95,7 +95,7 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
             "metadata": {"sae_lens_version": SAELENS_VERSION, **meta},
         }
         if kind == "topk":
-            sl_cfg.update(k=int(cfg.k), rescale_acts_by_decoder_norm=False)
+            sl_cfg.update(k=int(cfg.k or 0), rescale_acts_by_decoder_norm=False)
         with atomic_path(out / SAELENS_WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
         write_json(out / "cfg.json", sl_cfg)
@@ -113,7 +113,7 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
             "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
             "normalize_decoder": False,  # rows have norm 1 / input_scale once it is folded in
             "num_latents": cfg.d_sae,
-            "k": int(cfg.k),
+            "k": int(cfg.k or 0),
             "multi_topk": False,
             "skip_connection": False,
             "transcode": False,
@@ -132,14 +132,14 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
                 "encoder.bias": w["b_enc"],
                 "decoder.weight": w["W_dec"].t().contiguous(),
                 "b_dec": w["b_dec"],
-                "k": torch.tensor(int(cfg.k), dtype=torch.int),
+                "k": torch.tensor(int(cfg.k or 0), dtype=torch.int),
                 "threshold": w["threshold"][0].clone() if kind == "jumprelu" else torch.tensor(-1.0),
             }
         with atomic_path(out / "ae.pt") as tmp:
             torch.save(state, tmp)
         trainer = {"dict_class": dict_class, "activation_dim": cfg.d_in, "dict_size": cfg.d_sae}
         if kind != "relu":
-            trainer["k"] = int(cfg.k)
+            trainer["k"] = int(cfg.k or 0)
         write_json(out / "config.json", {"trainer": {**trainer, **meta}})
     return out
 
@@ -165,13 +165,15 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _build(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None, device="cpu") -> SparseAutoencoder:
+def _build(
+    cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None, device: str | torch.device = "cpu"
+) -> SparseAutoencoder:
     sae = SparseAutoencoder(cfg, device=device)
     with torch.no_grad():
         for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
             getattr(sae, name).copy_(value)
         if threshold is not None:
-            sae.threshold.copy_(threshold)
+            sae.get_buffer("threshold").copy_(threshold)
     return sae
 
 
