@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ ARCHS = ("topk", "matryoshka", "msae_rw", "batchtopk", "relu")
 
 def _sae(arch: str, seed: int = 0) -> SparseAutoencoder:
     """Random weights, biases, a batchtopk threshold and input_scale 3.7: every term of the formulas matters."""
-    kw = {"k": 6} if arch != "msae_rw" else {"k_levels": [6, 12, D_SAE]}
+    kw: dict[str, Any] = {"k": 6} if arch != "msae_rw" else {"k_levels": [6, 12, D_SAE]}
     sae = SparseAutoencoder(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, seed=seed, input_scale=3.7, **kw))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -54,7 +55,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     for layer, arch in enumerate(ARCHS):
         save_sae(_sae(arch, seed=layer), run / "saes" / f"layer{layer:02d}")
-    info = {"name": "tiny", "model": "tiny-clip", "model_name": "tiny-clip", "modality": "image"}
+    info: dict[str, Any] = {"name": "tiny", "model": "tiny-clip", "model_name": "tiny-clip", "modality": "image"}
     info.update(dataset="shapes:40", token="cls", layers=list(range(len(ARCHS))))
     (run / "run.json").write_text(json.dumps(info))
     return run
