@@ -199,10 +199,12 @@ class NamesArgs(Common):
     show: int = field(default=20, metadata=_h("features listed in the text report"))
 
 
-def _require(**flags: Any) -> None:
+def _require(**flags: str | None) -> list[str]:
+    """The values of required flags, in order; InputError naming every missing one."""
     missing = [f"--{k}" for k, v in flags.items() if v is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)}")
+    return [v for v in flags.values() if v is not None]
 
 
 def _clean(obj: Any, strict: bool = True) -> Any:
@@ -228,7 +230,7 @@ def dumps(obj: Any) -> str:
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # pyright: ignore[reportArgumentType]  # numpy stub matches **arrays to allow_pickle
     except OSError as e:
         raise InputError(f"cannot write {path}: {e}") from None
 
@@ -240,10 +242,10 @@ def cmd_stability(a: StabilityArgs) -> int:
     from sae.analysis.stability import code_stats, dictionary_of, format_stability, iter_codes, stability
     from sae.nn.checkpoint import load_sae
 
-    _require(sae_a=a.sae_a, sae_b=a.sae_b)
+    path_a, path_b = _require(sae_a=a.sae_a, sae_b=a.sae_b)
     if a.activations and a.run:
         raise InputError("give --activations or --run for the feature statistics, not both")
-    sae_a, sae_b = load_sae(a.sae_a), load_sae(a.sae_b)
+    sae_a, sae_b = load_sae(path_a), load_sae(path_b)
     if sae_a.cfg.d_in != sae_b.cfg.d_in:
         raise InputError(
             f"the SAEs have different d_in ({a.sae_a}: {sae_a.cfg.d_in}, {a.sae_b}: "
@@ -321,8 +323,8 @@ def cmd_bridge(a: BridgeArgs) -> int:
     from sae.analysis.bridge import analyze_joint, format_report
     from sae.nn.checkpoint import load_sae
 
-    _require(sae=a.sae)
-    sae = load_sae(a.sae)
+    [sae_dir] = _require(sae=a.sae)
+    sae = load_sae(sae_dir)
     img, txt, _ = _embeddings(a)
     report = analyze_joint(
         sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device, progress=a.progress
@@ -341,7 +343,7 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     from sae.nn.checkpoint import load_sae
     from sae.nn.config import TrainConfig, sae_config_from_args
 
-    _require(out=a.out)
+    [out_dir] = _require(out=a.out)
     img, txt, source = _embeddings(a)
     tcfg = dataclass_from_args(TrainConfig, args)
     seeds = a.seeds if a.seeds else [args.seed]
@@ -353,7 +355,7 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         cfg.validate()
         cfgs[f"seed{s}" if a.seeds else ""] = cfg
     trained = train_joint_saes(
-        img, txt, cfgs, tcfg, a.out, image_fraction=a.image_fraction, source=source, progress=a.progress
+        img, txt, cfgs, tcfg, out_dir, image_fraction=a.image_fraction, source=source, progress=a.progress
     )
     # analyse the saved checkpoints, not the in-memory SAEs: saving folds a ReLU SAE's decoder norms
     saved = {name: load_sae(t.path) for name, t in trained.items()}
@@ -395,11 +397,11 @@ def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
     from sae.analysis.embed import embed_pairs, embedding_identity, existing, specs_from_args
     from sae.data.datasets import DataConfig, pairs_from_config
 
-    _require(out=a.out)
+    [out_dir] = _require(out=a.out)
     image_spec, text_spec = specs_from_args(args)
     pairs = pairs_from_config(dataclass_from_args(DataConfig, args))
     identity = embedding_identity(image_spec, text_spec, pairs, a.normalize, args.skip_bad)
-    emb = existing(a.out, identity, a.overwrite)
+    emb = existing(out_dir, identity, a.overwrite)
     reused = emb is not None
     if emb is None:
         image_adapter, text_adapter = image_spec.load(a.device), text_spec.load(a.device)
@@ -407,7 +409,7 @@ def cmd_embed(a: EmbedArgs, args: argparse.Namespace) -> int:
             image_adapter,
             text_adapter,
             pairs,
-            a.out,
+            out_dir,
             batch_size=a.batch_size,
             num_workers=a.num_workers,
             skip_bad=args.skip_bad,
@@ -444,10 +446,10 @@ def cmd_overlap(a: OverlapArgs) -> int:
     from sae.analysis.overlap import check_same_rows, format_overlap, load_layer, overlap_analysis
     from sae.data.features import open_run
 
-    _require(run_a=a.run_a, run_b=a.run_b)
+    name_a, name_b = _require(run_a=a.run_a, run_b=a.run_b)
     if a.null < 0:
         raise InputError(f"--null must be >= 0 (got {a.null})")
-    run_a, run_b = open_run(a.features_dir, a.run_a), open_run(a.features_dir, a.run_b)
+    run_a, run_b = open_run(a.features_dir, name_a), open_run(a.features_dir, name_b)
     la, ca = load_layer(run_a, a.layer_a)
     lb, cb = load_layer(run_b, a.layer_b)
     different = check_same_rows(run_a, run_b, ca.n_rows, cb.n_rows, a.allow_different_data)
@@ -484,7 +486,7 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
     )
     from sae.nn.checkpoint import load_sae
 
-    _require(sae=a.sae)
+    [sae_dir] = _require(sae=a.sae)
     if (a.vocab_embeddings is None) == (args.vlm is None):
         raise InputError(
             "give --vlm clip|siglip2 (embeds the --vocab words with that model's text tower) or "
@@ -492,14 +494,14 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
         )
     if a.top < 1:
         raise InputError(f"--top must be at least 1 (got {a.top})")
-    sae = load_sae(a.sae)
+    sae = load_sae(sae_dir)
     words = load_vocab(a.vocab or DEFAULT_VOCAB)
     vocab_source: dict[str, Any]
     if args.vlm is not None:
         from sae.analysis.embed import embed_texts, specs_from_args
 
         _, text_spec = specs_from_args(args)
-        _warn_other_model(a.sae, text_spec.identity().get("name") or text_spec.name)
+        _warn_other_model(sae_dir, text_spec.identity().get("name") or text_spec.name)
         V, cache_file, cached = embed_texts(
             text_spec, words, a.vocab_cache, device=a.device, batch_size=a.batch_size, progress=a.progress
         )
@@ -507,6 +509,7 @@ def cmd_names(a: NamesArgs, args: argparse.Namespace) -> int:
     else:
         from sae.nn.sources import load_npy
 
+        assert a.vocab_embeddings is not None, "checked above: --vlm or --vocab_embeddings"
         V = np.asarray(load_npy(a.vocab_embeddings, "vocabulary embeddings"))
         vocab_source = {"vocab_embeddings": a.vocab_embeddings}
     targets = []

@@ -59,7 +59,7 @@ class SharednessConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     add_dataclass_args(parser, SharednessConfig, skip=("min_group", "max_group"))
     # nargs="*" so that an empty group is reported by the library's one-line error
     parser.add_argument(

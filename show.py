@@ -17,7 +17,7 @@ from sae.viz.show_run import show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     add_dataclass_args(parser, ShowConfig)
     cfg = dataclass_from_args(ShowConfig, parser.parse_args(argv))
     result = show(cfg)

@@ -11,7 +11,7 @@ from sae.util.cli import run_cli
 
 
 def main(argv=None) -> int:
-    return run("text", argv, __doc__)
+    return run("text", argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class WMPPCConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     add_dataclass_args(parser, WMPPCConfig)
     cfg = dataclass_from_args(WMPPCConfig, parser.parse_args(argv))
     if not cfg.source or not cfg.target:

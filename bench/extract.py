@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wrappedmodels as wm  # noqa: E402
 from sae.data.cache import CacheConfig, _Collate, default_workers, extract_activations  # noqa: E402
 from sae.data.datasets import DataConfig, Pairs, pairs_from_config  # noqa: E402
+from sae.encoders.open_clip import _spatial_tokens  # noqa: E402
 from sae.encoders.tiny import minilm_dir  # noqa: E402
 from sae.util.cli import add_dataclass_args, dataclass_from_args, run_cli  # noqa: E402
 
@@ -47,11 +50,11 @@ def _minilm_dir() -> str | None:
 
 def _naive_call(adapter: wm.Adapter, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
     """The full forward with every hidden state, the way one would without hooks: {layer: [B, T, d]}."""
-    m = adapter.module
+    m: Any = adapter.module  # open_clip / transformers model: called with its own forward signature
     if adapter.model == "ClipVision" and adapter.widths is not None:  # CLIP ResNet: stem + 4 stages, attnpool
         out = m.forward_intermediates(batch["pixel_values"], output_fmt="NCHW")
         maps = out["image_intermediates"][1:] + [out["image_features"]]
-        return {i: wm._spatial_tokens(maps[i]) for i in layers}
+        return {i: _spatial_tokens(maps[i]) for i in layers}
     if adapter.model == "ClipVision":
         out = m.forward_intermediates(batch["pixel_values"], output_fmt="NLC", output_extra_tokens=True)
         return {i: torch.cat([out["image_intermediates_prefix"][i], out["image_intermediates"][i]], 1) for i in layers}
@@ -91,7 +94,7 @@ def cache_seconds(
         return seconds, sum(cache.n_tokens_of(layout[0]) for layout in cache.layouts), size
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     wm.add_model_args(p)
     add_dataclass_args(p, DataConfig)
@@ -135,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads"
     )
 
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     loader = DataLoader(
-        pairs.torch_dataset(spec.modality),
+        cast(Dataset, pairs.torch_dataset(spec.modality)),  # a map-style dataset (__len__, __getitem__)
         batch_size=args.extract_batch_size,
         num_workers=args.num_workers,
         collate_fn=_Collate(adapter.preprocess),
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     naive_seconds(
         adapter,
         DataLoader(
-            one_batch.torch_dataset(spec.modality),
+            cast(Dataset, one_batch.torch_dataset(spec.modality)),
             batch_size=args.extract_batch_size,
             collate_fn=_Collate(adapter.preprocess),
         ),

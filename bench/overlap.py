@@ -46,7 +46,7 @@ def synthetic_runs(rng: np.random.Generator, n: int, d: int, active: int) -> tup
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--rows", type=int, default=50000)
     p.add_argument("--features", type=int, default=4096)
     p.add_argument("--k", type=int, default=9)

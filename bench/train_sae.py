@@ -49,6 +49,7 @@ def dense_topk_step(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
     loss = ((z @ W_dec + b_dec - x) ** 2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    assert W_dec.grad is not None, "loss.backward() filled it"
     with torch.no_grad():
         W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
     opt.step()
@@ -131,8 +132,10 @@ def main() -> None:
             if args.dead_fraction > 0:
                 rows += [(arch, True) for arch in args.archs if arch in AUXK_ARCHS]
             for arch, auxk in rows:
-                kw = {"k_levels": [k, 2 * k, d_sae]} if arch.startswith("msae") else {}
-                cfg = SAEConfig(architecture=arch, d_in=args.d_in, d_sae=d_sae, k=k, k_aux=None if auxk else 0, **kw)
+                levels = [k, 2 * k, d_sae] if arch.startswith("msae") else None
+                cfg = SAEConfig(
+                    architecture=arch, d_in=args.d_in, d_sae=d_sae, k=k, k_aux=None if auxk else 0, k_levels=levels
+                )
                 sae = SparseAutoencoder(cfg, device=device)
                 with torch.no_grad():
                     for n, t in sae.named_parameters():

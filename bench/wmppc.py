@@ -211,7 +211,7 @@ def baseline(work: Path, src_layers: list[int], tgt_layers: list[int]) -> dict:
                 row.append(((rho * sum_a).sum() / sum_a.sum()).item())
                 del res
             del t1
-            best = torch.vstack(rho_list).max(axis=0)[0]
+            best = torch.vstack(rho_list).max(dim=0)[0]
             per_layer.append(((best * sum_a).sum() / sum_a.sum()).item())
             lengths.append(len(best))
             matrix.append(row)
@@ -309,7 +309,7 @@ def run_worker(args: list[str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--n_rows", type=int, default=20_000)
     p.add_argument("--d_sae", type=int, default=None, help="default 6144 (TopK codes), 2048 (--dense_density)")
     p.add_argument("--k", type=int, default=32)
@@ -339,10 +339,11 @@ def main() -> None:
 
     if args.worker:
         kind, src, tgt, fmt = args.worker
-        parse = lambda s: None if s == "all" else [int(v) for v in s.split(",")]  # noqa: E731
+        layers = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+        parse = lambda s: None if s == "all" else layers(s)  # noqa: E731
         work = Path(args.workdir)
         out = (
-            baseline(work, parse(src), parse(tgt))
+            baseline(work, layers(src), layers(tgt))
             if kind == "baseline"
             else toolkit(work, parse(src), parse(tgt), kind, fmt)
         )

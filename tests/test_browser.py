@@ -42,6 +42,12 @@ class Node:
             if isinstance(c, Node):
                 yield from c.iter()
 
+    def attr(self, name: str) -> str:
+        """The value of attribute `name`, which the element must give with a value."""
+        value = self.attrs[name]
+        assert value is not None, f"<{self.tag} {name}> has no value"
+        return value
+
     def find_all(self, tag: str, **attrs: str) -> list[Node]:
         return [n for n in self.iter() if n.tag == tag and all(n.attrs.get(k) == v for k, v in attrs.items())]
 
@@ -55,7 +61,7 @@ class DOM(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.root = Node("#root", {}, None)
-        self.cur = self.root
+        self.cur: Node = self.root
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -69,9 +75,9 @@ class DOM(HTMLParser):
 
     def handle_endtag(self, tag):
         n = self.cur
-        while n is not self.root and n.tag != tag:
+        while n.parent is not None and n.tag != tag:  # the root alone has no parent
             n = n.parent
-        if n is not self.root:
+        if n.parent is not None:
             self.cur = n.parent
 
     def handle_data(self, data):
@@ -85,12 +91,12 @@ def dom(path: Path) -> Node:
 def local_links(page: Path) -> list[str]:
     """Links and sources of a page, less the other runs' links.js (loaded when there, skipped when not)."""
     d = dom(page)
-    links = [n.attrs[a] for n in d.iter() for a in ("href", "src") if n.attrs.get(a)]
+    links = [v for n in d.iter() for a in ("href", "src") if (v := n.attrs.get(a))]
     return [x for x in links if not x.endswith("/" + LINKS_FILE)]
 
 
-def has_class(node: Node, name: str) -> bool:
-    return name in (node.attrs.get("class") or "").split()
+def has_class(node: Node | None, name: str) -> bool:
+    return node is not None and name in (node.attrs.get("class") or "").split()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +198,7 @@ def test_comparison_files_are_read(site):
     assert (score.target, score.all_layers, score.last_layer) == ("txt", w.all_layers, w.last_layer)
     live = np.flatnonzero(site["img"].any(0))
     assert sorted(txt_all.matches) == sorted(txt_last.matches) == sorted(other.matches) == live.tolist()
-    for i in live:
+    for i in live.tolist():
         b, j, r = txt_all.matches[i]
         assert (b, j) == (w.best_layer[0][i], w.best_feature[0][i]) and r == pytest.approx(
             w.rho_all_layers[0][i], abs=1e-6
@@ -258,24 +264,24 @@ def test_index_dom(site):
     support = (x > 0).sum(0)
     shown = [j for j in range(D_SAE) if support[j] >= 10]
     rows = table.find_all("tr")[1:]
-    assert [int(r.attrs["data-index"]) for r in rows] == shown
+    assert [int(r.attr("data-index")) for r in rows] == shown
     txt_support = (site["txt"] > 0).sum(0)
     selected = set(res.selected.tolist())
     for r in rows:
-        j = int(r.attrs["data-index"])
+        j = int(r.attr("data-index"))
         cells = r.find_all("td")
         assert len(cells) == len(keys)
         assert cells[1].find_all("img")[0].attrs["class"] == "thumb"
         names = [n for n, _ in concept_names(j)] if j % 4 != 3 else []
         assert cells[2].all_text() == ", ".join(names[:3])
         assert all(n.lower() in r.attrs["data-text"] for n in names)  # the filter finds every name
-        assert float(cells[3].attrs["data-v"]) == support[j]
-        assert float(cells[4].attrs["data-v"]) == pytest.approx(support[j] / N_ROWS)
-        assert float(cells[7].attrs["data-v"]) == pytest.approx(x[:, j].sum(), rel=1e-5)
+        assert float(cells[3].attr("data-v")) == support[j]
+        assert float(cells[4].attr("data-v")) == pytest.approx(support[j] / N_ROWS)
+        assert float(cells[7].attr("data-v")) == pytest.approx(x[:, j].sum(), rel=1e-5)
         assert (cells[8].attrs["data-v"] != "") == (j in selected)
         # wMPPC over txt's layers 3 and 7: the layer in the cell; a link only to a feature of the layer shown
         b, k, rho = int(w.best_layer[0][j]), int(w.best_feature[0][j]), float(w.rho_all_layers[0][j])
-        assert cells[10].all_text() == match_text(b, k, rho) and float(cells[10].attrs["data-v"]) == pytest.approx(
+        assert cells[10].all_text() == match_text(b, k, rho) and float(cells[10].attr("data-v")) == pytest.approx(
             rho, abs=1e-6
         )
         links = cells[10].find_all("a")
@@ -288,8 +294,8 @@ def test_index_dom(site):
         if links:
             assert links[0].attrs["href"] == f"../txt/features/f{best:05d}.html"
         top = int(ids[np.lexsort((np.arange(N_ROWS), -x[:, j]))[0]])
-        assert cells[-1].attrs["data-v"].startswith(f"row {top} shows")
-        assert r.attrs["data-text"].startswith(str(j))
+        assert cells[-1].attr("data-v").startswith(f"row {top} shows")
+        assert r.attr("data-text").startswith(str(j))
     row16 = next(r for r in rows if r.attrs["data-index"] == "16").find_all("td")
     assert row16[10].all_text().startswith("L3 #5 ρ=1.000") and row16[11].all_text().startswith("L7 #")
     text = d.all_text()
@@ -493,7 +499,9 @@ def test_click_sort_header_and_filter_in_headless_chromium(site, tmp_path):
     support = (x > 0).sum(0)
     shown = [j for j in range(D_SAE) if support[j] >= 10]
     delta = site["res"].delta
-    browser = Chromium(_chromium(), tmp_path / "profile")
+    exe = _chromium()
+    assert exe is not None, "skipped above without chromium"
+    browser = Chromium(exe, tmp_path / "profile")
     try:
         browser.open(index.resolve().as_uri())
         assert browser.rows() == [(j, True) for j in shown]  # as written: by index

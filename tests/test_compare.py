@@ -94,10 +94,10 @@ def ref_wmppc(a_layers: list[np.ndarray], b_layers: list[np.ndarray]) -> dict:
 
 def original_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The original code's all_correlations (unbiased std + 1e-10, product / N), in float64."""
-    x, y = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(y.astype(np.float64))
-    n = x.shape[0]
-    xb = (x - x.mean(0)) / (x.std(0) + 1e-10)
-    yb = (y - y.mean(0)) / (y.std(0) + 1e-10)
+    tx, ty = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(y.astype(np.float64))
+    n = tx.shape[0]
+    xb = (tx - tx.mean(0)) / (tx.std(0) + 1e-10)
+    yb = (ty - ty.mean(0)) / (ty.std(0) + 1e-10)
     return ((xb.T @ yb) / n).max(1).values.numpy()
 
 
@@ -341,6 +341,7 @@ def test_wmppc_tracks_the_shared_activation_mass(tmp_path):
         res = wmppc(open_run(tmp_path, f"A{k}"), open_run(tmp_path, f"B{k}"), engine=NumpyEngine(), null=3)
         mass = a.sum(0)[shared].sum() / a.sum()
         # shared features match at ~0.99, the others at chance level (the null baseline)
+        assert res.null is not None
         chance = res.null.to_json()["all_layers_mean"]
         assert chance < 0.2
         assert res.all_layers == pytest.approx(0.99 * mass + chance * (1 - mass), abs=0.05)
@@ -356,6 +357,7 @@ def test_null_is_seeded(tmp_path):
     runs = open_run(tmp_path, "A"), open_run(tmp_path, "B")
     r1, r2 = (wmppc(*runs, engine=NumpyEngine(), null=3, seed=9) for _ in range(2))
     r3 = wmppc(*runs, engine=NumpyEngine(), null=3, seed=10)
+    assert r1.null is not None and r2.null is not None and r3.null is not None
     assert r1.null.all_layers == r2.null.all_layers != r3.null.all_layers
     assert r1.matrix[0, 0] == r3.matrix[0, 0]
 
@@ -371,12 +373,14 @@ def test_original_format_reads_like_the_toolkit_format(tmp_path):
     write_run(tmp_path / "csr", "A", layers)
     write_run(tmp_path / "csr", "B", other)
     null = wmppc(open_run(tmp_path / "csr", "A"), open_run(tmp_path / "csr", "B"), engine=exact_engine(), null=2).null
+    assert null is not None
     for eng in (exact_engine(), NumpyEngine(), NumpyEngine("sparse"), ENGINES["torch-dense"]()):
         res = wmppc(open_run(tmp_path / "orig", "A"), open_run(tmp_path / "orig", "B"), engine=eng, null=2)
         assert res.source_layers == [0, 5, -1]  # -1 is the deepest
         np.testing.assert_allclose(res.matrix, ref["matrix"], atol=TOL)
         assert res.last_layer == pytest.approx(ref["last"], abs=TOL)
         # the null baseline permutes the rows of the dense layer like those of the CSR codes
+        assert res.null is not None
         np.testing.assert_allclose(res.null.all_layers, null.all_layers, atol=TOL)
     # the layer stays a dense fp16 array, memory-mapped from the file, not copied into RAM
     layer = LayerLoader(NumpyEngine()).load(open_run(tmp_path / "orig", "A"), 5)

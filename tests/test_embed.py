@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def open_clip_reference(setup):
 
     name = "local-dir:" + str(setup["clip"])
     with contextlib.redirect_stderr(io.StringIO()):
-        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        model, _, preprocess = cast(Any, open_clip.create_model_and_transforms(name))  # untyped in open_clip
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     pairs = load_pairs(str(setup["data"]))
@@ -82,7 +83,7 @@ def open_clip_reference(setup):
     with torch.no_grad():
         return (
             model.encode_image(images).numpy(),
-            model.encode_text(tokenizer(pairs.texts())).numpy(),
+            model.encode_text(tokenizer(cast("list[str]", pairs.texts()))).numpy(),  # every caption is present
             model.encode_text(tokenizer(WORDS)).numpy(),
         )
 
@@ -239,7 +240,8 @@ def test_embed_siglip(setup, tmp_path, capsys):
     txt_adapter = wm.ModelSpec("SiglipText", str(d)).load("cpu")
     pairs = load_pairs(str(setup["data"]), max_samples=9)
     with torch.no_grad():
-        ref_img = model.get_image_features(**img_adapter.preprocess([pairs.image(n) for n in range(9)]))
+        inputs: dict[str, Any] = img_adapter.preprocess([pairs.image(n) for n in range(9)])
+        ref_img = model.get_image_features(**inputs)
         ref_txt = model.get_text_features(input_ids=txt_adapter.preprocess(pairs.texts())["input_ids"])
     tensor = lambda out: getattr(out, "pooler_output", out).numpy()  # noqa: E731  (transformers 5: an output object)
     np.testing.assert_allclose(emb.image, tensor(ref_img), rtol=1e-4, atol=1e-5)

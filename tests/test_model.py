@@ -29,7 +29,7 @@ def test_selected_pre_acts_backward_matches_dense_autograd_in_float64():
     vals = _SelectedPreActs.apply(x, W, b, pre, rows, cols)
     g = torch.randn_like(vals)
     (vals * g).sum().backward()
-    sparse_grads = [t.grad.clone() for t in (x, W, b)]
+    sparse_grads = [_grad(t).clone() for t in (x, W, b)]
     for t in (x, W, b):
         t.grad = None
     ref = (x @ W + b)[rows, cols]
@@ -37,6 +37,11 @@ def test_selected_pre_acts_backward_matches_dense_autograd_in_float64():
     (ref * g).sum().backward()
     for got, t in zip(sparse_grads, (x, W, b)):
         torch.testing.assert_close(got, t.grad)
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    assert t.grad is not None, "backward() reached it"
+    return t.grad
 
 
 def _dense_topk(pre, k):
@@ -95,9 +100,9 @@ def test_batch_topk_entries_equal_a_top_k_over_the_whole_batch():
     cases.append((skewed, 100, 2))
     cases.append((torch.randn(40, 30) - 2.5, 600, 4))  # fewer positive entries than asked for
     for _ in range(100):  # random sizes, row offsets, `total` up to every entry, `start` up to d
-        n, d = torch.randint(1, 30, ()).item(), torch.randint(2, 60, ()).item()
+        n, d = int(torch.randint(1, 30, ()).item()), int(torch.randint(2, 60, ()).item())
         pre = torch.randn(n, d) + torch.randn(n, 1) * torch.rand(()) * 2 - torch.rand(()) * 2
-        cases.append((pre, torch.randint(1, n * d + 1, ()).item(), torch.randint(1, d + 1, ()).item()))
+        cases.append((pre, int(torch.randint(1, n * d + 1, ()).item()), int(torch.randint(1, d + 1, ()).item())))
     for pre, total, start in cases:
         rows, cols = batch_topk_entries(pre, total, start)
         top = pre.clamp_min(0).flatten().topk(total)
@@ -130,6 +135,7 @@ def test_decoder_constraint_removes_parallel_gradient_and_renormalises():
     sae = _sae()
     sae.training_loss(torch.randn(32, 12)).loss.backward()
     sae.remove_parallel_grad_()
+    assert sae.W_dec.grad is not None
     parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
     assert parallel.abs().max() < 1e-6
     with torch.no_grad():

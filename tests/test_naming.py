@@ -149,7 +149,7 @@ def test_names_cli_writes_the_file_show_reads(planted_sae, tmp_path, capsys):
     assert on_disk == js["names"] and set(on_disk) == {str(i) for i in range(32)}
     assert all(len(v) == 2 and isinstance(v[0][0], str) and isinstance(v[0][1], float) for v in on_disk.values())
     loaded = load_names(path)
-    assert loaded[0] == [tuple(x) for x in on_disk["0"]]
+    assert loaded is not None and loaded[0] == [tuple(x) for x in on_disk["0"]]
     assert load_names(run / "names_layer99.json") is None
     assert analyze.main(args + ["--out", str(tmp_path / "n.json")]) == 0
     assert "written to" in capsys.readouterr().out and (tmp_path / "n.json").exists()

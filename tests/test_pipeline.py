@@ -388,7 +388,8 @@ def test_failed_run_can_be_rerun_with_other_flags(root, tmp_path):
     assert (tmp_path / "f" / "b" / "settings.json").exists()
     dead = _dead_pid()
     (tmp_path / "f" / "b" / f".layer02.tmp-{dead}").mkdir()  # left by a killed recording, an hour ago
-    os.utime(tmp_path / "f" / "b" / f".layer02.tmp-{dead}", (time.time() - 3600,) * 2)
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / "f" / "b" / f".layer02.tmp-{dead}", (hour_ago, hour_ago))
     assert train_image.main(args + ["--skip_bad"]) == 0
     assert not (tmp_path / "f" / "b" / f".layer02.tmp-{dead}").exists()
     info = json.loads((tmp_path / "f" / "b" / "run.json").read_text())

@@ -443,7 +443,7 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
     from tests.test_browser import dom
 
     rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
-    assert [int(r.attrs["data-index"]) for r in rows] == few
+    assert [int(r.attr("data-index")) for r in rows] == few
 
     # without --html: the browser written before is kept in step with the grids
     assert run_show(world, out, "--layer", "3", "--min_support", "5") == 0
@@ -458,7 +458,7 @@ def test_rerun_with_another_selection_removes_the_files_no_longer_shown(world, t
         *(f"features/f{j:05d}.html" for j in many),
     }
     rows = dom(out / "index.html").find_all("table", id="features")[0].find_all("tr")[1:]
-    assert [int(r.attrs["data-index"]) for r in rows] == many
+    assert [int(r.attr("data-index")) for r in rows] == many
 
 
 def test_captions_are_optional_for_image_runs_only(world, tmp_path):

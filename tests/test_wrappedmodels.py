@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ from sae.util.errors import InputError
 
 MINILM = minilm_dir()
 CAPTIONS = ["a small red circle in the top left", "a large blue square", "green"]
+
+
+def _index(out: wm.EncoderOutput) -> torch.Tensor:
+    """The recorded token positions [B] of a token rule (not a mean)."""
+    assert out.pooled_index is not None, "a token rule records positions"
+    return out.pooled_index
 
 
 def _images() -> list[Image.Image]:
@@ -113,7 +120,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def ref_open_clip_vision(d, batch, layers):
     import open_clip
 
-    m = open_clip.create_model("local-dir:" + str(d)).eval()
+    m: Any = open_clip.create_model("local-dir:" + str(d)).eval()  # an open_clip CLIP (typed nn.Module)
     out = m.visual.forward_intermediates(
         batch["pixel_values"], indices=layers, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
     )
@@ -126,7 +133,7 @@ def ref_open_clip_vision(d, batch, layers):
 def ref_open_clip_text(d, batch, layers):
     import open_clip
 
-    m = open_clip.create_model("local-dir:" + str(d)).eval()
+    m: Any = open_clip.create_model("local-dir:" + str(d)).eval()  # an open_clip CLIP (typed nn.Module)
     out = m.forward_intermediates(text=batch["input_ids"], text_indices=layers, intermediates_only=True)
     return dict(zip(layers, out["text_intermediates"]))
 
@@ -234,22 +241,22 @@ def test_pooled_positions_and_masks(tiny):
     b = a.preprocess(CAPTIONS)
     out = a.forward(b, [-1])
     eot = b["input_ids"].argmax(-1)
-    assert torch.equal(out.pooled_index, eot)
+    assert torch.equal(_index(out), eot)
     assert torch.equal(out.mask.sum(1), eot + 1)
     h = out.hidden[2]
     torch.testing.assert_close(out.pooled[2], h[torch.arange(3), eot])
-    assert torch.equal(a.forward(b, [-1], token="eot").pooled_index, eot)
-    assert torch.equal(a.forward(b, [-1], token="first").pooled_index, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(_index(a.forward(b, [-1], token="eot")), eot)
+    assert torch.equal(_index(a.forward(b, [-1], token="first")), torch.zeros(3, dtype=torch.long))
 
     # SigLIP text: padded to the fixed length; pooled = the last position (the model's own pooling)
     a = load("SiglipText", "siglip")
     b = a.preprocess(CAPTIONS)
     assert b["input_ids"].shape == (3, 16)
     out = a.forward(b, [-1])
-    assert torch.equal(out.pooled_index, torch.full((3,), 15))
+    assert torch.equal(_index(out), torch.full((3,), 15))
     assert torch.equal(out.mask, b["attention_mask"].bool())
     assert not out.mask[2].all() and out.mask[:, 0].all()
-    last = a.forward(b, [-1], token="last").pooled_index
+    last = _index(a.forward(b, [-1], token="last"))
     assert torch.equal(last, b["attention_mask"].sum(1) - 1)
     # it trains on the real tokens plus that pooled position (the model attends to every position)
     train = out.train_mask_of(2)
@@ -275,7 +282,7 @@ def test_pooled_positions_and_masks(tiny):
         a = load(fam, ck)
         b = a.preprocess(_images())
         out = a.forward(b, [1])
-        assert torch.equal(out.pooled_index, torch.zeros(4, dtype=torch.long)) and out.mask.all()
+        assert torch.equal(_index(out), torch.zeros(4, dtype=torch.long)) and out.mask.all()
         assert out.hidden[1].shape[1] == 17  # CLS + 4x4 patches
         torch.testing.assert_close(out.pooled[1], out.hidden[1][:, 0])
         mean = a.forward(b, [1], token="mean").pooled[1]
@@ -288,7 +295,7 @@ def test_pooled_positions_and_masks(tiny):
         a = load(fam, ck)
         b = a.preprocess(CAPTIONS)
         out = a.forward(b, [0])
-        assert torch.equal(out.pooled_index, torch.zeros(3, dtype=torch.long))
+        assert torch.equal(_index(out), torch.zeros(3, dtype=torch.long))
         assert torch.equal(out.mask, b["attention_mask"].bool()) and not out.mask.all()
         assert torch.equal(out.train_mask_of(0), out.mask)
         sep = a.forward(b, [0], token="eot").pooled_index
@@ -347,7 +354,7 @@ def test_unavailable_models_fail_in_one_line(tmp_path):
             spec.load("cpu")
         msg = str(e.value)
         assert "\n" not in msg and len(msg) < 600
-        name = spec.name if spec.model != "DinoV2" else "facebook/dinov2-base"
+        name = spec.resolved_name if spec.model != "DinoV2" else "facebook/dinov2-base"
         assert name in msg and ("local directory" in msg)
     rn50 = wm.ModelSpec("ClipVision", "RN50").info()  # builtin config: no download
     assert rn50 == wm.ModelInfo(5, 1024, [256, 512, 1024, 2048, 1024])
@@ -381,7 +388,7 @@ def test_clip_resnet_stages_and_attnpool(tmp_path):
     adapter = spec.load("cpu")
     assert adapter.n_blocks == 5 and adapter.widths == [32, 64, 128, 256, 16]
     batch = adapter.preprocess(_images()[:3])
-    visual = adapter.module
+    visual: Any = adapter.module  # open_clip ModifiedResNet
     with torch.inference_mode():  # open_clip's own intermediates
         x = visual.stem(batch["pixel_values"])
         maps = []
@@ -420,7 +427,7 @@ def test_embed_equals_library_features(tiny, tmp_path):
 
     images, rn = _images(), build_open_clip_resnet(tmp_path)
     for ckpt in (tiny["open_clip"], rn):
-        clip = open_clip.create_model("local-dir:" + str(ckpt)).eval()
+        clip: Any = open_clip.create_model("local-dir:" + str(ckpt)).eval()  # an open_clip CLIP (typed nn.Module)
         vision = wm.ModelSpec("ClipVision", str(ckpt)).load("cpu")
         assert vision.d_embed == 16 and not hasattr(vision.module, "token_embedding"), "image tower only"
         b = vision.preprocess(images)

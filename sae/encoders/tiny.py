@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,7 +66,9 @@ def minilm_dir() -> Path:
 
 
 SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # the MiniLM (BERT) vocabulary
-TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48)
+TINY_TEXT: dict[str, Any] = dict(
+    vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48
+)
 
 
 def build_siglip(root: Path) -> Path:
