@@ -14,6 +14,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote
 
 import numpy as np
@@ -26,6 +27,9 @@ from sae.data.features import open_run
 from sae.viz.browser import LINKS_FILE, THUMB, match_text
 from sae.viz.previews import grid_shape, make_grid
 from tests.test_show import D_SAE, N_DATASET, N_ROWS, TILE, WORDS, make_codes, make_dataset, write_run
+
+if TYPE_CHECKING:
+    from sae.analysis.compare import SharednessResult
 
 # ------------------------------------------------------------------------------------------------
 # a minimal DOM
@@ -660,7 +664,7 @@ def test_plot_sharedness(site, tmp_path):
         selected=np.argsort(-delta)[:20],
         top=0.33,
     )
-    fig = sharedness_figure(crowded, label_top=20)
+    fig = sharedness_figure(cast("SharednessResult", crowded), label_top=20)  # only the fields the figure reads
     assert 1 <= len(_check_labels(fig)) < 20
     plt.close(fig)
 

@@ -95,7 +95,7 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
             "metadata": {"sae_lens_version": SAELENS_VERSION, **meta},
         }
         if kind == "topk":
-            sl_cfg.update(k=int(cfg.k or 0), rescale_acts_by_decoder_norm=False)
+            sl_cfg.update(k=cfg.active_k, rescale_acts_by_decoder_norm=False)
         with atomic_path(out / SAELENS_WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
         write_json(out / "cfg.json", sl_cfg)
@@ -113,7 +113,7 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
             "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
             "normalize_decoder": False,  # rows have norm 1 / input_scale once it is folded in
             "num_latents": cfg.d_sae,
-            "k": int(cfg.k or 0),
+            "k": cfg.active_k,
             "multi_topk": False,
             "skip_connection": False,
             "transcode": False,
@@ -132,14 +132,14 @@ def export_sae(sae: SparseAutoencoder, fmt: str, out: str | Path, metadata: dict
                 "encoder.bias": w["b_enc"],
                 "decoder.weight": w["W_dec"].t().contiguous(),
                 "b_dec": w["b_dec"],
-                "k": torch.tensor(int(cfg.k or 0), dtype=torch.int),
+                "k": torch.tensor(cfg.active_k, dtype=torch.int),
                 "threshold": w["threshold"][0].clone() if kind == "jumprelu" else torch.tensor(-1.0),
             }
         with atomic_path(out / "ae.pt") as tmp:
             torch.save(state, tmp)
         trainer = {"dict_class": dict_class, "activation_dim": cfg.d_in, "dict_size": cfg.d_sae}
         if kind != "relu":
-            trainer["k"] = int(cfg.k or 0)
+            trainer["k"] = cfg.active_k
         write_json(out / "config.json", {"trainer": {**trainer, **meta}})
     return out
 
