@@ -109,6 +109,13 @@ class JointArgs(Common):
     image_fraction: float | None = field(
         default=None, metadata=_h("data diet: train on image:text rows in this proportion (default: all rows of both)")
     )
+    normalize: bool = field(
+        default=True,
+        metadata=_h(
+            "L2-normalise every embedding before training and analysis (the Bridge Score paper's joint SAE; "
+            "--no-normalize keeps them as they are)"
+        ),
+    )
     top: int = field(default=20, metadata=_h("bridge pairs listed"))
     eps: float = field(default=0.05, metadata=_h("modality buckets: text-only mu < eps, image-only mu > 1 - eps"))
     threshold: float = field(default=0.7, metadata=_h("stability: shared when matched cosine >= this"))
@@ -326,6 +333,11 @@ def cmd_bridge(a: BridgeArgs) -> int:
     [sae_dir] = _require(sae=a.sae)
     sae = load_sae(sae_dir)
     img, txt, _ = _embeddings(a)
+    joint_json = Path(sae_dir) / "joint.json"
+    if joint_json.is_file() and jsonlib.loads(joint_json.read_text()).get("normalized"):
+        from sae.analysis.bridge import unit_rows
+
+        img, txt = unit_rows(img), unit_rows(txt)  # as the SAE was trained
     report = analyze_joint(
         sae, img, txt, top=a.top, eps=a.eps, batch_size=a.batch_size, device=a.device, progress=a.progress
     )
@@ -345,6 +357,10 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
 
     [out_dir] = _require(out=a.out)
     img, txt, source = _embeddings(a)
+    if a.normalize:
+        from sae.analysis.bridge import unit_rows
+
+        img, txt = unit_rows(img), unit_rows(txt)
     tcfg = dataclass_from_args(TrainConfig, args)
     seeds = a.seeds if a.seeds else [args.seed]
     if len(set(seeds)) != len(seeds):
@@ -355,7 +371,15 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
         cfg.validate()
         cfgs[f"seed{s}" if a.seeds else ""] = cfg
     trained = train_joint_saes(
-        img, txt, cfgs, tcfg, out_dir, image_fraction=a.image_fraction, source=source, progress=a.progress
+        img,
+        txt,
+        cfgs,
+        tcfg,
+        out_dir,
+        image_fraction=a.image_fraction,
+        source=source,
+        normalized=a.normalize,
+        progress=a.progress,
     )
     # analyse the saved checkpoints, not the in-memory SAEs: saving folds a ReLU SAE's decoder norms
     saved = {name: load_sae(t.path) for name, t in trained.items()}
@@ -364,7 +388,12 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     for name, t in trained.items():
         rep = analyze_joint(saved[name], img, txt, top=a.top, eps=a.eps, device=a.device, progress=a.progress)
         reports[name] = rep
-        out["saes"][name or "sae"] = {"path": str(t.path), "metrics": t.metrics, **rep.to_json()}
+        out["saes"][name or "sae"] = {
+            "path": str(t.path),
+            "normalized": a.normalize,
+            "metrics": t.metrics,
+            **rep.to_json(),
+        }
     if len(trained) > 1:
         names = list(trained)
         first = reports[names[0]].stats
@@ -385,7 +414,11 @@ def cmd_joint(a: JointArgs, args: argparse.Namespace) -> int:
     else:
         js = _clean(out, strict=False)
         for name, rep in js["saes"].items():
-            print(f"== {name}: {rep['path']} (FVU {rep['metrics']['fvu']:.3f}, L0 {rep['metrics']['l0']:.1f})")
+            m = rep["metrics"]
+            print(
+                f"== {name}: {rep['path']} (FVU {m['fvu']:.3f}, R^2 {m['r2_overcomplete']:.3f} as overcomplete's "
+                f"r2_score, L0 {m['l0']:.1f}; embeddings {'L2-normalised' if a.normalize else 'as given'})"
+            )
             print(format_report(rep, top=min(a.top, 10)))
         for pair, summary in out.get("stability", {}).items():
             print(f"== stability {pair}")

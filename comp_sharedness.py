@@ -3,7 +3,8 @@
     uv run comp_sharedness.py --source M --min_group G1 G2 --max_group H1 H2 [--top 0.01] [--json] [--csv FILE]
                               [--plot delta.png] [--no-save]
 
-Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2), rho^+ = max(rho, 0); prints the top features by Delta.
+Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2), rho^+ = max(rho, 0); prints the top live features by Delta and
+the feature definition of each run (a warning when they differ; docs/definitions.md).
 Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to M for the feature browser
 (format: sae/analysis/comparison_files.py): <features_dir>/M/comparisons/L{layer:02d}__{run}__comp_sharedness.json,

@@ -2,8 +2,10 @@
 
     uv run wmppc.py --source A --target B [--json] [--plot matrix.png] [--null 10] [--no-save]
 
-Prints `All Layers : x | Last layer : y` (the only line with `All Layers :`), MPPC, the null baseline and the
-per-layer-pair matrix. Reads this toolkit's runs and the original repo's dense `layerNN.pt` runs.
+Prints `All Layers : x | Last layer : y` (the only line with `All Layers :`), MPPC, the null baseline, the
+feature definition of each run (`features: A = sae, B = ungated`, with a warning when they differ;
+docs/definitions.md) and the per-layer-pair matrix. Reads this toolkit's runs and the original repo's
+dense `layerNN.pt` runs.
 Definitions: docs/comparison.md.
 Unless --no-save, the results are also saved next to the source run for the feature browser
 (format: sae/analysis/comparison_files.py): <features_dir>/A/comparisons/L{a:02d}__B__wmppc.json,

@@ -16,6 +16,9 @@ passes, one per layout, in `saes/groupNN/layerNN[_seedS]/` (NN: the group's firs
 `sae_dirs` names every SAE's folder. Each layer's SAE is sized from its own width (d_sae =
 --expansion_factor x d_in, or --d_sae).
 
+`--recipe original` sets every training and recording choice of the original repo (ORIGINAL below;
+flags given explicitly win); docs/definitions.md lists each difference from the default recipe.
+
 A run folder is protected: --runname is one plain folder name; a rerun with other settings is refused
 (--overwrite replaces it), except when the run has no outputs yet (it failed before training, e.g. on an
 unreadable image): then it is replaced. Only a folder holding this toolkit's settings.json is ever
@@ -78,6 +81,7 @@ def build_parser(modality: str, description: str) -> argparse.ArgumentParser:
         help="recorded features: sae = the SAE's inference codes (default); ungated = relu(pre-activations) of "
         "every latent, the original repo's definition (docs/definitions.md)",
     )
+    add_recipe_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(parser.add_argument_group("dataset"), DataConfig)
@@ -143,7 +147,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
     """Parse the flags and run the three stages; returns the exit status."""
     from sae.encoders import registry
 
-    args = build_parser(modality, description).parse_args(argv)
+    args = parse_with_recipe(build_parser(modality, description), argv, modality)
     spec = registry.spec_from_args(args)
     layers = spec.info().resolve_layers(args.layers)
     data_cfg = dataclass_from_args(DataConfig, args)
@@ -167,6 +171,7 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         "train": tcfg.to_dict(),
         "seeds": seeds,
         **({"record_codes": args.record_codes} if args.record_codes != "sae" else {}),  # old runs keep their key
+        **({"recipe": args.recipe} if args.recipe != "default" else {}),
     }
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
     busy = f"run '{runname}' in {args.features_dir} is being written by another process; wait for it or stop it"
@@ -254,7 +259,10 @@ def _extract_train_record(
     trained: dict[str, Any] = {}
     n_tokens: dict[int, int] = {}
     for group in groups:
-        source = ActivationSource({layer_dir_name(layer): cache.token_shards(layer) for layer in group})
+        source = ActivationSource(
+            {layer_dir_name(layer): cache.token_shards(layer) for layer in group},
+            groups=np.asarray(cache.token_row(group[0])) if tcfg.batch_groups else None,  # the input of each token
+        )
         specs = [
             SAESpec(
                 layer_dir_name(layer) + (f"_seed{seed}" if i else ""),
@@ -300,6 +308,7 @@ def _extract_train_record(
         "k": first.k,
         "seeds": seeds,
         "record_codes": args.record_codes,
+        "recipe": args.recipe,
         "sae_metrics": {str(layer): trained[layer_dir_name(layer)].metrics for layer in layers},
         "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
         "activation_cache": str(cache.path),
@@ -310,10 +319,14 @@ def _extract_train_record(
     for layer in layers:
         m = info["sae_metrics"][str(layer)]
         print(
-            f"layer {layer}: FVU {m['fvu']:.3f}, cosine {m['cosine']:.3f}, L0 {m['l0']:.1f}, "
+            f"layer {layer}: FVU {m['fvu']:.3f}, R^2 {m['r2_overcomplete']:.3f} (overcomplete's), "
+            f"cosine {m['cosine']:.3f}, L0 {m['l0']:.1f}, "
             f"dead {m['dead_fraction']:.1%} (on {m['eval_rows']} tokens)"
         )
-    print(f"features of {cache.n_rows} rows written to {run_dir}")
+    print(
+        f"features of {cache.n_rows} rows written to {run_dir} ({args.record_codes} codes: "
+        f"{RECORD_CODES[args.record_codes]}; recipe {args.recipe})"
+    )
 
 
 def _one_or_map(values: dict[str, int]) -> int | dict[str, int]:
@@ -332,4 +345,55 @@ _SAE_FLAGS = (
     "k_aux",
     "aux_coef",
     "b_dec_init",
+    "decoder_bias",
+    "encoder_bias",
+    "unit_decoder",
+    "init",
 )
+
+
+# ---- recipes ----------------------------------------------------------------------------------------
+
+RECIPES = ("default", "original")
+
+_ORIGINAL_COMMON: dict[str, Any] = {
+    "sae": "topk",  # sparse_autoencoders.py: TopKSAE
+    "k": 32,  # train_*.py: --top_k 32
+    "expansion_factor": 8,  # train_*.py: --expansion_factor 8
+    "k_aux": 0,  # sparse_autoencoders.py: TopKSAE.loss is the MSE alone (no AuxK)
+    "encoder_bias": False,  # TopKSAE.forward: relu((x - b_dec) @ W_enc), no b_enc
+    "unit_decoder": False,  # SparseAutoencoder.__init__ normalises W_dec rows once; the loop never again
+    "init": "original",  # SparseAutoencoder.__init__: W_enc kaiming_uniform_ [d_in, d_sae], W_dec = W_enc^T, unit rows
+    "b_dec_init": "zeros",  # SparseAutoencoder.__init__: b_dec = zeros
+    "scale_inputs": False,  # train_*.py: the hooked layer output goes to the SAE as it is
+    "lr": 5e-5,  # train_*.py: torch.optim.Adam(sae.parameters(), lr=5e-5)
+    "warmup_steps": 0,  # no scheduler
+    "decay_fraction": 0.0,
+    "epochs": 1,  # train_*.py: one `for batch in dl_train` loop
+    "autocast": False,  # fp32 throughout
+    "record_codes": "ungated",  # TopKSAE.get_cls_features: relu((x - b_dec) @ W_enc), no TopK
+    "token": "first",  # TopKSAE.get_cls_features: features[..., 0, :]
+}
+
+ORIGINAL: dict[str, dict[str, Any]] = {
+    "image": {**_ORIGINAL_COMMON, "batch_groups": 16},  # train_image.py: --batch_size 16 images, all their tokens
+    "text": {**_ORIGINAL_COMMON, "batch_groups": 256},  # train_text.py: --batch_size 256 captions
+}
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe",
+        default="default",
+        choices=RECIPES,
+        help="original: every training and recording choice of the original repo (flags given explicitly win; "
+        "docs/definitions.md)",
+    )
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None, modality: str) -> argparse.Namespace:
+    """Parse `argv`, with the defaults of the recipe it names (`--recipe`)."""
+    known, _ = parser.parse_known_args(argv)
+    if known.recipe == "original":
+        parser.set_defaults(**ORIGINAL[modality])
+    return parser.parse_args(argv)

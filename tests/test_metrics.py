@@ -47,6 +47,7 @@ def _reference(batches):
     ref = {
         "n_rows": n,
         "fvu": fvu,
+        "r2_overcomplete": 1 - np.mean((x - xh) ** 2) / np.mean((x - x.mean()) ** 2),  # overcomplete's r2_score
         "cosine": np.mean(cos),
         "mse": np.mean((x - xh) ** 2),
         "l0": np.mean([row.sum() for row in active]),

@@ -51,6 +51,12 @@ if TYPE_CHECKING:
 
 Codes = np.ndarray | torch.Tensor | SparseCodes | scipy.sparse.spmatrix
 DEAD_ENERGY = 1e-9
+BRIDGE_DEFINITION = (
+    "B_ij = (1/N) sum_n z_img[n,i] z_txt[n,j] cos(d_i, d_j) (Papadimitriou et al. 2025); sum_B in the SAE's "
+    "scaled units (inputs times input_scale s), sum_B_input_units = sum_B / s^2, sum_B_per_unit_norm = "
+    "sum_B_input_units / mean_n |img_n| |txt_n|; sum_B_input_units = mean <x_hat_img, x_hat_txt> only without a "
+    "decoder bias (the paper's joint SAE: analyze.py joint --no_b_dec)"
+)
 
 
 def as_csr(z: Codes) -> scipy.sparse.csr_matrix:
@@ -399,6 +405,25 @@ def training_rows(n_image: int, n_text: int, image_fraction: float | None) -> tu
     return ni, nt
 
 
+def joint_source(img: np.ndarray, txt: np.ndarray) -> Any:
+    """The training rows of a joint SAE: key "x", rows [0, n_img) images then texts, as two strata, so
+    every batch holds both modalities in their global proportion (to one row) at any scale
+    (`sae.nn.sources.strata_batches`)."""
+    from sae.nn.sources import ActivationSource
+
+    return ActivationSource({"x": [img, txt]}, strata=[img.shape[0], txt.shape[0]])
+
+
+def unit_rows(a: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """a [N, d] with every row scaled to unit L2 norm, float32 (zero rows stay zero)."""
+    out = np.empty(a.shape, dtype=np.float32)
+    for s in range(0, a.shape[0], chunk):
+        block = np.asarray(a[s : s + chunk], dtype=np.float64)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        out[s : s + chunk] = block / np.where(norms > 0, norms, 1.0)
+    return out
+
+
 def train_joint_saes(
     img: np.ndarray,
     txt: np.ndarray,
@@ -408,21 +433,22 @@ def train_joint_saes(
     *,
     image_fraction: float | None = None,
     source: dict[str, Any] | None = None,
+    normalized: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one SAE per entry of `cfgs` (name -> SAEConfig; e.g. several seeds) on the image rows
     and the text rows together, in one pass (`sae.nn.trainer.train_saes`).
 
-    The training source is two shards of one key: rows [0, n_img) are images, [n_img, n_img + n_txt)
-    texts (the first n_img / n_txt rows; all unless `image_fraction` asks for a data diet). Each
-    SAE's folder gets `joint.json` recording this and `source` (where the embeddings came from: files,
-    or an `analyze.py embed` folder and its models). Returns `train_saes`'s dict of TrainedSAE."""
-    from sae.nn.sources import ActivationSource
+    The training source is `joint_source`: every batch mixes image and text rows in their global
+    proportion (the first n_img / n_txt rows; all unless `image_fraction` asks for a data diet). Each
+    SAE's folder gets `joint.json` recording this, `normalized` (whether the caller L2-normalised the
+    embeddings) and `source` (where the embeddings came from: files, or an `analyze.py embed` folder
+    and its models). Returns `train_saes`'s dict of TrainedSAE."""
     from sae.nn.trainer import SAESpec, train_saes
 
     check_embeddings(img, txt, paired=False)
     ni, nt = training_rows(img.shape[0], txt.shape[0], image_fraction)
-    rows_source = ActivationSource({"x": [img[:ni], txt[:nt]]})
+    rows_source = joint_source(img[:ni], txt[:nt])
     rows_source.check_finite("x")
     specs = [SAESpec(name, "x", cfg) for name, cfg in cfgs.items()]
     results = train_saes(rows_source, specs, tcfg, out_dir, progress=progress)
@@ -435,7 +461,9 @@ def train_joint_saes(
                 "n_image": ni,
                 "n_text": nt,
                 "image_fraction": ni / (ni + nt),
-                "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text embeddings",
+                "rows": "training rows [0, n_image) are image embeddings, [n_image, n_image + n_text) text "
+                "embeddings; every batch holds both in this proportion",
+                "normalized": normalized,
                 "source": source or {},
             },
         )
@@ -452,6 +480,7 @@ class JointReport:
     bridge: BridgeSummary
     alignment: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    scale: float = 1.0  # the SAE's input_scale s: B / s^2 is in input units
 
     def to_json(self) -> dict[str, Any]:
         st = self.stats
@@ -471,9 +500,22 @@ class JointReport:
                 if live.any()
                 else None,
             },
-            "bridge": self.bridge.to_json(st),
+            "bridge": self._bridge_json(),
             "alignment": self.alignment,
         }
+
+    def _bridge_json(self) -> dict[str, Any]:
+        """The bridge summary with B also in input units (/ s^2) and per unit norm, and its definition."""
+        out = self.bridge.to_json(self.stats)
+        s2 = self.scale**2
+        out["sum_B_input_units"] = self.bridge.total / s2
+        norm = self.extra.get("mean_norm_product")
+        out["sum_B_per_unit_norm"] = _num(out["sum_B_input_units"] / norm) if norm else None
+        for key in ("top_pairs", "top_cross_modal_pairs", "top_diagonal"):
+            for pair in out[key]:
+                pair["bridge_input_units"] = pair["bridge"] / s2
+        out["definition"] = BRIDGE_DEFINITION
+        return out
 
     def per_concept(self) -> dict[str, np.ndarray]:
         """Arrays [c] for `--out FILE.npz`."""
@@ -507,7 +549,7 @@ def analyze_codes(
     stats = modality_stats(z_img, z_txt)
     summary = bridge_summary(z_img, z_txt, D, top=top, modality=stats.modality, block=block, progress=progress)
     align = alignment_terms(z_img, z_txt, D, b, scale, bridge_total=summary.total)
-    return JointReport(stats, modality_buckets(stats, eps), modality_histogram(stats), summary, align)
+    return JointReport(stats, modality_buckets(stats, eps), modality_histogram(stats), summary, align, scale=scale)
 
 
 def analyze_joint(
@@ -523,7 +565,8 @@ def analyze_joint(
 ) -> JointReport:
     """Encode N paired image / text embeddings [N, d] with a joint SAE and run `analyze_codes`, with
     D = W_dec, b = b_dec, s = input_scale; also reports mean_pair_dot = (1/N) sum_n <img_n, txt_n>
-    of the raw embeddings (what the reconstructions' alignment approximates)."""
+    of the raw embeddings (what the reconstructions' alignment approximates), mean_norm_product =
+    (1/N) sum_n |img_n| |txt_n| (B per unit norm divides by it) and decoder_bias."""
     check_embeddings(img, txt, paired=True)
     if img.shape[1] != sae.cfg.d_in:
         raise InputError(f"embeddings have width {img.shape[1]}, the SAE d_in={sae.cfg.d_in}")
@@ -532,12 +575,15 @@ def analyze_joint(
     D = sae.W_dec.detach().double().cpu().numpy()
     b = sae.b_dec.detach().double().cpu().numpy()
     report = analyze_codes(zi, zt, D, b=b, scale=sae.cfg.input_scale, top=top, eps=eps, progress=progress)
-    dot = 0.0
+    dot = norms = 0.0
     for s in range(0, img.shape[0], 65536):
-        dot += float(
-            (np.asarray(img[s : s + 65536], dtype=np.float64) * np.asarray(txt[s : s + 65536], dtype=np.float64)).sum()
-        )
+        bi = np.asarray(img[s : s + 65536], dtype=np.float64)
+        bt = np.asarray(txt[s : s + 65536], dtype=np.float64)
+        dot += float((bi * bt).sum())
+        norms += float((np.linalg.norm(bi, axis=1) * np.linalg.norm(bt, axis=1)).sum())
     report.extra["mean_pair_dot"] = dot / img.shape[0]
+    report.extra["mean_norm_product"] = norms / img.shape[0]
+    report.extra["decoder_bias"] = bool(getattr(sae.cfg, "decoder_bias", True))
     return report
 
 
@@ -552,9 +598,21 @@ def format_report(js: dict[str, Any], top: int = 10) -> str:
             f"{k}: {m[k]['count']} concepts, {m[k]['energy_fraction']:.1%} of energy"
             for k in ("image", "bimodal", "text")
         ),
-        f"sum B = {a['sum_B']:.6f} = mean <zD_img, zD_txt> (scaled units, no decoder bias); with b_dec: "
-        f"{a['scaled_total']:.6f}; input units: {a['input_units_total']:.6f}"
-        + (f" (raw embeddings: {js['mean_pair_dot']:.6f})" if "mean_pair_dot" in js else ""),
+        "Bridge Score B_ij = (1/N) sum_n z_img[n,i] z_txt[n,j] cos(d_i, d_j) (the paper's): sum B = "
+        f"{js['bridge']['sum_B_input_units']:.6f} in input units"
+        + (
+            f", {js['bridge']['sum_B_per_unit_norm']:.6f} per unit norm"
+            if js["bridge"].get("sum_B_per_unit_norm") is not None
+            else ""
+        )
+        + f" ({a['sum_B']:.6f} in the SAE's scaled units)",
+        f"mean <x_hat_img, x_hat_txt> = {a['input_units_total']:.6f} in input units"
+        + (f" (raw embeddings: {js['mean_pair_dot']:.6f})" if "mean_pair_dot" in js else "")
+        + (
+            "; = sum B: no decoder bias (the paper's)"
+            if js.get("decoder_bias") is False
+            else "; differs from sum B by the decoder-bias terms (the paper's SAE has none: --no_b_dec)"
+        ),
     ]
 
     def table(title: str, pairs: list[dict[str, Any]]) -> None:

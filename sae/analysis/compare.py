@@ -673,7 +673,7 @@ def comparative_sharedness(
     index, or 'all' for the best over every layer). rho_G is the minimum over the min group (shared
     with every model of G), rho_H the maximum over the max group (shared with some model of H), and
     Delta = S ((rho_G^+)^2 - (rho_H^+)^2) (`sharedness_delta`); the raw rho_G and rho_H are kept.
-    The top `top` fraction of features by Delta (at least one) is selected.
+    The top `top` fraction of features by Delta (at least one) is selected among the live ones only.
     """
     if not min_group:
         raise InputError("the min group is empty: give at least one run to --min_group (G)")
@@ -712,7 +712,8 @@ def comparative_sharedness(
     rho_h = np.max([matches[r.name].rho for r in max_group], axis=0)
     delta = sharedness_delta(weight, rho_g, rho_h)
     n_top = max(1, int(math.floor(top * src.d + 1e-9)))
-    order = np.lexsort((np.arange(src.d), -delta))[:n_top]
+    live = np.flatnonzero(~src.stats.dead)  # a dead feature (Delta = 0) never makes the list
+    order = live[np.lexsort((live, -delta[live]))][:n_top]
     return SharednessResult(
         source=source.name,
         layer=src_layer,

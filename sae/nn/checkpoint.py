@@ -1,7 +1,8 @@
 """SAE checkpoints: `sae.safetensors` + `cfg.json`, readable without this package.
 
 sae.safetensors (float32):
-    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in],
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows unless cfg unit_decoder is
+    false), b_dec [d_in],
     threshold [] (batchtopk only: the global inference threshold; jumprelu: [d_sae], one per latent)
 cfg.json: the SAEConfig fields (architecture, d_in, d_sae, k, k_levels, prefixes, input_scale, ...),
 plus "format", "version" and "provenance" (package versions, git commit).

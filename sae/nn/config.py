@@ -74,6 +74,30 @@ class SAEConfig:
         default="geometric_median",
         metadata=_help("initial pre-encoder bias b_dec", choices=("geometric_median", "mean", "zeros")),
     )
+    decoder_bias: bool = field(
+        default=True,
+        metadata=_help(
+            "train a decoder bias b_dec (off, or --no_b_dec: b_dec stays 0, as the Bridge Score paper's joint SAE)"
+        ),
+    )
+    encoder_bias: bool = field(
+        default=True, metadata=_help("train an encoder bias b_enc (off: b_enc stays 0, as in the original repo)")
+    )
+    unit_decoder: bool = field(
+        default=True,
+        metadata=_help(
+            "topk family: keep decoder rows at unit norm during training (off: normalised once at init, as in "
+            "the original repo)"
+        ),
+    )
+    init: str = field(
+        default="tied",
+        metadata=_help(
+            "weights at init: tied = unit-norm decoder rows, W_enc = W_dec^T; original = W_enc kaiming-uniform "
+            "[d_in, d_sae], W_dec = W_enc^T with unit rows (the original repo)",
+            choices=("tied", "original"),
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES + LOADED_ONLY:
@@ -167,6 +191,17 @@ class TrainConfig:
         default=1 << 20,
         metadata=_help("rows are shuffled within contiguous windows of this size (in random window order)"),
     )
+    batch_groups: int = field(
+        default=0,
+        metadata=_help(
+            "when > 0, a step trains on every token of this many inputs (images or captions, in random order) "
+            "instead of --batch_size tokens (the original repo: 16 images, 256 captions)"
+        ),
+    )
+    scale_inputs: bool = field(
+        default=True, metadata=_help("scale inputs to mean squared norm d_in (off: as they are, the original repo)")
+    )
+    autocast: bool = field(default=True, metadata=_help("bf16 autocast on CUDA (off: fp32, the original repo)"))
     seed: int = field(default=0, metadata=_help("data-order seed"))
     device: str = field(default="auto", metadata=_help("auto (cuda if present), cpu or cuda[:i]"))
     log_every: int = field(
@@ -185,6 +220,8 @@ class TrainConfig:
             raise InputError(f"--lr must be positive (got {self.lr})")
         if self.log_every < 1:
             raise InputError(f"--log_every must be at least 1 (got {self.log_every})")
+        if self.batch_groups < 0:
+            raise InputError(f"--batch_groups must be >= 0 (got {self.batch_groups})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +241,9 @@ def add_sae_args(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--expansion_factor", type=float, default=8, help="d_sae = expansion_factor * d_in")
     parser.add_argument("--d_sae", type=int, default=0, help="number of latents (overrides --expansion_factor)")
     add_dataclass_args(parser, SAEConfig, skip=_SAE_SKIP)
+    parser.add_argument(
+        "--no_b_dec", dest="decoder_bias", action="store_false", help="no decoder bias (= --no-decoder_bias)"
+    )
     add_dataclass_args(parser, TrainConfig)
 
 

@@ -13,6 +13,10 @@ a_nj = [c_nj > 0], and f_j = Σ_n a_nj / N the firing frequency of latent j, `co
                                  denominator is 0). Streamed: with S1_d = Σ_n x_nd and S2_d = Σ_n x_nd²,
                                  Σ_n ‖x_n − x̄‖² = Σ_d (S2_d − S1_d² / N). In float64 the cancellation is
                                  harmless unless |mean| / std of a dimension exceeds ~1e5.
+    r2_overcomplete              1 − Σ_n ‖x_n − x̂_n‖² / Σ_nd (x_nd − m)², m the one mean of all N d_in
+                                 entries: the R² of overcomplete (metrics.r2_score, the Bridge Score
+                                 paper's library; without its +1e-6), higher than 1 − fvu when the
+                                 dimensions' means differ
     cosine                       (1/N) Σ_n ⟨x_n, x̂_n⟩ / (‖x_n‖ ‖x̂_n‖). A row where both vectors are zero
                                  counts as 1 (a zero vector reconstructed exactly); a row where only
                                  one of them is zero counts as 0.
@@ -216,6 +220,7 @@ class MetricsAccumulator:
         n = self._require_rows()
         sse = float(self._sse)
         total_var = float((self._sum_x2 - self._sum_x.square() / n).sum())
+        global_var = float(self._sum_x2.sum() - self._sum_x.sum().square() / (n * self.d_in))
         lifetime = self.lifetime_sparsity()
         n_dead = int((self._fire == 0).sum())
         n_dense = int((lifetime > self.dense_threshold).sum())
@@ -226,6 +231,7 @@ class MetricsAccumulator:
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "fvu": sse / total_var if total_var > 0 else math.nan,
+            "r2_overcomplete": 1 - sse / global_var if global_var > 0 else math.nan,
             "cosine": float(self._cos_sum) / n,
             "mse": sse / (n * self.d_in),
             "l0": float(self._fire.sum()) / n,

@@ -19,7 +19,9 @@ act is, per architecture:
 
 Training (`training_loss`) differs per architecture; see each `_loss_*` docstring. Decoder rows of the
 constrained architectures are kept at unit norm after every step, with the gradient component
-parallel to each row removed first (`remove_parallel_grad_`, `normalize_decoder_`). The training path
+parallel to each row removed first (`remove_parallel_grad_`, `normalize_decoder_`), unless
+cfg.unit_decoder is off (the original repo's recipe; cfg.encoder_bias off keeps b_enc = 0, and
+cfg.decoder_bias off keeps b_dec = 0, the Bridge Score paper's joint SAE). The training path
 of topk, batchtopk and matryoshka is sparse: the encoder backward and the decoder only touch the
 selected latents of each row (k per row, or k * batch in all for batchtopk): `_SelectedPreActs`,
 `sparse_t_matmul`, `F.embedding_bag`; AuxK touches only the dead latents. This is what makes it fast on
@@ -183,13 +185,18 @@ class SparseAutoencoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        bound = math.sqrt(6 / cfg.d_in)  # kaiming-uniform for a [d_sae, d_in] matrix
-        W_dec = (torch.rand(cfg.d_sae, cfg.d_in, generator=gen) * 2 - 1) * bound
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec.to(device))
-        self.W_enc = nn.Parameter(W_dec.t().clone().contiguous().to(device))  # tied init, a copy
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        if cfg.init == "original":  # the original repo: W_enc kaiming-uniform [d_in, d_sae], W_dec = unit rows of W_enc^T
+            W_enc = nn.init.kaiming_uniform_(torch.empty(cfg.d_in, cfg.d_sae), generator=gen)
+            W_dec = W_enc.t() / W_enc.t().norm(dim=1, keepdim=True)
+        else:
+            bound = math.sqrt(6 / cfg.d_in)  # kaiming-uniform for a [d_sae, d_in] matrix
+            W_dec = (torch.rand(cfg.d_sae, cfg.d_in, generator=gen) * 2 - 1) * bound
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            W_enc = W_dec.t()  # tied init
+        self.W_dec = nn.Parameter(W_dec.contiguous().to(device))
+        self.W_enc = nn.Parameter(W_enc.clone().contiguous().to(device))  # a copy
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device), requires_grad=cfg.encoder_bias)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device), requires_grad=cfg.decoder_bias)
         shape = (cfg.d_sae,) if cfg.architecture == "jumprelu" else ()  # one per latent, or batchtopk's global one
         self.register_buffer("threshold", torch.zeros(shape, device=device))
 
@@ -400,14 +407,14 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
         """Drop the component of each decoder row's gradient parallel to that (unit) row."""
-        if self.cfg.architecture in CONSTRAINED and self.W_dec.grad is not None:
+        if self.cfg.architecture in CONSTRAINED and self.cfg.unit_decoder and self.W_dec.grad is not None:
             W, g = self.W_dec, self.W_dec.grad
             g -= (g * W).sum(1, keepdim=True) * W
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale decoder rows to unit norm (constrained architectures)."""
-        if self.cfg.architecture in CONSTRAINED:
+        """Rescale decoder rows to unit norm (constrained architectures, unless cfg.unit_decoder is off)."""
+        if self.cfg.architecture in CONSTRAINED and self.cfg.unit_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
@@ -418,6 +425,8 @@ class SparseAutoencoder(nn.Module):
         if torch.allclose(norms, torch.ones_like(norms)):
             return
         if self.cfg.architecture not in ("relu", "jumprelu"):
+            if not self.cfg.unit_decoder:
+                return  # a free TopK-family decoder stays as trained: scaling would change the selection
             raise RuntimeError("only ReLU and JumpReLU SAEs have unconstrained decoder norms to fold")
         if self.cfg.architecture == "jumprelu":
             self.threshold *= norms
@@ -428,6 +437,8 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def init_b_dec_(self, xs: Tensor) -> None:
         """Initialise b_dec from a sample of scaled inputs xs [n, d_in] per cfg.b_dec_init."""
+        if not self.cfg.decoder_bias:
+            return  # no decoder bias: b_dec stays 0
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(xs.cpu()).to(self.b_dec.device))
         elif self.cfg.b_dec_init == "mean":

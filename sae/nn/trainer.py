@@ -2,9 +2,12 @@
 
 `train_saes(source, specs, tcfg, out_dir)`:
 - every step reads one batch of rows [batch_size] and feeds each SAE the rows of its source key;
-- fp32 parameters and Adam state; bf16 autocast and TF32 on CUDA;
+- fp32 parameters and Adam state; bf16 autocast (unless --no-autocast) and TF32 on CUDA;
+- batch order: `ActivationSource.batches` (shuffled windows; strata mixed in every batch for a
+  joint SAE; whole inputs with --batch_groups);
 - learning rate: linear warm-up, constant, linear decay to 0 over the last `decay_fraction` of steps;
-- inputs scaled so that their mean squared norm is d_in (the factor is stored in each cfg.json);
+- inputs scaled so that their mean squared norm is d_in (the factor is stored in each cfg.json;
+  --no-scale_inputs keeps 1);
 - dead latents: rows since each latent last fired; past `dead_window` (default_dead_window) they
   feed the AuxK loss; the bar shows the dead % once that many rows have been trained on;
 - checkpoints (`out_dir/trainer_state.safetensors`, no pickle) every `checkpoint_every` steps and on SIGINT/SIGTERM;
@@ -42,7 +45,7 @@ from sae.nn.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
-from sae.nn.sources import ActivationSource, epoch_batches
+from sae.nn.sources import ActivationSource
 from sae.nn.trainlog import TrainLog, WandbLogger
 from sae.util.atomic import write_json
 from sae.util.device import resolve_device
@@ -127,19 +130,24 @@ _NOT_FINGERPRINTED = ("device", "checkpoint_every", "eval_rows", "log_every", "w
 
 
 def _batches(source: ActivationSource, tcfg: TrainConfig, start: int, total: int) -> Iterator[tuple[int, np.ndarray]]:
-    steps_per_epoch = -(-source.n_rows // tcfg.batch_size)
+    steps_per_epoch = source.steps_per_epoch(tcfg.batch_size, tcfg.batch_groups)
     step = start
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        for rows in epoch_batches(source.n_rows, tcfg.batch_size, tcfg.seed, epoch, in_epoch, tcfg.shuffle_window):
+        for rows in source.batches(
+            tcfg.batch_size, tcfg.seed, epoch, in_epoch, tcfg.shuffle_window, groups_per_batch=tcfg.batch_groups
+        ):
             yield step, rows
             step += 1
             if step >= total:
                 return
 
 
-def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.device) -> list[SparseAutoencoder]:
-    """Fill in d_in / input_scale, build each SAE and initialise b_dec from a sample of rows."""
+def _prepare(
+    source: ActivationSource, specs: list[SAESpec], device: torch.device, scale_inputs: bool = True
+) -> list[SparseAutoencoder]:
+    """Fill in d_in / input_scale (1 unless `scale_inputs`), build each SAE and initialise b_dec from a
+    sample of rows."""
     sample_rows = source.sample_rows(16384)
     samples = {key: source.read(key, sample_rows) for key in {s.key for s in specs}}
     saes = []
@@ -151,7 +159,7 @@ def _prepare(source: ActivationSource, specs: list[SAESpec], device: torch.devic
             raise InputError(f"activations '{spec.key}' are all zero")
         if float((x - x[:1]).abs().max()) == 0:
             raise InputError(f"activations '{spec.key}': every row is the same; an SAE has nothing to learn")
-        spec.cfg.input_scale = math.sqrt(spec.cfg.d_in / mean_sq)
+        spec.cfg.input_scale = math.sqrt(spec.cfg.d_in / mean_sq) if scale_inputs else 1.0
         sae = SparseAutoencoder(spec.cfg, device=device)
         spread = torch.linspace(0, len(x) - 1, min(4096, len(x))).round().long()  # x is in row order
         sae.init_b_dec_(x[spread] * spec.cfg.input_scale)
@@ -202,10 +210,11 @@ def train_saes(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     fingerprint = _fingerprint(source, specs, tcfg)
-    steps_per_epoch = -(-source.n_rows // tcfg.batch_size)
+    steps_per_epoch = source.steps_per_epoch(tcfg.batch_size, tcfg.batch_groups)
     total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else min(1000, max(1, total // 20))
-    dead_window = tcfg.dead_window or default_dead_window(source.n_rows, total * tcfg.batch_size, tcfg.batch_size)
+    batch_rows = -(-source.n_rows // steps_per_epoch) if tcfg.batch_groups else tcfg.batch_size  # mean rows per step
+    dead_window = tcfg.dead_window or default_dead_window(source.n_rows, total * batch_rows, batch_rows)
 
     state_path = out_dir / STATE_FILE
     if (out_dir / OLD_STATE_FILE).exists() and not state_path.exists():
@@ -217,7 +226,7 @@ def train_saes(
     if state is not None and state["fingerprint"] != fingerprint:
         raise InputError(f"{out_dir} holds a run with other settings; choose another --out or delete it")
     if state is None:
-        saes = _prepare(source, specs, device)
+        saes = _prepare(source, specs, device, tcfg.scale_inputs)
         since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
         start = rows_seen = 0
     else:
@@ -253,7 +262,11 @@ def train_saes(
         if tcfg.wandb
         else None
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and tcfg.autocast
+        else contextlib.nullcontext()
+    )
     bar = tqdm(
         total=total,
         initial=start,

@@ -12,7 +12,9 @@ delta [d], rho_min_group [d], rho_max_group [d], selected [n_top], top):
     label placed at the first of a few offsets around its point where it overlaps no other label
     (labels that fit nowhere are left out)
 
-Dead features (S = 0) are left out and counted in the legend's title.
+Dead features (S = 0) are left out and counted in the legend's title. When a few features have a |Delta|
+far beyond the rest (over SYMLOG_RATIO times the larger of the selected features' |Delta| and the 90th
+percentile of |Delta|), the y axis is symlog, linear within that reference, so the bulk stays readable.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 DPI = 150
 DIFF = r"$\rho_G^2-\rho_H^2$"
 # label offsets in points around a point, tried in order
+SYMLOG_RATIO = 20
 OFFSETS = [(5, 5), (5, -11), (-8, 6), (-8, -12), (9, -3), (-13, -3), (0, 12), (0, -17)]
 
 
@@ -50,6 +53,16 @@ def _place_labels(fig: Any, ax: Any, points: list[tuple[int, float, float]]) -> 
                 break
             ann.remove()
     return placed
+
+
+def symlog_threshold(delta: np.ndarray, selected: np.ndarray) -> float | None:
+    """The linear range of a symlog Delta axis, or None when a linear axis is readable (module docstring)."""
+    if not len(delta):
+        return None
+    ref = max(float(np.abs(selected).max()) if len(selected) else 0.0, float(np.quantile(np.abs(delta), 0.9)))
+    if ref <= 0 or float(np.abs(delta).max()) <= SYMLOG_RATIO * ref:
+        return None
+    return ref
 
 
 def sharedness_figure(result: SharednessResult, *, label_top: int = 8) -> Any:
@@ -79,6 +92,10 @@ def sharedness_figure(result: SharednessResult, *, label_top: int = 8) -> Any:
         ax.set_xscale("log")
     ax.set_xlabel("S = summed activation of the feature (mass)")
     ax.set_ylabel(r"$\Delta = S\,(\rho_G^2-\rho_H^2)$")
+    linthresh = symlog_threshold(delta[live], delta[sel])
+    if linthresh is not None:
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_ylabel(r"$\Delta = S\,(\rho_G^2-\rho_H^2)$" + f" (symlog, linear within ±{linthresh:.3g})")
     ax.set_title(
         f"Comparative sharedness of {result.source} (layer {result.layer})\n"
         f"G (min) = {', '.join(result.min_group)}   H (max) = {', '.join(result.max_group)}",
