@@ -185,7 +185,7 @@ class SparseAutoencoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        if cfg.init == "original":  # the original repo: W_enc kaiming-uniform [d_in, d_sae], W_dec = unit rows of W_enc^T
+        if cfg.init == "original":  # the original repo: W_enc kaiming-uniform [d_in, d_sae], W_dec its unit rows^T
             W_enc = nn.init.kaiming_uniform_(torch.empty(cfg.d_in, cfg.d_sae), generator=gen)
             W_dec = W_enc.t() / W_enc.t().norm(dim=1, keepdim=True)
         else:
