@@ -4,6 +4,7 @@ python -m sae train --activations X.npy --sae topk --k 32 --expansion_factor 8 -
 python -m sae demo
 python -m sae export --format saelens --sae RUN/saes/layer05 --out OUT   (or sparsify, dictionary_learning)
 python -m sae push --run RUN --repo ORG/NAME                             (Hugging Face Hub)
+python -m sae convert sae_features/RUN      # original-format layerNN.pt -> layerNN.csr-v1/ copies, once
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_saes(source, [SAESpec("", "x", cfg)], tcfg, args.out, progress=not args.quiet)[""]
     summary = {k: v for k, v in result.metrics.items() if k != "firing_histogram"}  # that one: metrics.json
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sae.data.features import FeatureRun
+    from sae.data.ptfile import convert_layer, sidecar_path
+    from sae.util.errors import InputError
+
+    for folder in args.runs:
+        run = FeatureRun(Path(folder)) if Path(folder).is_dir() else None
+        if run is None or run.format == "csr-v1":
+            raise InputError(f"{folder} is not a folder of original-format layerNN.pt files")
+        for layer in run.layers:
+            codes = convert_layer(run.layer_path(layer), layer, progress=not args.quiet)
+            print(f"{sidecar_path(run.layer_path(layer))}: {codes.n_rows} rows, {codes.nnz} non-zeros")
     return 0
 
 
@@ -73,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sae_args(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+    convert = sub.add_parser(
+        "convert", help="convert original-format runs (dense layerNN.pt) to csr-v1 copies kept beside them"
+    )
+    convert.add_argument("runs", nargs="+", help="run folders holding layerNN.pt files")
+    convert.add_argument("--quiet", action="store_true")
+    convert.set_defaults(func=cmd_convert)
     demo = sub.add_parser("demo", help="the embedded default: the whole pipeline on generated data, offline, CPU")
     demo.add_argument("--out", default="demo_out", help="output directory")
     demo.add_argument("--rows", type=int, default=400, help="rows of the generated captioned dataset")

@@ -41,13 +41,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae.data.cache import CacheConfig, extract_activations
+from sae.data.cache import CacheConfig
+from sae.data.cache_parallel import extract_activations
 from sae.data.datasets import DataConfig, pairs_from_config
 from sae.data.features import FORMAT, RECORD_CODES, LayerWriter, SparseCodes, layer_dir_name, write_run_info
 from sae.nn.config import TrainConfig, add_sae_args, sae_config_from_args
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource
 from sae.nn.trainer import SAESpec, train_saes
+from sae.util import distributed
 from sae.util.atomic import read_json, remove_dead_temporaries, write_json
 from sae.util.cli import add_dataclass_args, dataclass_from_args
 from sae.util.errors import InputError
@@ -174,13 +176,26 @@ def run(modality: str, argv: Sequence[str] | None, description: str) -> int:
         **({"recipe": args.recipe} if args.recipe != "default" else {}),
     }
     fingerprint = _fingerprint({**settings, "train": {k: v for k, v in tcfg.to_dict().items() if k != "device"}})
+    stages = (args, modality, spec, pairs, layers, cache_cfg, data_cfg, tcfg, seeds, run_dir, runname)
+    distributed.init(tcfg.device)  # under torchrun every stage is split over the ranks; rank 0 owns the folder
+    if not distributed.is_main():
+        if distributed.broadcast_object(None):  # rank 0 claimed the run folder
+            _extract_train_record(*stages)
+        return 0
     busy = f"run '{runname}' in {args.features_dir} is being written by another process; wait for it or stop it"
     with exclusive(Path(args.features_dir) / f".{runname}.lock", busy):
-        if not _claim_run_dir(run_dir, runname, fingerprint, args.overwrite):
+        try:
+            claimed = _claim_run_dir(run_dir, runname, fingerprint, args.overwrite)
+            if claimed:
+                write_json(run_dir / SETTINGS_FILE, {"fingerprint": fingerprint, **settings})
+        except BaseException:
+            distributed.broadcast_object(False)
+            raise
+        distributed.broadcast_object(claimed)
+        if not claimed:
             print(f"run '{runname}' is already complete in {run_dir}")
             return 0
-        write_json(run_dir / SETTINGS_FILE, {"fingerprint": fingerprint, **settings})
-        _extract_train_record(args, modality, spec, pairs, layers, cache_cfg, data_cfg, tcfg, seeds, run_dir, runname)
+        _extract_train_record(*stages)
     return 0
 
 
@@ -242,8 +257,10 @@ def _extract_train_record(
     run_dir: Path,
     runname: str,
 ) -> None:
-    """The three stages (module docstring) into `run_dir`, whose lock is held."""
-    progress = not args.quiet
+    """The three stages (module docstring) into `run_dir`, whose lock is held (by rank 0 under torchrun:
+    every rank runs this, each doing its share)."""
+    progress = not args.quiet and distributed.is_main()
+    say = print if distributed.is_main() else (lambda *a, **k: None)
 
     cache = extract_activations(
         spec,
@@ -274,7 +291,7 @@ def _extract_train_record(
         ]
         out_dir = run_dir / "saes" if len(groups) == 1 else run_dir / "saes" / f"group{group[0]:02d}"
         widths = sorted({cache.d_of(layer) for layer in group})
-        print(
+        say(
             f"training {len(specs)} SAE(s) on {source.n_rows} tokens of {cache.n_rows} rows "
             f"(layers {group}, d_in {'/'.join(map(str, widths))}, "
             f"d_sae {'/'.join(str(d) for d in sorted({s.cfg.d_sae for s in specs}))})"
@@ -283,8 +300,11 @@ def _extract_train_record(
         n_tokens.update(dict.fromkeys(group, source.n_rows))
 
     saes = {layer: trained[layer_dir_name(layer)].sae for layer in layers}
-    for layer in layers:
+    for layer in layers[distributed.rank() :: distributed.world_size()]:  # the layers are split over the ranks
         _record(saes[layer], cache.pooled(layer), run_dir, layer, progress, args.record_codes)
+    distributed.barrier()
+    if not distributed.is_main():
+        return
     first = saes[layers[0]].cfg
     d_sae = {str(layer): int(saes[layer].cfg.d_sae) for layer in layers}
     info = {
@@ -312,6 +332,7 @@ def _extract_train_record(
         "sae_metrics": {str(layer): trained[layer_dir_name(layer)].metrics for layer in layers},
         "sae_dirs": {name: str(t.path.relative_to(run_dir)) for name, t in trained.items()},
         "activation_cache": str(cache.path),
+        "world_size": distributed.world_size(),
         "format": FORMAT,
         "provenance": provenance(),
     }

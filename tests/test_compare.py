@@ -382,10 +382,16 @@ def test_original_format_reads_like_the_toolkit_format(tmp_path):
         # the null baseline permutes the rows of the dense layer like those of the CSR codes
         assert res.null is not None
         np.testing.assert_allclose(res.null.all_layers, null.all_layers, atol=TOL)
-    # the layer stays a dense fp16 array, memory-mapped from the file, not copied into RAM
+    # a sparse layer is read through its csr-v1 copy, made once beside the .pt file and memory-mapped
     layer = LayerLoader(NumpyEngine()).load(open_run(tmp_path / "orig", "A"), 5)
+    assert isinstance(layer.data, SparseCodes) and isinstance(layer.data.values, np.memmap)
+    assert (tmp_path / "orig" / "A" / "layer05.csr-v1" / "meta.json").exists()
+    # a dense one stays a dense fp16 array, memory-mapped from the file, not copied into RAM
+    write_original(tmp_path / "dense", "D", {0: np.abs(rng.standard_normal((n, 20))).astype(np.float32)})
+    layer = LayerLoader(NumpyEngine()).load(open_run(tmp_path / "dense", "D"), 0)
     assert isinstance(layer.data, np.ndarray) and layer.data.dtype == np.float16
     assert not layer.data.flags.owndata and "csr" not in layer.cache
+    assert not (tmp_path / "dense" / "D" / "layer00.csr-v1").exists()
 
 
 # ------------------------------------------------------------------------------------------------

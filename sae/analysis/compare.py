@@ -15,7 +15,8 @@ correlations (see sae/analysis/correlation.py):
     Delta_i = S_i ((rho_iG^+)^2 - (rho_iH^+)^2),  rho^+ = max(rho, 0),
     rho_iG = min_{g in G} rho_i(M->g),  rho_iH = max_{h in H} rho_i(M->h)
 
-Each (run, layer) is read from disk once per call (the original format's dense tensors are memory-mapped).
+Each (run, layer) is read from disk once per call (memory-mapped; the original format's sparse layers through their
+csr-v1 copy, its dense ones as they are).
 Dead features (constant over the rows up to float32 round-off) get rho = 0.
 Every result names the feature definition of each run (`record_codes`: `sae` codes or `ungated`
 relu(pre), see sae.data.features.RECORD_CODES) and warns when the compared runs differ.
@@ -45,7 +46,6 @@ from sae.analysis.correlation import (
 )
 from sae.data.features import FORMAT, RECORD_CODES, FeatureRun, SparseCodes
 from sae.util.errors import InputError
-from sae.util.readers import reading
 
 
 def codes_of(runs: Sequence[FeatureRun]) -> dict[str, str]:
@@ -68,6 +68,11 @@ def codes_warning(codes: dict[str, str]) -> str:
         + "; ".join(f"{c}: {d}" for c, d in kinds.items())
         + "); rerun with the same --record_codes to compare like with like"
     )
+
+
+# an original-format layer is converted to csr-v1 (8 bytes per non-zero) when that takes at most this fraction
+# of its dense size: then the copy is smaller and its sparse statistics are faster
+CONVERT_DENSITY = 0.5
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -142,8 +147,8 @@ class LayerLoader:
 
     Every layer of every run must have the same number of rows; runs that both list `row_ids` in
     run.json must list the same ids in the same order. Values must be finite. A layer of the original
-    repo's format (a dense [N, d_sae] tensor in a .pt file) is memory-mapped and kept dense, not copied
-    into RAM: the correlations read it by row chunks.
+    repo's format (a dense [N, d_sae] tensor in a .pt file) is read through its csr-v1 copy when sparse, else
+    memory-mapped and kept dense, not copied into RAM: the correlations read it by row chunks.
     """
 
     def __init__(self, engine: NumpyEngine, dead_range: float = DEAD_RANGE):
@@ -178,25 +183,20 @@ class LayerLoader:
 
 
 def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
-    """This toolkit's CSR codes (memory-mapped), or the original format's dense tensor as a numpy array
-    (memory-mapped with torch.load(mmap=True) where the file allows it, fp16 kept as fp16)."""
+    """This toolkit's CSR codes (memory-mapped), or an original-format layer: its csr-v1 copy (made once, see
+    `FeatureRun.load`) when it is sparse enough (CONVERT_DENSITY), else the dense tensor memory-mapped as a
+    numpy array (fp16 kept as fp16)."""
     if run.format == FORMAT:
         return run.load(layer)
-    path = run.layer_path(layer)
-    import torch
+    from sae.data.ptfile import density, load_dense, read_sidecar
 
-    with reading(path, "tensor file"):
-        try:
-            tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # saved without the zip format: cannot be memory-mapped
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(tensor, torch.Tensor) or tensor.is_sparse:
+    path = run.layer_path(layer)
+    if (codes := read_sidecar(path)) is not None:
+        return codes
+    dense = load_dense(path)
+    if dense.dtype != np.float64 and density(dense) * 8 < CONVERT_DENSITY * dense.dtype.itemsize:
         return run.load(layer)
-    if tensor.dim() != 2:
-        raise InputError(f"{where}: {path.name} holds a tensor of shape {list(tensor.shape)}, not [N, d_sae]")
-    if tensor.dtype not in (torch.float16, torch.float32, torch.float64):
-        tensor = tensor.float()
-    return tensor.numpy()
+    return dense
 
 
 def _declared_rows(run: FeatureRun) -> int | None:

@@ -25,6 +25,8 @@ Each layer folder is written under a temporary name and renamed into place when 
 The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors
 [n_rows, d_sae] (any float dtype); `layer-1.pt` is taken as the deepest layer. Those hold the ungated
 codes relu((x - b_dec) W_enc) of token 0 (`TopKSAE.get_cls_features` in its sparse_autoencoders.py).
+They are read without torch and converted to csr-v1 once, kept beside them as `layerNN.csr-v1/`
+(sae/data/ptfile.py).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy.typing as npt
 
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
-from sae.util.readers import read_npy, reading
+from sae.util.readers import read_npy
 
 RECORD_CODES = {
     "sae": "the SAE's inference codes (TopK / threshold / ReLU per architecture)",
@@ -143,9 +145,17 @@ class LayerWriter:
         for chunk in ...: w.append(chunk)         # SparseCodes of consecutive rows
     """
 
-    def __init__(self, run_dir: str | Path, layer: int, d_sae: int):
-        self.final = Path(run_dir) / layer_dir_name(layer)
+    def __init__(
+        self,
+        run_dir: str | Path,
+        layer: int,
+        d_sae: int,
+        final: Path | None = None,
+        extra_meta: dict[str, Any] | None = None,
+    ):
+        self.final = final or Path(run_dir) / layer_dir_name(layer)
         self.layer, self.d_sae = layer, d_sae
+        self.extra_meta = extra_meta or {}
         self._ctx = atomic_path(self.final)
         self._n_rows = 0
         self._nnz = 0
@@ -189,6 +199,7 @@ class LayerWriter:
                 "d_sae": self.d_sae,
                 "layer": self.layer,
                 "nnz": self._nnz,
+                **self.extra_meta,
             }
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         self._ctx.__exit__(exc_type, exc, tb)
@@ -261,7 +272,8 @@ class FeatureRun:
         return self._files[layer]
 
     def load(self, layer: int) -> SparseCodes:
-        """The codes of one layer; this toolkit's format is memory-mapped, not read into RAM."""
+        """The codes of one layer, memory-mapped, not read into RAM. An original-format layer is converted to
+        csr-v1 once, in one streamed pass, and the copy kept beside it (`sae.data.ptfile.convert_layer`)."""
         path = self.layer_path(layer)
         if self.format == FORMAT:
             meta = read_json(path / "meta.json")
@@ -271,15 +283,9 @@ class FeatureRun:
             codes = SparseCodes(load("indptr"), load("indices"), load("values"), meta["d_sae"])
             check_csr(codes, path)
             return codes
-        import torch
+        from sae.data.ptfile import convert_layer
 
-        with reading(path, "tensor file"):
-            dense = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
-            raise InputError(f"{path}: holds {type(dense).__name__}, not a 2-D tensor [N, d_sae]")
-        if dense.is_sparse:
-            dense = dense.to_dense()
-        codes = SparseCodes.from_dense(dense.float().numpy())
+        codes = convert_layer(path, layer)
         check_csr(codes, path)
         return codes
 

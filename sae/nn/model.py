@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.nn.config import SAEConfig
+from sae.util import distributed
 
 CONSTRAINED = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka")
 # AuxK is computed densely (BLAS products over the dead columns only) when there are at most this many
@@ -273,7 +274,7 @@ class SparseAutoencoder(nn.Module):
             vals = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, idx.flatten()).clamp_min(0)
             e_hat = sparse_decode(vals.view_as(idx), idx, self.W_dec)
         e = xs - x_hat.detach()
-        denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = distributed.centered_sum_sq(e).clamp_min(1e-12)  # over the global batch under torchrun
         return (e_hat - e).pow(2).sum() / denom
 
     def _loss_topk(self, xs: Tensor, dead: Tensor | None) -> TrainOutput:
@@ -316,17 +317,23 @@ class SparseAutoencoder(nn.Module):
         n = xs.shape[0]
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            rows, cols = batch_topk_entries(pre, self.cfg.active_k * n, start=2 * self.cfg.active_k)  # row-major
+            n_batch = distributed.batch_rows(n)  # the global batch under torchrun, else n
+            rows, cols = batch_topk_entries(pre, self.cfg.active_k * n_batch, start=2 * self.cfg.active_k)  # row-major
+            if n_batch != n:  # this rank's entries of the global batch's top k * n_batch
+                keep = distributed.global_top_mask(pre[rows, cols], self.cfg.active_k * n_batch)
+                rows, cols = rows[keep], cols[keep]
         n_kept = rows.numel()
         vals = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, cols).clamp_min(0)
         counts = torch.bincount(rows, minlength=n)
         x_hat = sparse_decode(vals, cols, self.W_dec, offsets=counts.cumsum(0) - counts) + self.b_dec
         recon = (x_hat - xs).pow(2).mean()
-        if n_kept and self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                batch_min = vals.min().to(self.threshold.dtype)
-                first = bool(self.threshold == 0)
-                self.threshold.copy_(batch_min if first else 0.99 * self.threshold + 0.01 * batch_min)
+                local_min = vals.min() if n_kept else pre.new_tensor(float("inf"))
+                batch_min = distributed.all_min(local_min.to(self.threshold.dtype))  # every rank's kept values
+                if bool(torch.isfinite(batch_min)):
+                    first = bool(self.threshold == 0)
+                    self.threshold.copy_(batch_min if first else 0.99 * self.threshold + 0.01 * batch_min)
         aux = self._aux_loss(xs, x_hat, xc, pre, dead)
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[cols] = True

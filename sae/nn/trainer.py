@@ -17,11 +17,16 @@
   L0, dead fraction, lr; sae/nn/trainlog.py), cut back to the checkpoint's step on resume; with
   `tcfg.wandb`, the same numbers go to that Weights & Biases project;
 - at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
-  `evaluate`'s output, with the firing-frequency histogram). A relu SAE's decoder norms are folded
+  `evaluate`'s output, with the firing-frequency histogram, and "world_size"). A relu SAE's decoder norms are folded
   first (`fold_decoder_norms_`), so the saved files, metrics.json and the returned SAE (whose codes
   the pipeline records) are one and the same function. A batchtopk SAE's inference threshold is
   estimated at the final weights from the first THRESHOLD_ROWS training rows (`estimate_threshold_`);
   metrics.json then holds "threshold", "threshold_rows" and the inference "l0" it gives.
+
+Under torchrun (data parallel, sae/util/distributed.py) every rank walks the same global batches and reads
+only its share of each; gradients (weighted by the share), the dead-latent counters, BatchTopK's selection
+and threshold, the displayed metrics and the evaluation are reduced over the ranks, so the weights equal a
+one-process run's with the same global batch. Only rank 0 writes; a checkpoint resumes under any world size.
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from tqdm.auto import tqdm
 
 from sae.nn.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.nn.config import SAEConfig, TrainConfig
-from sae.nn.metrics import MetricsAccumulator
+from sae.nn.metrics import _SUMS, MetricsAccumulator
 from sae.nn.model import SparseAutoencoder
 from sae.nn.sources import ActivationSource
 from sae.nn.trainlog import TrainLog, WandbLogger
+from sae.util import distributed
 from sae.util.atomic import write_json
 from sae.util.device import resolve_device
 from sae.util.errors import InputError
@@ -175,11 +181,16 @@ def evaluate(
     log10 firing-frequency bin edges and counts over the live latents, and the dead count)."""
     device = sae.W_dec.device
     acc = MetricsAccumulator(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
+    rows = distributed.share_rows(rows)  # under torchrun each rank its share, summed below
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             x = source.read(key, rows[start : start + batch_size]).to(device)
             codes = sae.encode(x)
             acc.update(x, sae.decode(codes), codes)
+    if distributed.launched():  # the sums of every rank's share
+        for name in _SUMS:
+            setattr(acc, name, distributed.all_sum(getattr(acc, name).to(device)))
+        acc.n_rows = distributed.batch_rows(acc.n_rows)
     return {**acc.compute(), "firing_histogram": acc.frequency_histogram()}
 
 
@@ -205,7 +216,12 @@ def train_saes(
             raise InputError(f"no activations named '{spec.key}' (have {source.keys})")
         spec.cfg.d_in = source.d_in(spec.key)
         spec.cfg.validate()
-    device = resolve_device(tcfg.device)
+    distributed.init(tcfg.device)
+    world = distributed.world_size()
+    device = resolve_device(distributed.local_device() if tcfg.device in ("auto", "cuda") else tcfg.device)
+    last_batch = source.n_rows % tcfg.batch_size or tcfg.batch_size
+    if min(tcfg.batch_size, last_batch) < world:
+        raise InputError(f"a batch of {min(tcfg.batch_size, last_batch)} rows cannot be split over {world} processes")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -227,6 +243,8 @@ def train_saes(
         raise InputError(f"{out_dir} holds a run with other settings; choose another --out or delete it")
     if state is None:
         saes = _prepare(source, specs, device, tcfg.scale_inputs)
+        for sae in saes:  # every rank starts from rank 0's initialisation
+            distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
         since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
         start = rows_seen = 0
     else:
@@ -245,6 +263,8 @@ def train_saes(
             opt.load_state_dict(state["opts"][spec.name])
 
     def checkpoint(step: int) -> None:
+        if not distributed.is_main():
+            return
         snapshot = {
             "fingerprint": fingerprint,
             "step": step,
@@ -256,10 +276,11 @@ def train_saes(
         }
         save_trainer_state(snapshot, state_path)
 
-    logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, start) for spec in specs]
+    main_rank = distributed.is_main()  # under torchrun only rank 0 writes the logs
+    logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, start) if main_rank else None for spec in specs]
     wandb = (
         WandbLogger(tcfg.wandb, out_dir.name, f"{out_dir.name}-{fingerprint}", {"train": tcfg.to_dict()})
-        if tcfg.wandb
+        if tcfg.wandb and main_rank
         else None
     )
     autocast = (
@@ -272,12 +293,13 @@ def train_saes(
         initial=start,
         desc=f"training {len(specs)} SAE(s)",
         unit="step",
-        disable=not progress,
+        disable=not progress or not distributed.is_main(),
         dynamic_ncols=True,
     )
     with _SignalFlag() as flag:
         for step, rows in _batches(source, tcfg, start, total):
-            batch = {key: source.read(key, rows).to(device, non_blocking=True) for key in {s.key for s in specs}}
+            mine = distributed.share_rows(rows)  # this rank's part of the global batch (all of it on one process)
+            batch = {key: source.read(key, mine).to(device, non_blocking=True) for key in {s.key for s in specs}}
             factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
             rows_seen += len(rows)
             done = step + 1
@@ -289,15 +311,16 @@ def train_saes(
                     out = sae.training_loss(xs, sf >= dead_window)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                distributed.reduce_grads_(sae.parameters(), len(mine) / len(rows))
                 sae.remove_parallel_grad_()
                 for group in opt.param_groups:
                     group["lr"] = lr * factor
                 opt.step()
                 sae.normalize_decoder_()
                 sf += len(rows)
-                sf[out.fired] = 0
+                sf[distributed.all_max(out.fired.clone())] = 0  # fired on any rank
                 if len(shown) < 3 or log_now:
-                    var = (xs - xs.mean(0)).pow(2).sum(1).mean()
+                    var = distributed.centered_sum_sq(xs) / xs.shape[0]  # over the global batch
                     fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
                     # nothing can be dead before one window of rows
                     dead = float((sf >= dead_window).float().mean()) if rows_seen >= dead_window else None
@@ -307,7 +330,7 @@ def train_saes(
                             f"loss {loss:.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead "
                             + ("n/a" if dead is None else f"{dead:.1%}")
                         )
-                    if log_now:
+                    if log_now and log is not None:
                         entry = {"step": done, "rows_seen": rows_seen, "loss": loss, "fvu": fvu, "l0": out.l0}
                         log.write({**entry, "dead_fraction": dead, "lr": lr * factor})
                         if wandb is not None:
@@ -316,11 +339,15 @@ def train_saes(
             bar.update(1)
             if on_step is not None:
                 on_step(step)
+            done = step + 1
+            if distributed.launched():  # stop together: a signal seen by any rank stops every rank here
+                flag.received = distributed.broadcast_stop(flag.received)
             if flag.received is not None:
                 checkpoint(done)
                 bar.close()
                 for log in logs:
-                    log.close()
+                    if log is not None:
+                        log.close()
                 raise TrainingInterrupted(
                     f"stopped by signal {flag.received} after step {done}/{total}; checkpoint saved in "
                     f"{state_path}; run the same command again to resume"
@@ -329,7 +356,8 @@ def train_saes(
                 checkpoint(done)
     bar.close()
     for log in logs:
-        log.close()
+        if log is not None:
+            log.close()
     if wandb is not None:
         wandb.close()
     checkpoint(total)
@@ -348,12 +376,15 @@ def train_saes(
             )
             extra["threshold_rows"] = sae.estimate_threshold_(batches)
             extra["threshold"] = float(sae.threshold)
-        save_sae(sae, path)
         metrics = {
             "eval_rows": int(len(eval_rows)),
             **extra,
             **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size),
         }
-        write_json(path / "metrics.json", metrics)
+        metrics["world_size"] = world
+        if distributed.is_main():
+            save_sae(sae, path)
+            write_json(path / "metrics.json", metrics)
         results[spec.name] = TrainedSAE(sae, metrics, path)
+    distributed.barrier()  # the files exist when any rank returns
     return results
