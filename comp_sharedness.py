@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     source = open_run(cfg.features_dir, cfg.source)
     groups = [[open_run(cfg.features_dir, name) for name in names] for names in (cfg.min_group, cfg.max_group)]
+    from sae.util import distributed
+
+    distributed.init(cfg.device)  # under torchrun: the layer pairs are split over the ranks
     result = comparative_sharedness(
         source,
         groups[0],
@@ -96,11 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         layer=cfg.layer,
         target_layer=cfg.target_layer,
         top=cfg.top,
-        engine=make_engine(cfg.device),
+        engine=make_engine(distributed.engine_device(cfg.device)),
         original_scaling=cfg.original_scaling,
-        progress=cfg.progress,
+        progress=cfg.progress and distributed.is_main(),
         allow_different_data=cfg.allow_different_data,
     )
+    if not distributed.is_main():  # rank 0 reports and saves
+        return 0
     if cfg.csv:
         write_sharedness_csv(result, cfg.csv)
     if cfg.plot:

@@ -69,18 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     source = open_run(cfg.features_dir, cfg.source)
     target = open_run(cfg.features_dir, cfg.target)
+    from sae.util import distributed
+
+    distributed.init(cfg.device)  # under torchrun: the layer pairs are split over the ranks
     result = wmppc(
         source,
         target,
         source_layers=cfg.source_layers,
         target_layers=cfg.target_layers,
-        engine=make_engine(cfg.device),
+        engine=make_engine(distributed.engine_device(cfg.device)),
         original_scaling=cfg.original_scaling,
         null=cfg.null,
         seed=cfg.seed,
-        progress=cfg.progress,
+        progress=cfg.progress and distributed.is_main(),
         allow_different_data=cfg.allow_different_data,
     )
+    if not distributed.is_main():  # rank 0 reports and saves
+        return 0
     if cfg.plot:
         plot_matrix(result, cfg.plot, **({"vmin": None, "vmax": None} if cfg.plot_autoscale else {}))
     print(dumps(result.to_json()) if cfg.json else format_wmppc(result))

@@ -303,26 +303,65 @@ def exact_rho(work: Path, src_layer: int, tgt_layers: list[int], features: np.nd
     return best * (n - 1) / n
 
 
+# runs a script (argv[1:]) and reports the process's peak resident set (VmHWM, kB) on stderr at exit
+_WRAP = (
+    "import atexit, runpy, sys\n"
+    "def peak():\n"
+    "    kb = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "    sys.stderr.write('VmHWM ' + kb + '\\n')\n"
+    "atexit.register(peak)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path.insert(0, {repo!r})\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def _child(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MB) of a whole child process running the script args[0]."""
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _WRAP.format(repo=str(REPO)), *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        sys.exit(f"{args[:2]} failed:\n{done.stderr}")
+    kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM ")]
+    return seconds, int(kb[-1]) / 1024
+
+
+READ_NEW = "from sae.data.features import open_run\nc = open_run({!r}, 'A').load({})\nprint(float(c.values.sum()))\n"
+READ_OLD = (
+    "import torch\nfrom sae.data.features import SparseCodes\nt = torch.load({!r}, weights_only=True)\n"
+    "c = SparseCodes.from_dense(t.float().numpy())\nprint(float(c.values.sum()))\n"
+)
+
+
 def whole_process(work: Path, sub: str, baseline_too: bool) -> tuple[float, float, float]:
     """Wall seconds of whole processes: wmppc.py without its csr-v1 copies, wmppc.py again, and the baseline
-    worker (nan unless baseline_too)."""
+    worker (nan unless baseline_too). Also prints the peak memory of one layer read by FeatureRun.load (the
+    reader of show/overlap/stability/names) against the whole-tensor read it replaces."""
     for old in (work / "original").glob("*/*.csr-v1"):
         shutil.rmtree(old)
-    cmd = [sys.executable, str(REPO / "wmppc.py"), "--features_dir", str(work / "original"), "--source", "A"]
+    layer = sorted((work / "original" / "A").glob("layer*.pt"))[-1]
+    (work / "read_old.py").write_text(READ_OLD.format(str(layer)))
+    (work / "read_new.py").write_text(READ_NEW.format(str(work / "original"), int(layer.stem[5:])))
+    t_old, m_old = _child([str(work / "read_old.py")])
+    t_new, m_new = _child([str(work / "read_new.py")])
+    print(
+        f"one layer read as codes ({layer.name}, whole process, converting it): FeatureRun.load {t_new:.2f} s, "
+        f"peak RSS {m_new:.0f} MB; torch.load + from_dense {t_old:.2f} s, {m_old:.0f} MB "
+        f"(memory ratio {m_new / m_old:.2f})"
+    )
+    for old in (work / "original").glob("*/*.csr-v1"):
+        shutil.rmtree(old)
+    cmd = [str(REPO / "wmppc.py"), "--features_dir", str(work / "original"), "--source", "A"]
     cmd += ["--target", "B", "--original_scaling", "--no-save", "--no-progress", "--json"]
-    times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - t)
-        if done.returncode != 0:
-            sys.exit(f"wmppc.py failed:\n{done.stderr}")
+    (cold, m_cold), (warm, m_warm) = _child(cmd), _child(cmd)
+    print(f"wmppc.py whole-process peak RSS: {m_cold:.0f} MB converting, {m_warm:.0f} MB reusing the copies")
     base = float("nan")
     if baseline_too:
         t = time.perf_counter()
         run_worker(["--worker", "baseline", sub, sub, "original", "--workdir", str(work)])
         base = time.perf_counter() - t
-    return times[0], times[1], base
+    return cold, warm, base
 
 
 def run_worker(args: list[str]) -> dict:

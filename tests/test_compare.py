@@ -534,3 +534,25 @@ def test_errors(tmp_path):
         comparative_sharedness(run("zero"), [run("A")], [run("short")], top=2, engine=eng)
     with pytest.raises(InputError, match=r"--target_layer"):
         comparative_sharedness(run("zero"), [run("A")], [run("short")], target_layer="deep", engine=eng)
+
+
+def test_target_layouts_beyond_the_budget_are_released_and_the_result_is_the_same(tmp_path):
+    rng = np.random.default_rng(11)
+    write_run(tmp_path, "A", {l: sparse_matrix(rng, 300, 24) for l in range(3)})
+    write_run(tmp_path, "B", {l: sparse_matrix(rng, 300, 20) for l in range(4)})
+
+    class Recording(LayerLoader):
+        def load(self, run, layer):
+            prepared = super().load(run, layer)
+            self.prepared = [*getattr(self, "prepared", []), prepared]
+            return prepared
+
+    results = {}
+    for keep in (0, 1 << 30):
+        loader = Recording(NumpyEngine("sparse"), keep_bytes=keep)
+        results[keep] = wmppc(open_run(tmp_path, "A"), open_run(tmp_path, "B"), loader=loader, engine=loader.engine)
+        targets = loader.prepared[:4]
+        # no budget: no target keeps its float64 layouts (memory does not grow with the layers); else all do
+        assert all(bool(t.cache) == (keep > 0) for t in targets)
+        assert len(loader.reads) == 7  # each layer still read from disk once
+    np.testing.assert_array_equal(results[0].matrix, results[1 << 30].matrix)

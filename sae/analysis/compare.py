@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
 from sae.analysis.correlation import (
     DEAD_RANGE,
@@ -45,7 +46,12 @@ from sae.analysis.correlation import (
     make_engine,
 )
 from sae.data.features import FORMAT, RECORD_CODES, FeatureRun, SparseCodes
+from sae.util import distributed
 from sae.util.errors import InputError
+
+# the float64 layouts (CSR/CSC) of target layers kept for the next source layer, in bytes; beyond it they are
+# rebuilt from the memory-mapped data each time, so memory does not grow with the number of target layers
+KEEP_BYTES = 2 << 30
 
 
 def codes_of(runs: Sequence[FeatureRun]) -> dict[str, str]:
@@ -151,9 +157,10 @@ class LayerLoader:
     memory-mapped and kept dense, not copied into RAM: the correlations read it by row chunks.
     """
 
-    def __init__(self, engine: NumpyEngine, dead_range: float = DEAD_RANGE):
+    def __init__(self, engine: NumpyEngine, dead_range: float = DEAD_RANGE, keep_bytes: int = KEEP_BYTES):
         self.engine = engine
         self.dead_range = dead_range
+        self.keep_bytes = keep_bytes  # layouts of target layers kept between source layers, at most this much
         self.n_rows: int | None = None
         self._first: tuple[str, int] = ("", 0)
         self.reads: list[tuple[str, int]] = []  # every layer read, in order (tests check "once")
@@ -197,6 +204,32 @@ def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
     if dense.dtype != np.float64 and density(dense) * 8 < CONVERT_DENSITY * dense.dtype.itemsize:
         return run.load(layer)
     return dense
+
+
+def _release(targets: list[PreparedLayer], ib: int, keep_bytes: int) -> None:
+    """Drop target ib's float64 layouts if the targets' layouts together exceed `keep_bytes` (they are rebuilt
+    from the memory-mapped data for the next source layer)."""
+    if sum(_cache_bytes(t) for t in targets) > keep_bytes:
+        targets[ib].cache.clear()
+
+
+def _cache_bytes(layer: PreparedLayer) -> int:
+    """Bytes of the arrays a prepared layer keeps in its cache (CSR, CSC, padded rows, device copies)."""
+    total = 0
+    stack = list(layer.cache.values())
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, np.ndarray):
+            total += v.nbytes
+        elif hasattr(v, "element_size"):  # torch tensor
+            total += v.element_size() * v.numel()
+        elif scipy.sparse.issparse(v):
+            total += v.data.nbytes + v.indices.nbytes + v.indptr.nbytes
+    return total
 
 
 def _declared_rows(run: FeatureRun) -> int | None:
@@ -370,7 +403,10 @@ def wmppc(
         null_scores = np.zeros((null, L_A))
         null_last = np.zeros(null)
         d_src, dead_src, rho_all, feat_all, layer_all = [], [], [], [], []
+        mine = {}  # this rank's source layers' results (all of them on one process)
         for ia, a in enumerate(src_layers):
+            if ia % distributed.world_size() != distributed.rank():  # torchrun: source layers split over ranks
+                continue
             src = targets[tgt_layers.index(a)] if same_run and a in tgt_layers else loader.load(source, a)
             weights = src.stats.sums
             where = f"run '{source.name}' layer {a}"
@@ -381,16 +417,19 @@ def wmppc(
                 rhos[ib], bests[ib] = m.rho * scale, m.best
                 matrix[ia, ib] = weighted_mean(rhos[ib], weights, where)
                 mppc_matrix[ia, ib] = float(rhos[ib].mean())
+                _release(targets, ib, loader.keep_bytes)
                 bar.update()
             best = rhos.max(axis=0)
             layer_scores[ia] = weighted_mean(best, weights, where)
             layer_mppc[ia] = float(best.mean())
-            d_src.append(src.d)
-            dead_src.append(src.stats.n_dead)
-            rho_all.append(best)
             ib_best = rhos.argmax(axis=0)  # first (shallowest) target layer among ties
-            feat_all.append(bests[ib_best, np.arange(src.d)])  # -1 for dead: best_match gives -1 in every layer
-            layer_all.append(np.asarray(tgt_layers, dtype=np.int64)[ib_best])
+            mine[ia] = {
+                "d": src.d,
+                "dead": src.stats.n_dead,
+                "rho": best,
+                "feature": bests[ib_best, np.arange(src.d)],  # -1 for dead: best_match gives -1 in every layer
+                "layer": np.asarray(tgt_layers, dtype=np.int64)[ib_best],
+            }
             for ip, perm in enumerate(perms):
                 shuffled = src.permuted(perm)
                 null_rhos = np.stack([engine.best_match(shuffled, tgt).rho * scale for tgt in targets])
@@ -398,7 +437,28 @@ def wmppc(
                 null_scores[ip, ia] = weighted_mean(null_rhos.max(axis=0), weights, where)
                 if ia == L_A - 1:
                     null_last[ip] = weighted_mean(null_rhos[-1], weights, where)
+            mine[ia].update(row=matrix[ia], mppc_row=mppc_matrix[ia], score=layer_scores[ia], mppc=layer_mppc[ia])
+            mine[ia].update(null=null_scores[:, ia], null_last=null_last if ia == L_A - 1 else None)
             del src
+        for part in distributed.all_gather_object(mine):  # every rank gets every source layer's results
+            for ia, r in part.items():
+                matrix[ia], mppc_matrix[ia], layer_scores[ia], layer_mppc[ia] = (
+                    r["row"],
+                    r["mppc_row"],
+                    r["score"],
+                    r["mppc"],
+                )
+                null_scores[:, ia] = r["null"]
+                if r["null_last"] is not None:
+                    null_last[:] = r["null_last"]
+                mine[ia] = r
+        for ia in range(L_A):
+            r = mine[ia]
+            d_src.append(r["d"])
+            dead_src.append(r["dead"])
+            rho_all.append(r["rho"])
+            feat_all.append(r["feature"])
+            layer_all.append(r["layer"])
     result = WMPPCResult(
         source=source.name,
         target=target.name,
@@ -695,17 +755,26 @@ def comparative_sharedness(
     with bar:
         src = loader.load(source, src_layer)
         scale = _scale(src.n_rows, original_scaling)
+        jobs = [(name, b) for name, layers in plan.items() for b in layers]
+        done: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        for i, (name, b) in enumerate(jobs):
+            if i % distributed.world_size() != distributed.rank():  # torchrun: the pairs split over ranks
+                continue
+            same = runs[name].path.resolve() == source.path.resolve() and b == src_layer
+            m = engine.best_match(src, src if same else loader.load(runs[name], b))
+            done[(name, b)] = (m.rho * scale, m.best)
+            bar.update()
+        for part in distributed.all_gather_object(done):
+            done.update(part)
         matches: dict[str, ModelMatch] = {}
         for name, layers in plan.items():
             rho = np.full(src.d, -np.inf)
             feature = np.full(src.d, -1, dtype=np.int64)
             where = np.full(src.d, layers[0], dtype=np.int64)
             for b in layers:
-                same = runs[name].path.resolve() == source.path.resolve() and b == src_layer
-                m = engine.best_match(src, src if same else loader.load(runs[name], b))
-                better = m.rho * scale > rho
-                rho[better], feature[better], where[better] = m.rho[better] * scale, m.best[better], b
-                bar.update()
+                r, best = done[(name, b)]
+                better = r > rho
+                rho[better], feature[better], where[better] = r[better], best[better], b
             matches[name] = ModelMatch(name, layers, rho, feature, where)
     weight = src.stats.sums
     rho_g = np.min([matches[r.name].rho for r in min_group], axis=0)

@@ -75,6 +75,13 @@ def local_device() -> str:
     return "auto"
 
 
+def engine_device(device: str) -> str:
+    """The comparisons' --device for this rank: under torchrun on CUDA, 'auto'/'cuda' become its own GPU."""
+    if launched() and device in ("auto", "cuda"):
+        return local_device()
+    return device
+
+
 def share(n: int, of_rank: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of range(n): sizes n // world or n // world + 1, lower ranks larger."""
     r = rank() if of_rank is None else of_rank
