@@ -46,9 +46,8 @@ def best_of(fn, repeats: int) -> float:
 
 def extraction(device: str, rows: int, repeats: int, quick: bool) -> tuple[float, float]:
     """Rows/s of the open_clip ViT-B/32 adapter, (bf16 autocast, fp32)."""
-    from sae.encoders.tiny import _save_open_clip
-
     import wrappedmodels as wm
+    from sae.encoders.tiny import _save_open_clip
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     width, layers, size = (32, 3, 32) if quick else (768, 12, 224)

@@ -36,8 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sae.data.features import FeatureRun
-    from sae.data.ptfile import convert_layer, sidecar_path
+    from sae.data.features import FeatureRun, convert_layer, sidecar_path
     from sae.util.errors import InputError
 
     for folder in args.runs:

@@ -103,7 +103,8 @@ def test_one_process_world_is_trivial():
 EXTRACT = """
 import sys
 import wrappedmodels as wm
-from sae.data.cache import CacheConfig, extract_activations
+from sae.data.cache import CacheConfig
+from sae.data.cache_parallel import extract_activations
 from sae.data.datasets import load_pairs
 vit, shapes, cache_dir, layers = sys.argv[1], sys.argv[2], sys.argv[3], [int(x) for x in sys.argv[4].split(",")]
 cfg = CacheConfig(cache_dir=cache_dir, num_workers=0, extract_batch_size=5, cache_dtype="float32")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae.data.features import FeatureRun, SparseCodes
-from sae.data.ptfile import convert_layer, iter_codes, load_dense, read_pt_array, read_sidecar, sidecar_path
+from sae.data.features import FeatureRun, SparseCodes, convert_layer, iter_codes, read_sidecar, sidecar_path
+from sae.data.ptfile import load_dense, read_pt_array
 from sae.util.errors import InputError
 
 

@@ -195,7 +195,8 @@ def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
     numpy array (fp16 kept as fp16)."""
     if run.format == FORMAT:
         return run.load(layer)
-    from sae.data.ptfile import density, load_dense, read_sidecar
+    from sae.data.features import read_sidecar
+    from sae.data.ptfile import density, load_dense
 
     path = run.layer_path(layer)
     if (codes := read_sidecar(path)) is not None:

@@ -58,7 +58,6 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.data.datasets import BadRow, Pairs
-from sae.util import distributed
 from sae.util.atomic import (
     STALE_S,
     _fsync_dir,
@@ -639,7 +638,6 @@ def extract_activations(
     adapter: Encoder | None = None,
     shard_tokens: int | None = None,
     progress: bool = True,
-    parallel: bool = True,
 ) -> ActivationCache:
     """The activation cache of `spec` (a sae.encoders.registry.ModelSpec) on `pairs` for `layers`: reused when a
     finished one exists (the model is then never loaded), else extracted (resuming a killed run).
@@ -647,8 +645,7 @@ def extract_activations(
     adapter: an already loaded adapter of `spec` (else `spec.load(device)` when needed).
     shard_tokens: close a shard once a layer holds this many tokens in it (default: cfg.shard_mb MiB);
         a resumed run keeps its own.
-    parallel: under torchrun, split the rows over the ranks and merge (sae/data/cache_parallel.py); every
-        rank must call this with the same arguments.
+    Under torchrun, `sae.data.cache_parallel.extract_activations` splits the rows over the ranks.
     """
     cfg = cfg or CacheConfig()
     if cfg.cache_dtype not in DTYPES:
@@ -666,21 +663,6 @@ def extract_activations(
     found = find_cache(cfg.cache_dir, material)
     if found is not None:
         return found
-    if parallel and distributed.world_size() > 1:
-        from sae.data.cache_parallel import extract_parallel
-
-        return extract_parallel(
-            spec,
-            pairs,
-            layers,
-            cfg,
-            material,
-            token=token,
-            skip_bad=skip_bad,
-            device=device,
-            shard_tokens=shard_tokens,
-            progress=progress,
-        )
     root = Path(cfg.cache_dir)
     key = cache_key(material)
     with _exclusive(root / f".{key}.lock"):

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,29 @@ from sae.util import distributed
 from sae.util.atomic import _fsync_dir, atomic_path, write_json
 
 
-def extract_parallel(
+def extract_activations(
     spec: Any,
     pairs: Any,
-    layers: list[int],
-    cfg: C.CacheConfig,
-    material: dict[str, Any],
+    layers: Sequence[int],
+    cfg: C.CacheConfig | None = None,
     *,
-    token: str,
-    skip_bad: bool,
-    device: str,
-    shard_tokens: int | None,
-    progress: bool,
+    token: str = "pooled",
+    skip_bad: bool = False,
+    device: str = "auto",
+    shard_tokens: int | None = None,
+    progress: bool = True,
 ) -> C.ActivationCache:
-    """Every rank calls this with the same arguments; returns the merged cache on every rank."""
+    """`sae.data.cache.extract_activations`, split over the ranks under torchrun (every rank calls it with the
+    same arguments and gets the merged cache); one process: that function itself."""
+    cfg = cfg or C.CacheConfig()
+    kwargs = dict(token=token, skip_bad=skip_bad, device=device, shard_tokens=shard_tokens, progress=progress)
+    if distributed.world_size() == 1:
+        return C.extract_activations(spec, pairs, layers, cfg, **kwargs)
+    layers = spec.info().resolve_layers(layers)
+    material = C.cache_material(spec, pairs, layers, cfg.cache_dtype, token, skip_bad)
+    found = C.find_cache(cfg.cache_dir, material)
+    if found is not None:
+        return found
     root = Path(cfg.cache_dir)
     key = C.cache_key(material)
     B = cfg.extract_batch_size
@@ -63,7 +73,6 @@ def extract_parallel(
             device=distributed.local_device() if device in ("auto", "cuda") else device,
             shard_tokens=shard_tokens,
             progress=progress,
-            parallel=False,
         )
         part_path = str(part.path)
     paths = distributed.all_gather_object((a, part_path))

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from sae.data.ptfile import chunk_nonzero, load_dense
 from sae.util.atomic import atomic_path, read_json, write_json
 from sae.util.errors import InputError
 from sae.util.readers import read_npy
@@ -273,7 +274,7 @@ class FeatureRun:
 
     def load(self, layer: int) -> SparseCodes:
         """The codes of one layer, memory-mapped, not read into RAM. An original-format layer is converted to
-        csr-v1 once, in one streamed pass, and the copy kept beside it (`sae.data.ptfile.convert_layer`)."""
+        csr-v1 once, in one streamed pass, and the copy kept beside it (`convert_layer`)."""
         path = self.layer_path(layer)
         if self.format == FORMAT:
             meta = read_json(path / "meta.json")
@@ -283,8 +284,6 @@ class FeatureRun:
             codes = SparseCodes(load("indptr"), load("indices"), load("values"), meta["d_sae"])
             check_csr(codes, path)
             return codes
-        from sae.data.ptfile import convert_layer
-
         codes = convert_layer(path, layer)
         check_csr(codes, path)
         return codes
@@ -317,6 +316,89 @@ def check_csr(codes: SparseCodes, where: str | Path, chunk: int = 1 << 22) -> No
             count = sum(int((~np.isfinite(v[b : b + chunk])).sum()) for b in range(0, len(v), chunk))
             what = "values.npy holds" if Path(where).is_dir() else "holds"
             raise InputError(f"{where}: {what} {count} non-finite values (NaN or inf)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the original format, converted to csr-v1 once (read by sae/data/ptfile.py without torch)
+
+SIDECAR_SUFFIX = ".csr-v1"
+CHUNK_ENTRIES = 1 << 24  # dense entries scanned at once by the conversion
+
+
+def iter_codes(dense: np.ndarray, chunk_entries: int = CHUNK_ENTRIES):
+    """Row chunks of a dense [n_rows, d] array as SparseCodes (non-zeros kept, values as float32)."""
+    n, d = dense.shape
+    step = max(1, chunk_entries // max(d, 1))
+    for r0 in range(0, n, step):
+        block = np.ascontiguousarray(dense[r0 : r0 + step])
+        rows, cols = chunk_nonzero(block)
+        indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=block.shape[0]), out=indptr[1:])
+        yield SparseCodes(indptr, cols.astype(np.int32), block[rows, cols].astype(np.float32), d)
+
+
+def sidecar_path(pt: str | Path) -> Path:
+    pt = Path(pt)
+    return pt.with_name(pt.name[: -len(".pt")] + SIDECAR_SUFFIX)
+
+
+def _source_stamp(pt: Path) -> dict[str, int]:
+    st = pt.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_sidecar(pt: str | Path):
+    """The layer's csr-v1 copy (memory-mapped SparseCodes) if it exists and matches the .pt file, else None."""
+    pt = Path(pt)
+    folder = sidecar_path(pt)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("source") != _source_stamp(pt):
+            return None
+        arrays = [np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("indptr", "indices", "values")]
+    except (OSError, ValueError):
+        return None
+    return SparseCodes(*arrays, d_sae=int(meta["d_sae"]))
+
+
+def convert_layer(pt: str | Path, layer: int, keep: bool = True, progress: bool = False):
+    """The csr-v1 codes of one original-format layer file: its sidecar if current, else one streamed pass
+    over the dense tensor, written as the sidecar (keep=True, when the folder is writable: then returned
+    memory-mapped) or built in memory. Values are float32 (exact for fp16/fp32 files)."""
+    pt = Path(pt)
+    if keep and (codes := read_sidecar(pt)) is not None:
+        return codes
+    dense = load_dense(pt)
+    if dense.dtype == np.float64:
+        raise InputError(f"{pt}: float64 values do not fit the float32 csr-v1 format; compare it dense")
+    chunks = iter_codes(dense)
+    if progress:
+        from tqdm import tqdm
+
+        step = max(1, CHUNK_ENTRIES // max(dense.shape[1], 1))
+        chunks = tqdm(chunks, total=-(-dense.shape[0] // step), desc=f"convert {pt.name}", leave=False)
+    if keep:
+        folder = sidecar_path(pt)
+        try:
+            with LayerWriter(
+                folder.parent, layer, dense.shape[1], final=folder, extra_meta={"source": _source_stamp(pt)}
+            ) as w:
+                for c in chunks:
+                    w.append(c)
+        except OSError:  # a read-only run folder: convert in memory instead
+            chunks = iter_codes(dense)
+        else:
+            if (codes := read_sidecar(pt)) is not None:
+                return codes
+            chunks = iter_codes(dense)
+    parts = list(chunks)
+    if not parts:
+        return SparseCodes(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), dense.shape[1])
+    offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
+    indptr = np.concatenate([np.zeros(1, np.int64), *(p.indptr[1:] + o for p, o in zip(parts, offsets))])
+    return SparseCodes(
+        indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.values for p in parts]), dense.shape[1]
+    )
 
 
 def available_runs(features_dir: str | Path, complete: bool = True) -> list[str]:

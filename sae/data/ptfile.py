@@ -12,15 +12,12 @@ which alone costs ~0.5 GB of resident memory and seconds). Files that are not a 
 this layout (legacy non-zip files, bf16, sparse tensors) return None; callers then use
 `torch.load(weights_only=True)`, which is also safe.
 
-`convert_layer` turns one dense layer into the toolkit's csr-v1 layer in one streamed pass over row
-chunks (memory ~ one chunk of 2^24 entries plus the non-zeros of that chunk) and keeps it next to the
-.pt file as a sidecar folder `layerNN.csr-v1/`, reused while the .pt file is unchanged (same size and
-modification time); `python -m sae convert RUN_DIR` writes every layer's sidecar ahead of time.
+The conversion of a layer to csr-v1 (one streamed pass, kept beside the file) is
+`sae.data.features.convert_layer`.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 import zipfile
@@ -36,8 +33,6 @@ _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
 }
-SIDECAR_SUFFIX = ".csr-v1"
-CHUNK_ENTRIES = 1 << 24  # dense entries scanned at once by the conversion
 
 
 class _TensorRef:
@@ -162,11 +157,7 @@ def load_dense(path: str | Path) -> np.ndarray:
     return arr
 
 
-# ------------------------------------------------------------------------------------------------
-# conversion to csr-v1
-
-
-def _chunk_nonzero(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def chunk_nonzero(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of the non-zero entries of a C-contiguous [rows, d] block, row-major order.
 
     Scans 8-byte words first (4 fp16 values at once), then looks inside the few non-zero words: ~5x faster
@@ -183,88 +174,6 @@ def _chunk_nonzero(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pos // d, pos % d
 
 
-def iter_codes(dense: np.ndarray, chunk_entries: int = CHUNK_ENTRIES):
-    """Row chunks of a dense [n_rows, d] array as SparseCodes (non-zeros kept, values as float32)."""
-    from sae.data.features import SparseCodes
-
-    n, d = dense.shape
-    step = max(1, chunk_entries // max(d, 1))
-    for r0 in range(0, n, step):
-        block = np.ascontiguousarray(dense[r0 : r0 + step])
-        rows, cols = _chunk_nonzero(block)
-        indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=block.shape[0]), out=indptr[1:])
-        yield SparseCodes(indptr, cols.astype(np.int32), block[rows, cols].astype(np.float32), d)
-
-
-def sidecar_path(pt: str | Path) -> Path:
-    pt = Path(pt)
-    return pt.with_name(pt.name[: -len(".pt")] + SIDECAR_SUFFIX)
-
-
-def _source_stamp(pt: Path) -> dict[str, int]:
-    st = pt.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def read_sidecar(pt: str | Path):
-    """The layer's csr-v1 copy (memory-mapped SparseCodes) if it exists and matches the .pt file, else None."""
-    from sae.data.features import SparseCodes
-
-    pt = Path(pt)
-    folder = sidecar_path(pt)
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("source") != _source_stamp(pt):
-            return None
-        arrays = [np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("indptr", "indices", "values")]
-    except (OSError, ValueError):
-        return None
-    return SparseCodes(*arrays, d_sae=int(meta["d_sae"]))
-
-
-def convert_layer(pt: str | Path, layer: int, keep: bool = True, progress: bool = False):
-    """The csr-v1 codes of one original-format layer file: its sidecar if current, else one streamed pass
-    over the dense tensor, written as the sidecar (keep=True, when the folder is writable: then returned
-    memory-mapped) or built in memory. Values are float32 (exact for fp16/fp32 files)."""
-    from sae.data.features import LayerWriter, SparseCodes
-
-    pt = Path(pt)
-    if keep and (codes := read_sidecar(pt)) is not None:
-        return codes
-    dense = load_dense(pt)
-    if dense.dtype == np.float64:
-        raise InputError(f"{pt}: float64 values do not fit the float32 csr-v1 format; compare it dense")
-    chunks = iter_codes(dense)
-    if progress:
-        from tqdm import tqdm
-
-        step = max(1, CHUNK_ENTRIES // max(dense.shape[1], 1))
-        chunks = tqdm(chunks, total=-(-dense.shape[0] // step), desc=f"convert {pt.name}", leave=False)
-    if keep:
-        folder = sidecar_path(pt)
-        try:
-            with LayerWriter(
-                folder.parent, layer, dense.shape[1], final=folder, extra_meta={"source": _source_stamp(pt)}
-            ) as w:
-                for c in chunks:
-                    w.append(c)
-        except OSError:  # a read-only run folder: convert in memory instead
-            chunks = iter_codes(dense)
-        else:
-            if (codes := read_sidecar(pt)) is not None:
-                return codes
-            chunks = iter_codes(dense)
-    parts = list(chunks)
-    if not parts:
-        return SparseCodes(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), dense.shape[1])
-    offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
-    indptr = np.concatenate([np.zeros(1, np.int64), *(p.indptr[1:] + o for p, o in zip(parts, offsets))])
-    return SparseCodes(
-        indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.values for p in parts]), dense.shape[1]
-    )
-
-
 def density(dense: np.ndarray, rows: int = 256) -> float:
     """Fraction of non-zero entries, estimated from up to 4 spread chunks of `rows` rows."""
     n = dense.shape[0]
@@ -274,6 +183,6 @@ def density(dense: np.ndarray, rows: int = 256) -> float:
     nz = total = 0
     for s in starts:
         block = np.ascontiguousarray(dense[s : s + rows])
-        nz += len(_chunk_nonzero(block)[0])
+        nz += len(chunk_nonzero(block)[0])
         total += block.size
     return nz / total
