@@ -303,28 +303,38 @@ def exact_rho(work: Path, src_layer: int, tgt_layers: list[int], features: np.nd
     return best * (n - 1) / n
 
 
-# runs a script (argv[1:]) and reports the process's peak resident set (VmHWM, kB) on stderr at exit
-_WRAP = (
-    "import atexit, runpy, sys\n"
-    "def peak():\n"
-    "    kb = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-    "    sys.stderr.write('VmHWM ' + kb + '\\n')\n"
-    "atexit.register(peak)\n"
-    "sys.argv = sys.argv[1:]\n"
-    "sys.path.insert(0, {repo!r})\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
+# runs a script (argv[1:]) and reports on stderr at exit the process's peak resident set (VmHWM, kB) and its peak
+# private memory (RssAnon sampled every 5 ms, kB: without the pages of memory-mapped files)
+_WRAP = """
+import atexit, runpy, sys, threading
+def status(key):
+    return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1])
+anon = [status('RssAnon')]
+def sample():
+    while True:
+        anon[0] = max(anon[0], status('RssAnon'))
+        threading.Event().wait(0.005)
+threading.Thread(target=sample, daemon=True).start()
+def peak():
+    anon[0] = max(anon[0], status('RssAnon'))
+    sys.stderr.write('PEAK ' + str(status('VmHWM')) + ' ' + str(anon[0]) + chr(10))
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, REPO)
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
 
 
-def _child(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident MB) of a whole child process running the script args[0]."""
+def _child(args: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak resident MB, peak private MB) of a whole child process running the script args[0]."""
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _WRAP.format(repo=str(REPO)), *args], capture_output=True, text=True)
+    code = _WRAP.replace("REPO", repr(str(REPO)))
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if done.returncode != 0:
         sys.exit(f"{args[:2]} failed:\n{done.stderr}")
-    kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM ")]
-    return seconds, int(kb[-1]) / 1024
+    peak = [line.split()[1:] for line in done.stderr.splitlines() if line.startswith("PEAK ")][-1]
+    return seconds, int(peak[0]) / 1024, int(peak[1]) / 1024
 
 
 READ_NEW = "from sae.data.features import open_run\nc = open_run({!r}, 'A').load({})\nprint(float(c.values.sum()))\n"
@@ -343,19 +353,24 @@ def whole_process(work: Path, sub: str, baseline_too: bool) -> tuple[float, floa
     layer = sorted((work / "original" / "A").glob("layer*.pt"))[-1]
     (work / "read_old.py").write_text(READ_OLD.format(str(layer)))
     (work / "read_new.py").write_text(READ_NEW.format(str(work / "original"), int(layer.stem[5:])))
-    t_old, m_old = _child([str(work / "read_old.py")])
-    t_new, m_new = _child([str(work / "read_new.py")])
+    t_old, m_old, a_old = _child([str(work / "read_old.py")])
+    t_new, m_new, a_new = _child([str(work / "read_new.py")])
+    size = layer.stat().st_size / 2**20
     print(
-        f"one layer read as codes ({layer.name}, whole process, converting it): FeatureRun.load {t_new:.2f} s, "
-        f"peak RSS {m_new:.0f} MB; torch.load + from_dense {t_old:.2f} s, {m_old:.0f} MB "
-        f"(memory ratio {m_new / m_old:.2f})"
+        f"one layer ({layer.name}, {size:.0f} MB) read as codes, whole process, converting it: FeatureRun.load "
+        f"{t_new:.2f} s, peak RSS {m_new:.0f} MB, private {a_new:.0f} MB; torch.load + from_dense (before) "
+        f"{t_old:.2f} s, {m_old:.0f} MB, private {a_old:.0f} MB (private memory ratio {a_new / a_old:.2f}; "
+        "RSS counts the pages of the memory-mapped file)"
     )
     for old in (work / "original").glob("*/*.csr-v1"):
         shutil.rmtree(old)
     cmd = [str(REPO / "wmppc.py"), "--features_dir", str(work / "original"), "--source", "A"]
     cmd += ["--target", "B", "--original_scaling", "--no-save", "--no-progress", "--json"]
-    (cold, m_cold), (warm, m_warm) = _child(cmd), _child(cmd)
-    print(f"wmppc.py whole-process peak RSS: {m_cold:.0f} MB converting, {m_warm:.0f} MB reusing the copies")
+    (cold, m_cold, a_cold), (warm, m_warm, a_warm) = _child(cmd), _child(cmd)
+    print(
+        f"wmppc.py whole process, peak RSS / private: {m_cold:.0f} / {a_cold:.0f} MB converting, "
+        f"{m_warm:.0f} / {a_warm:.0f} MB reusing the copies"
+    )
     base = float("nan")
     if baseline_too:
         t = time.perf_counter()
