@@ -54,7 +54,7 @@ th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::afte
 tr:hover td{background:#fafaf0} img.thumb{max-width:THUMBpx;max-height:THUMBpx;display:block}
 .tablewrap{overflow:auto;max-width:100%;max-height:calc(100vh - 2em);border:1px solid #ddd}
 #features{width:100%} #features td.t{max-width:none;min-width:12em;white-space:normal}
-#features td.names{white-space:normal;min-width:8em}
+#features td.names{white-space:normal;min-width:8em} #features td.m{white-space:normal;min-width:5.5em}
 @media (max-width:1100px){#features{font-size:12px} #features th,#features td{padding:2px 4px}}
 #zoom{position:fixed;pointer-events:none;border:1px solid #888;background:#fff;box-shadow:0 2px 8px #0004;z-index:5}
 #filter{font-size:15px;padding:4px;width:24em} .muted{color:#888} .sel{font-weight:bold}
