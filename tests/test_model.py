@@ -6,7 +6,14 @@ import torch
 
 from sae.nn.checkpoint import load_sae, save_sae
 from sae.nn.config import SAEConfig
-from sae.nn.model import DENSE_AUX_RATIO, SparseAutoencoder, _SelectedPreActs, batch_topk_entries, geometric_median
+from sae.nn.model import (
+    DENSE_AUX_RATIO,
+    ENC_INIT_SCALE,
+    SparseAutoencoder,
+    _SelectedPreActs,
+    batch_topk_entries,
+    geometric_median,
+)
 
 
 def _sae(arch="topk", d_in=12, d_sae=40, k=5, **kw):
@@ -63,7 +70,7 @@ def _dense_reference_loss(arch, P, xs, k, dead, k_aux):
     if k_aux:
         z_aux = _dense_topk(pre.masked_fill(~dead, float("-inf")), k_aux)
         e = xs - x_hat.detach()
-        loss = loss + ((z_aux @ P["W_dec"] - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum() / 32
+        loss = loss + ((z_aux @ P["W_dec"] - e) ** 2).mean() / 32
     return loss
 
 
@@ -124,9 +131,12 @@ def test_topk_training_loss_equals_dense_formula():
     torch.testing.assert_close(out.loss, (x_hat - xs).pow(2).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_is_a_copy_of_the_decoder_transpose_not_a_view():
+def test_encoder_starts_as_a_scaled_copy_of_the_decoder_transpose_not_a_view():
+    relu = SparseAutoencoder(SAEConfig(architecture="relu", d_in=12, d_sae=40))
+    assert torch.equal(relu.W_enc, relu.W_dec.t())
     sae = _sae()
-    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.cfg.architecture == "topk" and ENC_INIT_SCALE == 0.2
+    assert torch.equal(sae.W_enc, sae.W_dec.t() * ENC_INIT_SCALE)
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
 

@@ -47,6 +47,19 @@ CONSTRAINED = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka")
 # times k_aux dead latents, else sparsely. On 2 CPU cores (d_in 768, batch 4096, k_aux 384) the dense
 # path's whole training step was 2.3x / 1.5x / 1.1x / 0.94x / 0.73x as fast at 1 / 2 / 4 / 6 / 8 x k_aux.
 DENSE_AUX_RATIO = 4
+# Initial norm of the encoder columns (the decoder rows start at unit norm, the encoder at this multiple
+# of their transpose). Measured on planted data (bench/quality.py: d 32, d_sae 256, batch 1024, 400 steps,
+# TopK; mean max cosine to the true atoms / FVU) against 1.0, our former tied unit-norm start:
+#   8x superposition, heavy-tailed, k 8:    1.0: 0.585 / 0.222   0.577 (kaiming, sparsify): 0.648 / 0.153
+#                                           0.3: 0.658 / 0.144   0.2: 0.660 / 0.147   0.1: 0.664 / 0.155
+#   2x, uniform, mean offset 10, k 4:       1.0: 0.962 / 0.162   0.2: 0.981 / 0.098   0.1: 0.986 / 0.096
+#   4x, heavy-tailed, offset 10, k 32:      1.0: 0.461 / 0.132   0.2: 0.578 / 0.034   0.1: 0.582 / 0.036
+# (BatchTopK 8x/heavy/k 8: 0.473 / 0.382 -> 0.570 / 0.154; Matryoshka 0.587 / 0.243 -> 0.629 / 0.199).
+# A small encoder lets Adam's first steps, about lr per entry, turn the encoder columns where a
+# unit-norm start barely moves them. Used by AUXK_FAMILY; msae_* (MSAE parity) and relu keep the tied
+# unit-norm start, where it was not measured.
+ENC_INIT_SCALE = 0.2
+AUXK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclass
@@ -193,7 +206,8 @@ class SparseAutoencoder(nn.Module):
             bound = math.sqrt(6 / cfg.d_in)  # kaiming-uniform for a [d_sae, d_in] matrix
             W_dec = (torch.rand(cfg.d_sae, cfg.d_in, generator=gen) * 2 - 1) * bound
             W_dec /= W_dec.norm(dim=1, keepdim=True)
-            W_enc = W_dec.t()  # tied init
+            enc_scale = ENC_INIT_SCALE if cfg.architecture in AUXK_FAMILY else 1.0
+            W_enc = W_dec.t() * enc_scale  # tied direction
         self.W_dec = nn.Parameter(W_dec.contiguous().to(device))
         self.W_enc = nn.Parameter(W_enc.clone().contiguous().to(device))  # a copy
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device), requires_grad=cfg.encoder_bias)
@@ -249,7 +263,12 @@ class SparseAutoencoder(nn.Module):
     def _aux_loss(self, xs: Tensor, x_hat: Tensor, xc: Tensor, pre: Tensor, dead: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024): each row's k_aux = min(cfg.aux_k, number of dead latents) largest
         pre-activations among the dead latents reconstruct the residual e = x - x_hat (x_hat
-        detached); the loss is normalised by the residual's variance about its batch mean.
+        detached); the loss is its mean squared error, so that it weighs against the main MSE as in Gao
+        et al. (both terms over the data variance): aux_coef * SSE_aux / SSE-scale of the main term. (We
+        used to divide by the residual's variance instead, which weighs AuxK 1 / FVU times more, 21x on
+        data with a large mean; measured with the encoder scale above, bench/quality.py as there, cosine
+        / FVU: TopK 2x/uniform/offset 10/k 4 0.981 / 0.098 -> 0.990 / 0.091, BatchTopK 0.972 / 0.128 ->
+        0.976 / 0.117, 8x/heavy/k 8 0.660 / 0.147 -> 0.663 / 0.145.)
 
         xs, x_hat, xc = xs - b_dec: [n, d_in]; pre [n, d_sae] (no autograd); dead bool [d_sae].
         Two equal computations, the cheaper one chosen: with few dead latents (at most
@@ -273,9 +292,7 @@ class SparseAutoencoder(nn.Module):
             rows = torch.arange(xs.shape[0], device=xs.device).repeat_interleave(k_aux)
             vals = _SelectedPreActs.apply(xc, self.W_enc, self.b_enc, pre, rows, idx.flatten()).clamp_min(0)
             e_hat = sparse_decode(vals.view_as(idx), idx, self.W_dec)
-        e = xs - x_hat.detach()
-        denom = distributed.centered_sum_sq(e).clamp_min(1e-12)  # over the global batch under torchrun
-        return (e_hat - e).pow(2).sum() / denom
+        return (e_hat - (xs - x_hat.detach())).pow(2).mean()
 
     def _loss_topk(self, xs: Tensor, dead: Tensor | None) -> TrainOutput:
         """topk: MSE + aux_coef * AuxK. matryoshka: the mean MSE of every nested prefix's own
