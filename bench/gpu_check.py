@@ -141,14 +141,14 @@ def wmppc_engines(device: str, n: int, d: int, k: int, repeats: int) -> tuple[fl
     work = Path(tempfile.mkdtemp(prefix="gpu_check_wmppc_"))
     rng = np.random.default_rng(0)
     concepts = rng.integers(0, d, (n, k))
-    for run in ("A", "B"):
+    for run_name in ("A", "B"):
         for layer in range(2):
             idx = np.where(rng.random((n, k)) < 0.3, rng.integers(0, d, (n, k)), rng.permutation(d)[concepts])
             vals = rng.gamma(2.0, 1.0, (n, k)).astype(np.float32)
             idx = np.sort(idx, axis=1)
             vals[:, 1:][idx[:, 1:] == idx[:, :-1]] = 0
-            write_layer(work / run, layer, SparseCodes.from_topk(vals, idx, d))
-        write_run_info(work / run, {"name": run, "n_rows": n, "row_ids": list(range(n)), "layers": [0, 1]})
+            write_layer(work / run_name, layer, SparseCodes.from_topk(vals, idx, d))
+        write_run_info(work / run_name, {"name": run_name, "n_rows": n, "row_ids": list(range(n)), "layers": [0, 1]})
     results = {}
     for name, engine in (("torch", TorchEngine(device)), ("numpy", NumpyEngine())):
 
@@ -160,7 +160,7 @@ def wmppc_engines(device: str, n: int, d: int, k: int, repeats: int) -> tuple[fl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (the CPU fallback: checks the script runs)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

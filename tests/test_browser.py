@@ -580,7 +580,9 @@ def test_grids_are_sized_to_their_rows_with_bordered_labelled_tiles():
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 def test_links_resolve_in_chromium_whatever_the_build_order_and_the_table_fits(site, tmp_path):
     prev = _reversed_site(site)
-    browser = Chromium(_chromium(), tmp_path / "profile")
+    exe = _chromium()
+    assert exe is not None, "skipped above without chromium"
+    browser = Chromium(exe, tmp_path / "profile")
     try:
         browser.open((prev / "img" / "index.html").resolve().as_uri())
         hrefs = browser.js("Array.from(document.querySelectorAll('#features td.m a')).map(a => a.href)")
@@ -684,7 +686,7 @@ def test_index_plots_the_layers_training_curves(tmp_path):
     d = DOM(html).root
     polylines = d.find_all("polyline")
     assert len(polylines) == 4 and "5 points, last step 5" in html
-    assert [len(p.attrs["points"].split()) for p in polylines] == [5, 5, 5, 3]  # nulls (no dead count yet) skipped
-    first, last = (tuple(map(float, pt.split(","))) for pt in polylines[0].attrs["points"].split()[::4])
+    assert [len(p.attr("points").split()) for p in polylines] == [5, 5, 5, 3]  # nulls (no dead count yet) skipped
+    first, last = (tuple(map(float, pt.split(","))) for pt in polylines[0].attr("points").split()[::4])
     assert first[0] < last[0] and first[1] < last[1]  # the loss falls: its line goes down (SVG y grows downward)
     assert _training_curves(run, 3) == "" and _training_curves(None, 7) == ""

@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
@@ -38,6 +39,9 @@ from sae.util.errors import InputError
 from sae.viz.plots import sharedness_figure, symlog_threshold
 from tests.test_bridge import planted_pairs
 from tests.test_compare import sparse_matrix, write_run
+
+if TYPE_CHECKING:
+    from sae.analysis.compare import SharednessResult
 
 N = 24
 
@@ -344,12 +348,12 @@ def test_sharedness_plot_uses_symlog_when_a_few_features_are_far_below():
         source="M", layer=0, min_group=["G"], max_group=["H"], weight=weight, top=0.025, selected=selected
     )
     result.delta = weight * diff
-    fig = sharedness_figure(result)
+    fig = sharedness_figure(cast("SharednessResult", result))  # only the fields the figure reads
     assert fig.axes[0].get_yscale() == "linear"
     plt.close(fig)
     result.delta = result.delta.copy()
     result.delta[[3, 7]] = -5000.0  # two features far below the rest
-    fig = sharedness_figure(result)
+    fig = sharedness_figure(cast("SharednessResult", result))  # only the fields the figure reads
     ax = fig.axes[0]
     assert ax.get_yscale() == "symlog"
     lin = symlog_threshold(result.delta, result.delta[selected])

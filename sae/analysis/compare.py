@@ -229,7 +229,7 @@ def _cache_bytes(layer: PreparedLayer) -> int:
         elif hasattr(v, "element_size"):  # torch tensor
             total += v.element_size() * v.numel()
         elif scipy.sparse.issparse(v):
-            total += v.data.nbytes + v.indices.nbytes + v.indptr.nbytes
+            total += sum(getattr(v, a).nbytes for a in ("data", "indices", "indptr"))
     return total
 
 

@@ -45,7 +45,9 @@ def extract_activations(
     """`sae.data.cache.extract_activations`, split over the ranks under torchrun (every rank calls it with the
     same arguments and gets the merged cache); one process: that function itself."""
     cfg = cfg or C.CacheConfig()
-    kwargs = dict(token=token, skip_bad=skip_bad, device=device, shard_tokens=shard_tokens, progress=progress)
+    kwargs: dict[str, Any] = dict(
+        token=token, skip_bad=skip_bad, device=device, shard_tokens=shard_tokens, progress=progress
+    )
     if distributed.world_size() == 1:
         return C.extract_activations(spec, pairs, layers, cfg, **kwargs)
     layers = spec.info().resolve_layers(layers)
@@ -148,7 +150,7 @@ def _write_resharded(sources: list[np.ndarray], sizes: list[int], folder: Path, 
                 with open(tmp, "wb") as f:
                     f.write(header)
                     for p in pieces:
-                        f.write(memoryview(np.ascontiguousarray(p)).cast("B"))
+                        f.write(np.ascontiguousarray(p).data.cast("B"))
             else:
                 with open(tmp, "wb") as f:
                     np.save(f, np.concatenate(pieces) if pieces else np.zeros((0, width), dtype))

@@ -271,4 +271,4 @@ def group_batches(
     perm = np.random.default_rng([seed, epoch, 1]).permutation(n_groups)
     for b in range(start_step, -(-n_groups // groups_per_batch)):
         chosen = perm[b * groups_per_batch : (b + 1) * groups_per_batch]
-        yield np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in chosen])
+        yield np.concatenate([np.arange(int(bounds[g]), int(bounds[g + 1])) for g in chosen])
