@@ -88,7 +88,7 @@ def _args(clip: Path, tmp_path: Path, runname: str, *extra: str) -> list[str]:
         "--dataset",
         "shapes:12",
         "--data_root",
-        str(tmp_path / "data"),
+        str(clip.parent / "data"),  # generated once for the module
         "--cache_dir",
         str(tmp_path / "cache"),
         "--features_dir",
