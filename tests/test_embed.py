@@ -197,6 +197,13 @@ def test_names_with_a_vocabulary_embedded_by_the_text_tower(setup, tmp_path, cap
     assert analyze.main(args) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["cached"] is True and again["names"] == js["names"]
+    # a damaged cache file (truncated) is computed again, not an error
+    monkeypatch.undo()
+    with open(js["vocab_cache"], "r+b") as f:
+        f.truncate(100)
+    assert analyze.main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["cached"] is False and again["names"] == js["names"]
     with pytest.raises(InputError, match="--vlm"):
         analyze.main(["names", "--sae", str(tmp_path / "S")])
     with pytest.raises(InputError, match="--vlm"):

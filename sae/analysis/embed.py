@@ -20,6 +20,7 @@ VLMS maps `--vlm` to the (image, text) families of sae.encoders.registry: clip -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -347,9 +348,10 @@ def embed_texts(
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.npy"
     if path.exists() and (path.with_suffix(".json")).exists():
-        V = np.load(path)
-        if V.shape[0] == len(words):
-            return V, path, True
+        with contextlib.suppress(InputError):  # a damaged cache file is computed again
+            V = read_npy(path, mmap=False)
+            if V.ndim == 2 and V.shape[0] == len(words) and V.dtype.kind == "f" and np.isfinite(V).all():
+                return V, path, True
     adapter = text_spec.load(device)
     _check_embed(adapter)
     V = embed_vocab(

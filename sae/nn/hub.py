@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sae.util.errors import InputError
+from sae.util.readers import read_json
 
 PREFIX = "hf://"
 
@@ -101,7 +102,7 @@ def stage_run(run_dir: str | Path, out: str | Path, repo_id: str) -> Path:
     info_path = run_dir / "run.json"
     if not info_path.exists():
         raise InputError(f"{run_dir} is not a finished run (no run.json)")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path)
     out.mkdir(parents=True, exist_ok=True)
     for name, rel in info.get("sae_dirs", {}).items():
         src = run_dir / rel

@@ -27,7 +27,6 @@ connections, transcoders, groupmax) is refused with a one-line error.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +239,7 @@ def run_metadata(sae_dir: Path) -> dict[str, Any]:
     """Model, layer and dataset of the run an SAE folder belongs to (run.json up to 3 levels above it)."""
     for parent in list(sae_dir.resolve().parents)[:3]:
         if (parent / "run.json").exists():
-            info = json.loads((parent / "run.json").read_text())
+            info = read_json(parent / "run.json")
             name = sae_dir.name.split("_seed")[0]
             layer = int(name[5:]) if name.startswith("layer") and name[5:].isdigit() else None
             return {
