@@ -195,7 +195,7 @@ def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
     numpy array (fp16 kept as fp16)."""
     if run.format == FORMAT:
         return run.load(layer)
-    from sae.data.features import read_sidecar
+    from sae.data.features import convert_layer, read_sidecar
     from sae.data.ptfile import density, load_dense
 
     path = run.layer_path(layer)
@@ -203,7 +203,7 @@ def _read_layer(run: FeatureRun, layer: int, where: str) -> LayerData:
         return codes
     dense = load_dense(path)
     if dense.dtype != np.float64 and density(dense) * 8 < CONVERT_DENSITY * dense.dtype.itemsize:
-        return run.load(layer)
+        return convert_layer(path, layer)  # the values are checked with the column statistics
     return dense
 
 
