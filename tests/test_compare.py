@@ -518,7 +518,7 @@ def test_errors(tmp_path):
         wmppc(run("A"), run("shuffled"), engine=eng)
     with pytest.raises(InputError, match=r"nan/layer00: values.npy holds 1 non-finite"):
         wmppc(run("A"), run("nan"), engine=eng)
-    with pytest.raises(InputError, match=r"orig_inf/layer-1.pt: holds 1 non-finite values"):
+    with pytest.raises(InputError, match=r"run 'orig_inf' layer -1 holds 1 non-finite"):
         wmppc(run("orig_inf"), run("A"), engine=eng)
     with pytest.raises(InputError, match=r"no activation mass"):
         wmppc(run("zero"), run("A"), engine=eng)
