@@ -53,7 +53,13 @@ def extraction(device: str, rows: int, repeats: int, quick: bool) -> tuple[float
     width, layers, size = (32, 3, 32) if quick else (768, 12, 224)
     cfg = {
         "embed_dim": 16 if quick else 512,
-        "vision_cfg": {"image_size": size, "layers": layers, "width": width, "patch_size": 8 if quick else 32},
+        "vision_cfg": {
+            "image_size": size,
+            "layers": layers,
+            "width": width,
+            "patch_size": 8 if quick else 32,
+            "head_width": 16 if quick else 64,
+        },
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
     model_dir = _save_open_clip(work / "vit-b-32", cfg)
@@ -152,15 +158,15 @@ def wmppc_engines(device: str, n: int, d: int, k: int, repeats: int) -> tuple[fl
     results = {}
     for name, engine in (("torch", TorchEngine(device)), ("numpy", NumpyEngine())):
 
-        def run(engine=engine, name=name) -> None:
+        def compare(engine=engine, name=name) -> None:
             results[name] = wmppc(open_run(work, "A"), open_run(work, "B"), engine=engine).matrix
 
-        results[name + "_s"] = best_of(run, repeats)
+        results[name + "_s"] = best_of(compare, repeats)
     return results["torch_s"], results["numpy_s"], float(np.abs(results["torch"] - results["numpy"]).max())
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (the CPU fallback: checks the script runs)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

@@ -228,8 +228,8 @@ def _cache_bytes(layer: PreparedLayer) -> int:
             total += v.nbytes
         elif hasattr(v, "element_size"):  # torch tensor
             total += v.element_size() * v.numel()
-        elif scipy.sparse.issparse(v):
-            total += sum(getattr(v, a).nbytes for a in ("data", "indices", "indptr"))
+        elif isinstance(v, scipy.sparse.csr_matrix | scipy.sparse.csc_matrix):
+            total += v.data.nbytes + v.indices.nbytes + v.indptr.nbytes
     return total
 
 

@@ -45,11 +45,18 @@ def extract_activations(
     """`sae.data.cache.extract_activations`, split over the ranks under torchrun (every rank calls it with the
     same arguments and gets the merged cache); one process: that function itself."""
     cfg = cfg or C.CacheConfig()
-    kwargs: dict[str, Any] = dict(
-        token=token, skip_bad=skip_bad, device=device, shard_tokens=shard_tokens, progress=progress
-    )
     if distributed.world_size() == 1:
-        return C.extract_activations(spec, pairs, layers, cfg, **kwargs)
+        return C.extract_activations(
+            spec,
+            pairs,
+            layers,
+            cfg,
+            token=token,
+            skip_bad=skip_bad,
+            device=device,
+            shard_tokens=shard_tokens,
+            progress=progress,
+        )
     layers = spec.info().resolve_layers(layers)
     material = C.cache_material(spec, pairs, layers, cfg.cache_dtype, token, skip_bad)
     found = C.find_cache(cfg.cache_dir, material)
@@ -150,7 +157,7 @@ def _write_resharded(sources: list[np.ndarray], sizes: list[int], folder: Path, 
                 with open(tmp, "wb") as f:
                     f.write(header)
                     for p in pieces:
-                        f.write(np.ascontiguousarray(p).data.cast("B"))
+                        f.write(np.ascontiguousarray(p).tobytes())
             else:
                 with open(tmp, "wb") as f:
                     np.save(f, np.concatenate(pieces) if pieces else np.zeros((0, width), dtype))
