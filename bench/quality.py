@@ -147,10 +147,13 @@ def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace) -> Model
         enc = sae.encode(xb)
         return torch.zeros(len(xb), d_sae).scatter_(1, enc.top_indices, enc.top_acts)
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return z @ sae.W_dec + sae.b_dec
+    W_dec = sae.W_dec
+    assert W_dec is not None  # a SparseCoder built with a decoder (not a transcoder without one)
 
-    return sae.W_dec.detach().numpy(), encode, decode
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return z @ W_dec + sae.b_dec
+
+    return W_dec.detach().numpy(), encode, decode
 
 
 def train_saelens(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -> Model:
