@@ -138,9 +138,15 @@ def test_embed_then_joint_then_bridge_identity(setup, tmp_path, capsys):
     assert analyze.main(["bridge", "--sae", str(tmp_path / "J"), *common, "--device", "cpu"]) == 0
     js = json.loads(capsys.readouterr().out)
     sae = load_sae(tmp_path / "J")
+    assert json.loads((tmp_path / "J" / "joint.json").read_text())["normalized"]  # the default: unit-norm rows
+    unit = [
+        np.asarray(x, np.float64) / np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
+        for x in (emb.image, emb.text)
+    ]
+    img, txt = (x.astype(np.float32) for x in unit)  # the SAE reads float32 rows
     with torch.no_grad():
-        zi = sae.encode(torch.from_numpy(np.array(emb.image))).double().numpy()
-        zt = sae.encode(torch.from_numpy(np.array(emb.text))).double().numpy()
+        zi = sae.encode(torch.from_numpy(img)).double().numpy()
+        zt = sae.encode(torch.from_numpy(txt)).double().numpy()
     D = sae.W_dec.detach().double().numpy()
     expected = float(np.mean(np.sum((zi @ D) * (zt @ D), axis=1)))
     assert js["n_image"] == js["n_text"] == N
