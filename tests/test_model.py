@@ -135,7 +135,7 @@ def test_encoder_starts_as_a_scaled_copy_of_the_decoder_transpose_not_a_view():
     relu = SparseAutoencoder(SAEConfig(architecture="relu", d_in=12, d_sae=40))
     assert torch.equal(relu.W_enc, relu.W_dec.t())
     sae = _sae()
-    assert sae.cfg.architecture == "topk" and ENC_INIT_SCALE == 0.2
+    assert sae.cfg.architecture == "topk" and ENC_INIT_SCALE == 1.0  # the tied unit-norm start (sae/nn/model.py)
     assert torch.equal(sae.W_enc, sae.W_dec.t() * ENC_INIT_SCALE)
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))

@@ -156,7 +156,8 @@ def test_frequent_concepts_are_stable_and_rare_ones_are_not(two_seeds):
     assert bins[-1] > bins[0] + 0.2, s["by_energy"]
     assert s["spearman_energy"] > 0.4
     assert s["energy_weighted_mean_cosine"] > s["mean_cosine"] + 0.05
-    assert s["top_k_by_energy"][-1]["mean_stability"] == pytest.approx(s["mean_cosine_alive"])  # the curve: live features
+    # the top-K curve runs over the live features: its last point is their mean
+    assert s["top_k_by_energy"][-1]["mean_stability"] == pytest.approx(s["mean_cosine_alive"])
     # ground truth: A's features that recovered a frequent planted concept are stabler than the rest
     W = sae_a.W_dec.detach().double().numpy()
     cos = D @ (W / np.linalg.norm(W, axis=1, keepdims=True)).T  # [36 concepts, 36 features]
