@@ -144,47 +144,26 @@ def test_train_image_and_text_clip(root, tmp_path):
     cache = open_cache(info["activation_cache"])
     torch.testing.assert_close(cache.to_tensor(cache.pooled(2)), out.hidden[2][:, 0], rtol=1e-2, atol=1e-2)
 
-    assert (
-        train_text.main(
-            [
-                "--model",
-                "ClipText",
-                "--clip_model_name",
-                clip,
-                "--layers",
-                "-1",
-                "--runname",
-                "txt",
-                "--row_ids_from",
-                str(features / "img"),
-                *common(root, features),
-            ]
-        )
-        == 0
-    )
+    text_args = [
+        "--model",
+        "ClipText",
+        "--clip_model_name",
+        clip,
+        "--layers",
+        "-1",
+        "--runname",
+        "txt",
+        "--row_ids_from",
+        str(features / "img"),
+        *common(root, features),
+    ]
+    assert train_text.main(text_args) == 0
     info = check_run(features, "txt", "ClipText", [2])
     assert info["modality"] == "text" and info["token_rule"] == "last"  # EOT
     ids = wm.ModelSpec("ClipText", clip).load("cpu").preprocess(pairs.texts())["input_ids"]
     assert info["n_tokens"] == int((ids.argmax(1) + 1).sum())  # SOT..EOT of every caption, no padding
     # a second call finds the run complete
-    assert (
-        train_text.main(
-            [
-                "--model",
-                "ClipText",
-                "--clip_model_name",
-                clip,
-                "--layers",
-                "-1",
-                "--runname",
-                "txt",
-                "--row_ids_from",
-                str(features / "img"),
-                *common(root, features),
-            ]
-        )
-        == 0
-    )
+    assert train_text.main(text_args) == 0
 
 
 def test_relu_run_records_and_reports_the_saved_folded_sae(root, tmp_path):
