@@ -8,7 +8,6 @@ from sae.nn.checkpoint import load_sae, save_sae
 from sae.nn.config import SAEConfig
 from sae.nn.model import (
     DENSE_AUX_RATIO,
-    ENC_INIT_SCALE,
     SparseAutoencoder,
     _SelectedPreActs,
     batch_topk_entries,
@@ -131,12 +130,12 @@ def test_topk_training_loss_equals_dense_formula():
     torch.testing.assert_close(out.loss, (x_hat - xs).pow(2).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_starts_as_a_scaled_copy_of_the_decoder_transpose_not_a_view():
+def test_encoder_starts_as_a_copy_of_the_decoder_transpose_not_a_view():
     relu = SparseAutoencoder(SAEConfig(architecture="relu", d_in=12, d_sae=40))
     assert torch.equal(relu.W_enc, relu.W_dec.t())
     sae = _sae()
-    assert sae.cfg.architecture == "topk" and ENC_INIT_SCALE == 1.0  # the tied unit-norm start (sae/nn/model.py)
-    assert torch.equal(sae.W_enc, sae.W_dec.t() * ENC_INIT_SCALE)
+    assert sae.cfg.architecture == "topk"
+    assert torch.equal(sae.W_enc, sae.W_dec.t())  # the tied unit-norm start
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
 

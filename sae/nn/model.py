@@ -47,20 +47,6 @@ CONSTRAINED = ("topk", "batchtopk", "msae_uw", "msae_rw", "matryoshka")
 # times k_aux dead latents, else sparsely. On 2 CPU cores (d_in 768, batch 4096, k_aux 384) the dense
 # path's whole training step was 2.3x / 1.5x / 1.1x / 0.94x / 0.73x as fast at 1 / 2 / 4 / 6 / 8 x k_aux.
 DENSE_AUX_RATIO = 4
-# Initial norm of the encoder columns (the decoder rows start at unit norm, the encoder at this multiple
-# of their transpose). Measured on planted data (bench/quality.py: d 32, d_sae 256, batch 1024, 400 steps,
-# TopK; mean max cosine to the true atoms / FVU) against 1.0, our former tied unit-norm start:
-#   8x superposition, heavy-tailed, k 8:    1.0: 0.585 / 0.222   0.577 (kaiming, sparsify): 0.648 / 0.153
-#                                           0.3: 0.658 / 0.144   0.2: 0.660 / 0.147   0.1: 0.664 / 0.155
-#   2x, uniform, mean offset 10, k 4:       1.0: 0.962 / 0.162   0.2: 0.981 / 0.098   0.1: 0.986 / 0.096
-#   4x, heavy-tailed, offset 10, k 32:      1.0: 0.461 / 0.132   0.2: 0.578 / 0.034   0.1: 0.582 / 0.036
-# (BatchTopK 8x/heavy/k 8: 0.473 / 0.382 -> 0.570 / 0.154; Matryoshka 0.587 / 0.243 -> 0.629 / 0.199).
-# A small encoder lets Adam's first steps, about lr per entry, turn the encoder columns where a
-# unit-norm start barely moves them. Not kept: with any start below 1 (0.5, 0.3, 0.2 tried) a short run on
-# a 40-row layer (tests/test_pipeline.py, the attention pool of a CLIP ResNet) ends at FVU ~40, against < 10
-# with the unit-norm start. It stays 1.0 until a start (or schedule) that keeps both is measured.
-ENC_INIT_SCALE = 1.0
-AUXK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclass
@@ -207,8 +193,9 @@ class SparseAutoencoder(nn.Module):
             bound = math.sqrt(6 / cfg.d_in)  # kaiming-uniform for a [d_sae, d_in] matrix
             W_dec = (torch.rand(cfg.d_sae, cfg.d_in, generator=gen) * 2 - 1) * bound
             W_dec /= W_dec.norm(dim=1, keepdim=True)
-            enc_scale = ENC_INIT_SCALE if cfg.architecture in AUXK_FAMILY else 1.0
-            W_enc = W_dec.t() * enc_scale  # tied direction
+            # tied init; a smaller start (0.2 W_dec^T) trains better on planted data but left a short run on a
+            # 40-row layer at FVU ~40 (docs/quality.md): not kept
+            W_enc = W_dec.t()
         self.W_dec = nn.Parameter(W_dec.contiguous().to(device))
         self.W_enc = nn.Parameter(W_enc.clone().contiguous().to(device))  # a copy
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device), requires_grad=cfg.encoder_bias)
