@@ -691,26 +691,20 @@ def _partition(out: LayerOutput, layers: list[int]) -> list[list[int]]:
     return groups
 
 
-def _build(
-    adapter: Encoder,
-    pairs: Pairs,
-    layers: list[int],
-    cfg: CacheConfig,
+def _open_partial(
+    partial: Path,
     material: dict[str, Any],
-    root: Path,
-    key: str,
-    shard_tokens: int | None,
+    layers: list[int],
+    widths: dict[int, int],
+    caps: dict[int, int],
+    n_rows: int,
     show: bool,
-) -> None:
-    from torch.utils.data import DataLoader, Dataset
+) -> tuple[dict[int, int], dict[str, Any]]:
+    """The `.partial` folder of an extraction, and where to start: (shard caps per layer, progress state).
 
-    from sae.util.provenance import provenance
-
-    skip_bad = material["skip_bad"]
-    partial = root / f".{key}.partial"
-    itemsize = DTYPES[cfg.cache_dtype].itemsize
-    widths = {layer: adapter.d_of(layer) for layer in layers}
-    caps = {layer: int(shard_tokens or max(1, (cfg.shard_mb << 20) // (widths[layer] * itemsize))) for layer in layers}
+    A folder made for other material, or whose progress a resume cannot use, is emptied and started over;
+    the caps of a resumed folder are its own (config.json), so its shards keep their size.
+    """
     state_path, config_path = partial / "progress.json", partial / "config.json"
     config = None
     if config_path.exists():
@@ -731,7 +725,7 @@ def _build(
     if state_path.exists():
         with contextlib.suppress(OSError, ValueError):
             saved = read_json(state_path)
-            if _resumable(partial, layers, saved, len(pairs), widths):
+            if _resumable(partial, layers, saved, n_rows, widths):
                 state = saved
                 if show:
                     tqdm.write(
@@ -742,6 +736,31 @@ def _build(
             partial.mkdir(parents=True)
             write_json(config_path, config)
     remove_dead_temporaries(partial, min_age_s=0)  # ours: the key's lock is held
+    return caps, state
+
+
+def _build(
+    adapter: Encoder,
+    pairs: Pairs,
+    layers: list[int],
+    cfg: CacheConfig,
+    material: dict[str, Any],
+    root: Path,
+    key: str,
+    shard_tokens: int | None,
+    show: bool,
+) -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from sae.util.provenance import provenance
+
+    skip_bad = material["skip_bad"]
+    partial = root / f".{key}.partial"
+    itemsize = DTYPES[cfg.cache_dtype].itemsize
+    widths = {layer: adapter.d_of(layer) for layer in layers}
+    caps = {layer: int(shard_tokens or max(1, (cfg.shard_mb << 20) // (widths[layer] * itemsize))) for layer in layers}
+    state_path = partial / "progress.json"
+    caps, state = _open_partial(partial, material, layers, widths, caps, len(pairs), show)
     n_req = len(pairs)
     kept: list[int] = []
     if state["kept_done"]:
