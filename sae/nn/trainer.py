@@ -373,6 +373,20 @@ def train_saes(
         wandb.close()
     checkpoint(total)
 
+    return _save_and_evaluate(source, specs, saes, tcfg, out_dir, device, steps_per_epoch)
+
+
+def _save_and_evaluate(
+    source: ActivationSource,
+    specs: list[SAESpec],
+    saes: list[SparseAutoencoder],
+    tcfg: TrainConfig,
+    out_dir: Path,
+    device: torch.device,
+    steps_per_epoch: int,
+) -> dict[str, TrainedSAE]:
+    """The end of a run: fold (relu), estimate batchtopk's threshold at the final weights, evaluate, and
+    (rank 0) write each SAE's files and metrics.json."""
     eval_rows = source.sample_rows(tcfg.eval_rows or source.n_rows)
     results = {}
     for spec, sae in zip(specs, saes):
@@ -392,7 +406,7 @@ def train_saes(
             **extra,
             **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size),
         }
-        metrics["world_size"] = world
+        metrics["world_size"] = distributed.world_size()
         if distributed.is_main():
             save_sae(sae, path)
             write_json(path / "metrics.json", metrics)
