@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,42 +160,19 @@ def load_siglip_text(name: str, _pretrained: str | None, device: torch.device) -
     )
 
 
-def load_vit(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
-    from transformers import AutoImageProcessor, ViTModel
-
-    cfg = _hf_config(name, "ViT model")
-    model = _from_pretrained(ViTModel, name, "ViT model", add_pooling_layer=False)
-    processor = _from_pretrained(AutoImageProcessor, name, "ViT image processor")
-    blocks = find_blocks(model, cfg.num_hidden_layers, ["layers", "encoder.layer", "encoder.layers"])
+def _pixel_adapter(
+    model_name: str,
+    name: str,
+    cfg: Any,
+    model: nn.Module,
+    processor: Any,
+    blocks: nn.ModuleList | Sequence[nn.Module],
+    device: torch.device,
+    n_prefix: int,
+) -> Adapter:
+    """A CLS-first vision transformer fed `pixel_values` (ViT, DINOv2): every token is real, CLS recorded."""
     return Adapter(
-        model="ViT",
-        name=name,
-        modality=IMAGE,
-        n_blocks=len(blocks),
-        d_model=cfg.hidden_size,
-        module=eval_frozen(model, device),
-        blocks=blocks,
-        preprocess=HFImages(processor),
-        run=_run_pixels,
-        real_mask=all_tokens,
-        pooled_rule="first",
-        device=device,
-        n_prefix=1,
-    )
-
-
-def load_dino(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
-    from transformers import AutoImageProcessor, AutoModel
-
-    hf = hf_name(name)
-    kind = "DINOv2 model" + (f" (--dino_model_name {name})" if hf != name else "")
-    cfg = _hf_config(hf, kind)
-    model = _from_pretrained(AutoModel, hf, kind)
-    processor = _from_pretrained(AutoImageProcessor, hf, f"{kind} image processor")
-    blocks = find_blocks(model, cfg.num_hidden_layers, ["encoder.layer", "encoder.layers", "layers"])
-    n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
-    return Adapter(
-        model="DinoV2",
+        model=model_name,
         name=name,
         modality=IMAGE,
         n_blocks=len(blocks),
@@ -209,6 +186,29 @@ def load_dino(name: str, _pretrained: str | None, device: torch.device) -> Adapt
         device=device,
         n_prefix=n_prefix,
     )
+
+
+def load_vit(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
+    from transformers import AutoImageProcessor, ViTModel
+
+    cfg = _hf_config(name, "ViT model")
+    model = _from_pretrained(ViTModel, name, "ViT model", add_pooling_layer=False)
+    processor = _from_pretrained(AutoImageProcessor, name, "ViT image processor")
+    blocks = find_blocks(model, cfg.num_hidden_layers, ["layers", "encoder.layer", "encoder.layers"])
+    return _pixel_adapter("ViT", name, cfg, model, processor, blocks, device, n_prefix=1)
+
+
+def load_dino(name: str, _pretrained: str | None, device: torch.device) -> Adapter:
+    from transformers import AutoImageProcessor, AutoModel
+
+    hf = hf_name(name)
+    kind = "DINOv2 model" + (f" (--dino_model_name {name})" if hf != name else "")
+    cfg = _hf_config(hf, kind)
+    model = _from_pretrained(AutoModel, hf, kind)
+    processor = _from_pretrained(AutoImageProcessor, hf, f"{kind} image processor")
+    blocks = find_blocks(model, cfg.num_hidden_layers, ["encoder.layer", "encoder.layers", "layers"])
+    n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)  # CLS and the register tokens
+    return _pixel_adapter("DinoV2", name, cfg, model, processor, blocks, device, n_prefix=n_prefix)
 
 
 def _text_max_length(tokenizer: Any, cfg: Any) -> int:
