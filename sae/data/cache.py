@@ -1,41 +1,21 @@
 """On-disk activation cache: one pass of an encoder over a dataset, every requested layer at once.
 
-Layout (format `actcache-v2`) of `<cache_dir>/<key>/`, the key hashing the model (name, weights tag,
-local file stamps, preprocessing), the dataset (source, split, fingerprint, column, row ids,
-max_samples, skip_bad), the layers, the storage dtype and the recorded token:
+The layout (`actcache-v2`: meta.json, row_ids, token_row/token_pos, per layer token shards and pooled
+vectors) is specified in docs/formats.md; this module is its writer (`extract_activations`) and reader
+(`open_cache`). Behaviour beyond the layout:
 
-    meta.json                  written last: a directory without it is never read
-    row_ids.npy      int64     [N]        dataset row of each run row (rows dropped by --skip_bad absent)
-    token_row.npy    int32     [n_tok]    run row n (0..N-1) of each stored token
-    token_pos.npy    int16     [n_tok]    position of each stored token in its sequence (0 = CLS/first)
-    layer{L:02d}/
-        tokens-{s:05d}.npy     [n_tok_s, d_L]   the training tokens of the rows of shard s, in row order
-        pooled.npy             [N, d_L]         the recorded position of each row (--token)
-
-The training tokens are the real (non-padding) tokens of each row; for SiglipText also its final
-position, the model's own pooled position (see sae.encoders.adapter.EncoderOutput.train_mask_of).
-
-Shards are row-aligned across all layers: shard s holds the same rows (`meta["shard_rows"][s]` of
-them) in every layer, and no row straddles two shards. When every layer has the same token layout
-(every family but CLIP ResNets) token t of shard s is also the same token in every layer, and
-`token_row.npy` / `token_pos.npy` sit at the top. When layouts differ (a CLIP ResNet's stages have
-H*W tokens of different widths, its attention pool one), each layer folder holds its own
-`token_row.npy` / `token_pos.npy` and `meta["layouts"]` lists the layers that share a layout:
-`[{"layers", "n_tokens", "shard_sizes"}]`. `meta["widths"]` maps each layer to its width d_L.
-
-Values are float16 / float32, or bfloat16 stored as its uint16 bit pattern (`to_tensor` turns any of
-them into a float tensor). Layers are block indices counted from 0 (negatives resolved). A value that
-is not finite (NaN, inf, or a float16 overflow) stops the extraction naming the layer and row.
-
-Writing and resuming: the extraction writes into `<cache_dir>/.<key>.partial/`. Each shard file is
-written under a temporary name and renamed when the shard is closed (after the batch that brings any
-layer's shard to `shard_mb` MiB); then `progress.json` (atomic) records the shards done and the row to
-restart from. A killed run started again with the same flags resumes from the last closed shard; at
-the end the files above are written, meta.json last, and the directory is renamed to `<key>` in one
-step. An exclusive lock keeps two processes from writing the same key. A later run with the same key,
-or with a subset of the layers of a finished cache, reuses it without loading the model. Temporary
-files of dead processes, and unfinished extractions of dead processes that closed no shard yet, are
-removed by the next extraction in the same `cache_dir` once untouched for 10 minutes.
+- The training tokens are the real (non-padding) tokens of each row; for SiglipText also its final
+  position, the model's own pooled position (sae.encoders.adapter.EncoderOutput.train_mask_of).
+- A value that is not finite (NaN, inf, or a float16 overflow) stops the extraction naming the layer and row.
+- Writing and resuming: the extraction writes into `<cache_dir>/.<key>.partial/`. A shard is closed
+  after the batch that brings any layer's shard to `shard_mb` MiB; then `progress.json` (`_Progress`,
+  atomic) records the shards done and the row to restart from. A killed run started again with the
+  same flags resumes from the last closed shard; at the end meta.json is written last and the folder is
+  renamed to `<key>` in one step. An exclusive lock keeps two processes from writing the same key.
+- A later run with the same key, or with a subset of the layers of a finished cache, reuses it without
+  loading the model. Temporary files of dead processes, and unfinished extractions of dead processes
+  that closed no shard yet, are removed by the next extraction in the same `cache_dir` once untouched
+  for 10 minutes.
 """
 
 from __future__ import annotations
@@ -49,7 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -438,6 +418,31 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class _Progress:
+    """progress.json of an extraction's `.partial` folder, rewritten after each closed shard: where a
+    resumed extraction starts."""
+
+    shards_done: int = 0
+    shard_rows: list[int] = field(default_factory=list)  # rows per closed shard
+    partition: list[list[int]] | None = None  # layers grouped by token layout (known after the first batch)
+    kept_done: int = 0  # rows in the closed shards (the first kept_done entries of kept.npy)
+    restart: int = 0  # dataset position where a resumed run starts reading
+    bad: list[list[int]] = field(default_factory=list)  # [position, row_id] of each skipped row before restart
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Progress:
+        """Raises KeyError / TypeError / ValueError on a file that is not a progress record."""
+        return cls(
+            int(d["shards_done"]),
+            [int(n) for n in d["shard_rows"]],
+            d["partition"],
+            int(d["kept_done"]),
+            int(d["restart"]),
+            [[int(a), int(b)] for a, b in d["bad"]],
+        )
+
+
 class _Writer:
     """Row-aligned shards of every layer, appended batch by batch; the state lives in `progress.json`.
 
@@ -454,14 +459,14 @@ class _Writer:
         dtype: str,
         caps: dict[int, int],
         n_req: int,
-        state: dict[str, Any],
+        state: _Progress,
     ):
         self.root, self.layers, self.widths, self.dtype = root, layers, widths, dtype
         self.np_dtype = DTYPES[dtype]
         self.caps = caps
-        self.shard = int(state["shards_done"])
-        self.shard_rows: list[int] = list(state["shard_rows"])
-        self.partition: list[list[int]] | None = state["partition"]
+        self.shard = state.shards_done
+        self.shard_rows: list[int] = list(state.shard_rows)
+        self.partition: list[list[int]] | None = state.partition
         self.files: dict[int, BinaryIO] | None = None
         self.fill = dict.fromkeys(layers, 0)
         self.rows_in_shard = 0
@@ -472,7 +477,7 @@ class _Writer:
             ldir = root / layer_dir_name(layer)
             ldir.mkdir(exist_ok=True)
             work = ldir / "pooled.work.npy"
-            mode = "r+" if work.exists() and state["kept_done"] > 0 else "w+"
+            mode = "r+" if work.exists() and state.kept_done > 0 else "w+"
             self.pooled[layer] = open_memmap(work, mode=mode, dtype=self.np_dtype, shape=(n_req, widths[layer]))
 
     def set_partition(self, partition: list[list[int]]) -> None:
@@ -598,26 +603,26 @@ def _resume_note(partial: Path) -> Iterator[None]:
         raise
 
 
-def _resumable(partial: Path, layers: list[int], state: dict[str, Any], n_req: int, widths: dict[int, int]) -> bool:
+def _resumable(partial: Path, layers: list[int], state: _Progress, n_req: int, widths: dict[int, int]) -> bool:
     """Whether every file a resume relies on is there (else the extraction starts over)."""
     try:
-        if state["shards_done"] and state["partition"] is None:
+        if state.shards_done and state.partition is None:
             return False
-        if state["kept_done"] and len(np.load(partial / "kept.npy", mmap_mode="r")) < state["kept_done"]:
+        if state.kept_done and len(np.load(partial / "kept.npy", mmap_mode="r")) < state.kept_done:
             return False
-        for s in range(state["shards_done"]):
-            for g in range(len(state["partition"] or [])):
+        for s in range(state.shards_done):
+            for g in range(len(state.partition or [])):
                 for name in ("token_row", "token_pos"):
                     if not (partial / f"{name}-g{g}-{s:05d}.npy").exists():
                         return False
         for layer in layers:
             ldir = partial / layer_dir_name(layer)
-            if any(not (ldir / f"tokens-{s:05d}.npy").exists() for s in range(state["shards_done"])):
+            if any(not (ldir / f"tokens-{s:05d}.npy").exists() for s in range(state.shards_done)):
                 return False
-            if state["kept_done"] and np.load(ldir / "pooled.work.npy", mmap_mode="r").shape != (n_req, widths[layer]):
+            if state.kept_done and np.load(ldir / "pooled.work.npy", mmap_mode="r").shape != (n_req, widths[layer]):
                 return False
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
 
 
@@ -699,7 +704,7 @@ def _open_partial(
     caps: dict[int, int],
     n_rows: int,
     show: bool,
-) -> tuple[dict[int, int], dict[str, Any]]:
+) -> tuple[dict[int, int], _Progress]:
     """The `.partial` folder of an extraction, and where to start: (shard caps per layer, progress state).
 
     A folder made for other material, or whose progress a resume cannot use, is emptied and started over;
@@ -720,17 +725,14 @@ def _open_partial(
         }
         write_json(config_path, config)
     caps = {layer: int(config["caps"][str(layer)]) for layer in layers}
-    fresh = {"shards_done": 0, "shard_rows": [], "partition": None, "kept_done": 0, "restart": 0, "bad": []}
-    state = fresh
+    state = fresh = _Progress()
     if state_path.exists():
-        with contextlib.suppress(OSError, ValueError):
-            saved = read_json(state_path)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = _Progress.from_json(read_json(state_path))
             if _resumable(partial, layers, saved, n_rows, widths):
                 state = saved
                 if show:
-                    tqdm.write(
-                        f"resuming {partial.name} from row {saved['restart']} ({saved['shards_done']} shards done)"
-                    )
+                    tqdm.write(f"resuming {partial.name} from row {saved.restart} ({saved.shards_done} shards done)")
         if state is fresh:  # something a resume needs is missing: start over
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -763,10 +765,10 @@ def _build(
     caps, state = _open_partial(partial, material, layers, widths, caps, len(pairs), show)
     n_req = len(pairs)
     kept: list[int] = []
-    if state["kept_done"]:
-        kept = np.load(partial / "kept.npy")[: state["kept_done"]].tolist()
-    start = int(state["restart"])
-    bad: list[list[int]] = [b for b in state["bad"] if b[0] < start]
+    if state.kept_done:
+        kept = np.load(partial / "kept.npy")[: state.kept_done].tolist()
+    start = state.restart
+    bad: list[list[int]] = [b for b in state.bad if b[0] < start]
     writer = _Writer(partial, layers, widths, cfg.cache_dtype, caps, n_req, state)
     modality = material["modality"]
     t0 = time.time()
@@ -777,17 +779,9 @@ def _build(
         with atomic_path(partial / "kept.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(kept, dtype=np.int64))
-        write_json(
-            state_path,
-            {
-                "shards_done": writer.shard,
-                "shard_rows": writer.shard_rows,
-                "partition": writer.partition,
-                "kept_done": len(kept),
-                "restart": int(restart),
-                "bad": [b for b in bad if b[0] < restart],
-            },
-        )
+        kept_bad = [b for b in bad if b[0] < restart]
+        done = _Progress(writer.shard, writer.shard_rows, writer.partition, len(kept), int(restart), kept_bad)
+        write_json(state_path, asdict(done))
 
     use_cuda = adapter.device.type == "cuda"
     workers = default_workers(adapter.device) if cfg.num_workers is None else int(cfg.num_workers)
@@ -820,44 +814,14 @@ def _build(
             if batch is None:
                 continue
             out = adapter.forward(batch, layers, token=material["token"])
-            partition = _partition(out, layers)
-            writer.set_partition(partition)
             n0, B = len(kept), len(positions)
-            arrays, rows, pos, counts = {}, [], [], {}
-            for group in partition:
-                mask = out.train_mask_of(group[0])
-                n_tok = mask.sum(1)
-                token_rows = torch.repeat_interleave(torch.arange(B, device=mask.device), n_tok)
-                rows.append((token_rows.cpu().numpy() + n0).astype(np.int32))
-                pos.append(mask.nonzero()[:, 1].cpu().numpy().astype(np.int16))
-                for layer in group:
-                    raw = out.hidden[layer][mask]
-                    stored = _stored(raw, cfg.cache_dtype)
-                    _check_finite(layer, raw, stored, token_rows, pairs, positions, cfg.cache_dtype)
-                    arrays[layer] = _to_numpy(stored, cfg.cache_dtype)
-                if not checked_space:  # tokens per row, for the disk-space estimate below
-                    counts.update(dict.fromkeys(group, float(n_tok.float().mean())))
-            for layer in layers:
-                stored = _stored(out.pooled[layer], cfg.cache_dtype)
-                _check_finite(layer, out.pooled[layer], stored, torch.arange(B), pairs, positions, cfg.cache_dtype)
-                writer.pooled[layer][n0 : n0 + B] = _to_numpy(stored, cfg.cache_dtype)
+            arrays, rows, pos, tokens_per_row = _stored_batch(
+                out, layers, writer, n0, positions, pairs, cfg.cache_dtype
+            )
             kept.extend(positions)
             if not checked_space:
                 checked_space = True
-                est = int(sum(counts[layer] * widths[layer] for layer in layers) * n_req * itemsize)
-                free = _free_bytes(partial)
-                if show:
-                    per = ", ".join(f"{layer}: ~{counts[layer]:.0f} x {widths[layer]}" for layer in layers)
-                    tqdm.write(
-                        f"activation cache {partial.parent / key}: about {human_bytes(est)} ({n_req} rows x "
-                        f"tokens x width per layer [{per}] x {itemsize} B), {human_bytes(free)} free"
-                    )
-                if est > free:
-                    raise InputError(
-                        f"the activation cache needs about {human_bytes(est)} but {cfg.cache_dir} "
-                        f"has {human_bytes(free)} free: use fewer --layers, --max_samples, "
-                        f"--cache_dtype float16/bfloat16 or another --cache_dir"
-                    )
+                _check_space(partial, key, cfg.cache_dir, layers, widths, tokens_per_row, n_req, itemsize, show)
             writer.append(arrays, rows, pos, B)
             if writer.full():
                 writer.close_shard()
@@ -867,6 +831,11 @@ def _build(
     writer.finish()
     writer.flush_pooled()
     _finish(partial, writer, layers, widths, kept, pairs, bad, material, adapter, key, time.time() - t0, provenance)
+    _publish(partial, root, key)
+
+
+def _publish(partial: Path, root: Path, key: str) -> None:
+    """Rename the finished `.partial` folder to its key (atomic), then drop the files only a resume needed."""
     final = root / key
     if final.exists():  # a stale directory without meta.json
         shutil.rmtree(final)
@@ -874,16 +843,76 @@ def _build(
     _fsync_dir(root)
     with contextlib.suppress(OSError):
         (root / f".{key}.lock").unlink()
-    for p in (
-        list(final.glob("token_row-*.npy"))
-        + list(final.glob("token_pos-*.npy"))
-        + list(final.glob("kept.npy"))
-        + list(final.glob("progress.json"))
-        + list(final.glob("config.json"))
-        + list(final.glob("layer*/pooled.work.npy"))
-    ):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    resume_only = ("token_row-*.npy", "token_pos-*.npy", "kept.npy", "progress.json", "config.json")
+    for pattern in (*resume_only, "layer*/pooled.work.npy"):
+        for p in final.glob(pattern):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _stored_batch(
+    out: LayerOutput,
+    layers: list[int],
+    writer: _Writer,
+    n0: int,
+    positions: list[int],
+    pairs: Pairs,
+    dtype: str,
+) -> tuple[dict[int, np.ndarray], list[np.ndarray], list[np.ndarray], dict[int, float]]:
+    """One encoder batch of B rows (the cache's rows n0..n0+B) in the stored dtype, checked finite: the
+    pooled vectors go straight into the writer's memory maps; returns the token arrays {layer:
+    [n_tok_group, d]}, per token group the row [n_tok] and position [n_tok] of each token, and the mean
+    tokens per row of each layer."""
+    partition = _partition(out, layers)
+    writer.set_partition(partition)
+    B = len(positions)
+    arrays, rows, pos, tokens_per_row = {}, [], [], {}
+    for group in partition:
+        mask = out.train_mask_of(group[0])
+        n_tok = mask.sum(1)
+        token_rows = torch.repeat_interleave(torch.arange(B, device=mask.device), n_tok)
+        rows.append((token_rows.cpu().numpy() + n0).astype(np.int32))
+        pos.append(mask.nonzero()[:, 1].cpu().numpy().astype(np.int16))
+        for layer in group:
+            raw = out.hidden[layer][mask]
+            stored = _stored(raw, dtype)
+            _check_finite(layer, raw, stored, token_rows, pairs, positions, dtype)
+            arrays[layer] = _to_numpy(stored, dtype)
+            tokens_per_row[layer] = float(n_tok.float().mean())
+    for layer in layers:
+        stored = _stored(out.pooled[layer], dtype)
+        _check_finite(layer, out.pooled[layer], stored, torch.arange(B), pairs, positions, dtype)
+        writer.pooled[layer][n0 : n0 + B] = _to_numpy(stored, dtype)
+    return arrays, rows, pos, tokens_per_row
+
+
+def _check_space(
+    partial: Path,
+    key: str,
+    cache_dir: str | Path,
+    layers: list[int],
+    widths: dict[int, int],
+    tokens_per_row: dict[int, float],
+    n_req: int,
+    itemsize: int,
+    show: bool,
+) -> None:
+    """After the first batch: estimate the cache's size from its tokens per row, print it, and refuse
+    (one line) when the disk holds less."""
+    est = int(sum(tokens_per_row[layer] * widths[layer] for layer in layers) * n_req * itemsize)
+    free = _free_bytes(partial)
+    if show:
+        per = ", ".join(f"{layer}: ~{tokens_per_row[layer]:.0f} x {widths[layer]}" for layer in layers)
+        tqdm.write(
+            f"activation cache {partial.parent / key}: about {human_bytes(est)} ({n_req} rows x "
+            f"tokens x width per layer [{per}] x {itemsize} B), {human_bytes(free)} free"
+        )
+    if est > free:
+        raise InputError(
+            f"the activation cache needs about {human_bytes(est)} but {cache_dir} "
+            f"has {human_bytes(free)} free: use fewer --layers, --max_samples, "
+            f"--cache_dtype float16/bfloat16 or another --cache_dir"
+        )
 
 
 def _finish(

@@ -1,32 +1,13 @@
 """SAE feature activations on disk: one sparse CSR matrix [n_rows, d_sae] per hooked layer.
 
-Format `csr-v1`, the layout of `sae_features/<run>/`:
-
-    run.json                  written last: a run without it is incomplete and is never read
-    layer{L:02d}/             one folder per hooked block; L is the block index counted from 0
-                              (negative --layers flags are resolved before writing, so L >= 0)
-        indptr.npy   int64    [n_rows + 1]  row r owns entries indptr[r]:indptr[r+1]
-        indices.npy  int32    [nnz]         latent index of each stored activation, ascending in a row
-        values.npy   float32  [nnz]         the activation (> 0); zeros are never stored
-        meta.json             {"format": "csr-v1", "n_rows", "d_sae", "layer", "nnz"}
-
-Row r of every layer, and of every run made on the same dataset, is dataset row `run.json["row_ids"][r]`.
-run.json holds at least: name, modality ("image" | "text"), model, model_name, layers (ints),
-token (the --token flag) and token_rule (the position it resolved to for this model: first, final,
-last, mean), train_tokens (which tokens the SAEs trained on), dataset {name, split, image_column,
-text_column, max_samples, fingerprint}, split, n_rows, row_ids, bad_rows (rows dropped by --skip_bad),
-architecture, d_sae, d_in {layer: width}, k, n_tokens (training tokens), sae_metrics {layer: {...}},
-sae_dirs {sae name: folder}, record_codes (which codes the layers hold: RECORD_CODES; absent = "sae"),
-format ("csr-v1") and provenance (package versions, python, git
-commit). d_sae and n_tokens are one int when every layer shares it, else a {layer: int} map (the
-stages of a CLIP ResNet differ in width and token count).
-Each layer folder is written under a temporary name and renamed into place when complete.
+The layout (`csr-v1`: run.json written last, `layer{L:02d}/{indptr,indices,values}.npy` and meta.json)
+is specified in docs/formats.md; this module is its writer (`LayerWriter`, each layer folder written
+under a temporary name and renamed into place when complete) and reader (`FeatureRun`).
 
 The original repo's format is read too: a folder of dense `layerNN.pt` / `layer-1.pt` tensors
-[n_rows, d_sae] (any float dtype); `layer-1.pt` is taken as the deepest layer. Those hold the ungated
-codes relu((x - b_dec) W_enc) of token 0 (`TopKSAE.get_cls_features` in its sparse_autoencoders.py).
-They are read without torch and converted to csr-v1 once, kept beside them as `layerNN.csr-v1/`
-(sae/data/ptfile.py).
+[n_rows, d_sae], read without torch and converted once to a csr-v1 copy `layerNN.csr-v1/` beside them
+(sae/data/ptfile.py). Those hold the ungated codes relu((x - b_dec) W_enc) of token 0
+(`TopKSAE.get_cls_features` in its sparse_autoencoders.py), `RECORD_CODES["ungated"]`.
 """
 
 from __future__ import annotations
