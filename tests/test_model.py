@@ -8,6 +8,7 @@ from sae.nn.checkpoint import load_sae, save_sae
 from sae.nn.config import SAEConfig
 from sae.nn.model import (
     DENSE_AUX_RATIO,
+    ENC_INIT_SCALE,
     SparseAutoencoder,
     _SelectedPreActs,
     batch_topk_entries,
@@ -133,9 +134,11 @@ def test_topk_training_loss_equals_dense_formula():
 def test_encoder_starts_as_a_copy_of_the_decoder_transpose_not_a_view():
     relu = SparseAutoencoder(SAEConfig(architecture="relu", d_in=12, d_sae=40))
     assert torch.equal(relu.W_enc, relu.W_dec.t())
+    msae = SparseAutoencoder(SAEConfig(architecture="msae_rw", d_in=12, d_sae=40, k=4))
+    assert torch.equal(msae.W_enc, msae.W_dec.t())  # the MSAE code's tied unit-norm start
     sae = _sae()
-    assert sae.cfg.architecture == "topk"
-    assert torch.equal(sae.W_enc, sae.W_dec.t())  # the tied unit-norm start
+    assert sae.cfg.architecture == "topk" and ENC_INIT_SCALE == 0.2
+    assert torch.equal(sae.W_enc, 0.2 * sae.W_dec.t())  # the topk family starts smaller
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
 

@@ -88,7 +88,7 @@ def planted_sae(tmp_path_factory):
         res = train_saes(
             ActivationSource({"x": [data.x]}),
             [SAESpec("sae", "x", SAEConfig(d_sae=32, k=2))],
-            TrainConfig(epochs=8, batch_size=256, lr=1e-2, device="cpu"),
+            TrainConfig(epochs=8, batch_size=256, device="cpu"),
             out,
             progress=False,
         )

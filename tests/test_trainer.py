@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sae.__main__ import main as sae_main
+from sae.nn.checkpoint import load_trainer_state
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.sources import ActivationSource, epoch_batches
 from sae.nn.synthetic import planted_activations
@@ -100,6 +101,25 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     f = [lr_factor(s, 100, warmup=10, decay_fraction=0.2) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1 and f[50] == 1
     assert f[80] == 1 and f[99] == pytest.approx(0.05) and all(a >= b for a, b in zip(f[80:], f[81:]))
+
+
+def test_decoder_learning_rate_is_scaled_where_the_decoder_rows_are_unit_norm(tmp_path, data):
+    """topk/batchtopk/matryoshka with unit-norm rows step W_dec at DECODER_LR_SCALE x lr; relu, msae_* and a
+    free decoder (the original recipe) at lr; --decoder_lr_scale overrides. Read back from the checkpoint."""
+    expected = {"topk": 10.0, "matryoshka": 10.0, "relu": 1.0, "msae_rw": 1.0}
+    specs = [SAESpec(arch, "a", SAEConfig(architecture=arch, d_sae=32, k=4)) for arch in expected]
+    specs.append(SAESpec("free", "a", SAEConfig(architecture="topk", d_sae=32, k=4, unit_decoder=False)))
+    expected["free"] = 1.0
+    tcfg = TrainConfig(epochs=1, batch_size=512, lr=1e-3, device="cpu", decay_fraction=0, warmup_steps=1, eval_rows=256)
+    train_saes(ActivationSource({"a": [data]}), specs, tcfg, tmp_path / "default", progress=False)
+    state = load_trainer_state(tmp_path / "default" / "trainer_state.safetensors")
+    for name, scale in expected.items():
+        groups = state["opts"][name]["param_groups"]
+        assert [(g["lr_scale"], g["lr"]) for g in groups] == [(scale, pytest.approx(1e-3 * scale)), (1.0, 1e-3)], name
+    tcfg = TrainConfig(epochs=1, batch_size=512, lr=1e-3, device="cpu", decoder_lr_scale=3.0)
+    train_saes(ActivationSource({"a": [data]}), specs[:1], tcfg, tmp_path / "override", progress=False)
+    groups = load_trainer_state(tmp_path / "override" / "trainer_state.safetensors")["opts"]["topk"]["param_groups"]
+    assert groups[0]["lr_scale"] == 3.0
 
 
 def test_source_reads_rows_in_any_order_across_shards_and_bf16():

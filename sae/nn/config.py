@@ -93,8 +93,9 @@ class SAEConfig:
     init: str = field(
         default="tied",
         metadata=_help(
-            "weights at init: tied = unit-norm decoder rows, W_enc = W_dec^T; original = W_enc kaiming-uniform "
-            "[d_in, d_sae], W_dec = W_enc^T with unit rows (the original repo)",
+            "weights at init: tied = unit-norm decoder rows, W_enc = W_dec^T (x 0.2 for topk, batchtopk, "
+            "matryoshka: sae/nn/model.py ENC_INIT_SCALE); original = W_enc kaiming-uniform [d_in, d_sae], "
+            "W_dec = W_enc^T with unit rows (the original repo)",
             choices=("tied", "original"),
         ),
     )
@@ -176,6 +177,13 @@ class TrainConfig:
         default=None, metadata=_help("linear warm-up steps (default min(1000, 5%% of the steps))")
     )
     decay_fraction: float = field(default=0.2, metadata=_help("final fraction of steps with linear decay to 0"))
+    decoder_lr_scale: float | None = field(
+        default=None,
+        metadata=_help(
+            "the decoder's learning rate is --lr times this (default: 10 for topk, batchtopk and matryoshka with "
+            "unit-norm decoder rows, where it sets how fast the directions turn; 1 otherwise)"
+        ),
+    )
     dead_window: int | None = field(
         default=None,
         metadata=_help(
@@ -218,6 +226,8 @@ class TrainConfig:
             raise InputError(f"--batch_size must be at least 1 (got {self.batch_size})")
         if self.lr is not None and not self.lr > 0:
             raise InputError(f"--lr must be positive (got {self.lr})")
+        if self.decoder_lr_scale is not None and not self.decoder_lr_scale > 0:
+            raise InputError(f"--decoder_lr_scale must be positive (got {self.decoder_lr_scale})")
         if self.log_every < 1:
             raise InputError(f"--log_every must be at least 1 (got {self.log_every})")
         if self.batch_groups < 0:

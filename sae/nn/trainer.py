@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from sae.nn.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.nn.config import SAEConfig, TrainConfig
 from sae.nn.metrics import _SUMS, MetricsAccumulator
-from sae.nn.model import SparseAutoencoder
+from sae.nn.model import SCALED_START, SparseAutoencoder, TrainOutput
 from sae.nn.sources import ActivationSource
 from sae.nn.trainlog import TrainLog, WandbLogger
 from sae.util import distributed
@@ -95,6 +95,31 @@ def default_lr(d_sae: int) -> float:
     superposition/uniform/offset 10/k 4: 0.987 / 0.093, x2 0.977 / 0.079 with 69% dead latents, x0.5
     0.897 / 0.224. No single multiple wins everywhere, so the rule stays."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+DECODER_LR_SCALE = 10.0
+"""The decoder's lr multiple for topk, batchtopk and matryoshka with unit-norm decoder rows. With rows
+held at norm 1 an Adam step of size lr turns a row by about lr per coordinate, slower than the encoder
+(which starts at 0.2 W_dec^T) and than a peer whose free decoder rows start at norm 0.1 (SAELens), so
+the dictionary's directions lag. bench/quality.py, d 32, d_sae 256, batch 1024, TopK, cosine / FVU at
+decoder lr x 1 / 3 / 10, 200 steps: 2x superposition, heavy-tailed, k 8: 0.753 / 0.104, 0.901 / 0.084,
+0.933 / 0.081; 2x, uniform, offset 10, k 4: 0.790 / 0.345, 0.861 / 0.321, 0.884 / 0.316; 8x, heavy-tailed,
+k 8: 0.630 / 0.206, 0.684 / 0.181, 0.712 / 0.173; the same after 2000 steps: 0.850 / 0.134, 0.888 / 0.132,
+0.898 / 0.132 (no latent dead at any scale)."""
+
+
+def decoder_lr_scale(cfg: SAEConfig, tcfg: TrainConfig) -> float:
+    """The decoder's lr multiple for an SAE (TrainConfig.decoder_lr_scale, or DECODER_LR_SCALE where it applies)."""
+    if tcfg.decoder_lr_scale is not None:
+        return tcfg.decoder_lr_scale
+    return DECODER_LR_SCALE if cfg.architecture in SCALED_START and cfg.unit_decoder else 1.0
+
+
+def _optimizer(sae: SparseAutoencoder, lr: float, decoder_scale: float) -> torch.optim.Adam:
+    """Adam over the SAE's parameters; each group's "lr_scale" multiplies the scheduled lr (`_step`)."""
+    rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
+    groups = [{"params": [sae.W_dec], "lr_scale": decoder_scale}, {"params": rest, "lr_scale": 1.0}]
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
@@ -215,18 +240,7 @@ def train_saes(
 ) -> dict[str, TrainedSAE]:
     """Train every SAE of `specs` on `source`; see the module docstring. Returns them by spec name."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output directory {out_dir} is an existing file; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if len({s.name for s in specs}) != len(specs):
-        raise InputError("two SAEs share an output name")
-    if source.n_rows < 2:
-        raise InputError(f"training needs at least 2 rows of activations, got {source.n_rows}")
-    for spec in specs:
-        if spec.key not in source.keys:
-            raise InputError(f"no activations named '{spec.key}' (have {source.keys})")
-        spec.cfg.d_in = source.d_in(spec.key)
-        spec.cfg.validate()
+    _check_inputs(source, specs, tcfg, out_dir)
     distributed.init(tcfg.device)
     world = distributed.world_size()
     device = resolve_device(distributed.local_device() if tcfg.device in ("auto", "cuda") else tcfg.device)
@@ -236,59 +250,17 @@ def train_saes(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    fingerprint = _fingerprint(source, specs, tcfg)
     steps_per_epoch = source.steps_per_epoch(tcfg.batch_size, tcfg.batch_groups)
     total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else min(1000, max(1, total // 20))
     batch_rows = -(-source.n_rows // steps_per_epoch) if tcfg.batch_groups else tcfg.batch_size  # mean rows per step
     dead_window = tcfg.dead_window or default_dead_window(source.n_rows, total * batch_rows, batch_rows)
-
+    fingerprint = _fingerprint(source, specs, tcfg)
     state_path = out_dir / STATE_FILE
-    if (out_dir / OLD_STATE_FILE).exists() and not state_path.exists():
-        raise InputError(
-            f"{out_dir / OLD_STATE_FILE} is a checkpoint in the old pickle format, which is never loaded (it could "
-            "run code); delete it to train from the start"
-        )
-    state = load_trainer_state(state_path) if state_path.exists() else None
-    if state is not None and state["fingerprint"] != fingerprint:
-        raise InputError(f"{out_dir} holds a run with other settings; choose another --out or delete it")
-    if state is None:
-        saes = _prepare(source, specs, device, tcfg.scale_inputs)
-        for sae in saes:  # every rank starts from rank 0's initialisation
-            distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
-        since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
-        start = rows_seen = 0
-    else:
-        for spec in specs:
-            spec.cfg = SAEConfig.from_dict(state["cfgs"][spec.name])
-        saes = [SparseAutoencoder(spec.cfg, device=device) for spec in specs]
-        for sae, spec in zip(saes, specs):
-            sae.load_state_dict(state["saes"][spec.name])
-        since_fired = [state["since_fired"][s.name].to(device) for s in specs]
-        start = state["step"]
-        rows_seen = state.get("rows_seen", start * tcfg.batch_size)
-    lrs = [tcfg.lr or default_lr(s.cfg.d_sae) for s in specs]
-    opts = [torch.optim.Adam(sae.parameters(), lr=lr) for sae, lr in zip(saes, lrs)]
-    if state is not None:
-        for opt, spec in zip(opts, specs):
-            opt.load_state_dict(state["opts"][spec.name])
-
-    def checkpoint(step: int) -> None:
-        if not distributed.is_main():
-            return
-        snapshot = {
-            "fingerprint": fingerprint,
-            "step": step,
-            "cfgs": {s.name: s.cfg.to_dict() for s in specs},
-            "saes": {s.name: sae.state_dict() for s, sae in zip(specs, saes)},
-            "opts": {s.name: opt.state_dict() for s, opt in zip(specs, opts)},
-            "since_fired": {s.name: sf.cpu() for s, sf in zip(specs, since_fired)},
-            "rows_seen": rows_seen,
-        }
-        save_trainer_state(snapshot, state_path)
+    run = _start_or_resume(source, specs, tcfg, state_path, fingerprint, device)
 
     main_rank = distributed.is_main()  # under torchrun only rank 0 writes the logs
-    logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, start) if main_rank else None for spec in specs]
+    logs = [TrainLog(out_dir / spec.name if spec.name else out_dir, run.step) if main_rank else None for spec in specs]
     wandb = (
         WandbLogger(tcfg.wandb, out_dir.name, f"{out_dir.name}-{fingerprint}", {"train": tcfg.to_dict()})
         if tcfg.wandb and main_rank
@@ -301,79 +273,182 @@ def train_saes(
     )
     bar = tqdm(
         total=total,
-        initial=start,
+        initial=run.step,
         desc=f"training {len(specs)} SAE(s)",
         unit="step",
-        disable=not progress or not distributed.is_main(),
+        disable=not progress or not main_rank,
         dynamic_ncols=True,
     )
     with _SignalFlag() as flag:
-        for step, rows in _batches(source, tcfg, start, total):
+        for step, rows in _batches(source, tcfg, run.step, total):
             mine = distributed.share_rows(rows)  # this rank's part of the global batch (all of it on one process)
             batch = {key: source.read(key, mine).to(device, non_blocking=True) for key in {s.key for s in specs}}
             factor = lr_factor(step, total, warmup, tcfg.decay_fraction)
-            rows_seen += len(rows)
-            done = step + 1
+            run.rows_seen += len(rows)
+            run.step = done = step + 1
             log_now = done % tcfg.log_every == 0 or done == total
             shown = []
-            for spec, sae, opt, sf, lr, log in zip(specs, saes, opts, since_fired, lrs, logs):
+            for i, (spec, log) in enumerate(zip(specs, logs)):
                 xs = batch[spec.key] * spec.cfg.input_scale
                 with autocast:
-                    out = sae.training_loss(xs, sf >= dead_window)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                distributed.reduce_grads_(sae.parameters(), len(mine) / len(rows))
-                sae.remove_parallel_grad_()
-                for group in opt.param_groups:
-                    group["lr"] = lr * factor
-                opt.step()
-                sae.normalize_decoder_()
-                sf += len(rows)
-                sf[distributed.all_max(out.fired.clone())] = 0  # fired on any rank
+                    out = _step(run, i, xs, dead_window, run.lrs[i] * factor, len(rows))
                 if len(shown) < 3 or log_now:
-                    var = distributed.centered_sum_sq(xs) / xs.shape[0]  # over the global batch
-                    fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
-                    # nothing can be dead before one window of rows
-                    dead = float((sf >= dead_window).float().mean()) if rows_seen >= dead_window else None
-                    loss = float(out.loss.detach())
+                    entry = _step_figures(out, xs, run.since_fired[i], dead_window, run.rows_seen)
                     if len(shown) < 3:
+                        dead = entry["dead_fraction"]
                         shown.append(
-                            f"loss {loss:.4f} fvu {fvu:.3f} L0 {out.l0:.1f} dead "
+                            f"loss {entry['loss']:.4f} fvu {entry['fvu']:.3f} L0 {out.l0:.1f} dead "
                             + ("n/a" if dead is None else f"{dead:.1%}")
                         )
                     if log_now and log is not None:
-                        entry = {"step": done, "rows_seen": rows_seen, "loss": loss, "fvu": fvu, "l0": out.l0}
-                        log.write({**entry, "dead_fraction": dead, "lr": lr * factor})
+                        entry = {"step": done, "rows_seen": run.rows_seen, **entry, "lr": run.lrs[i] * factor}
+                        log.write(entry)
                         if wandb is not None:
-                            wandb.log(spec.name, {**entry, "dead_fraction": dead, "lr": lr * factor})
+                            wandb.log(spec.name, entry)
             bar.set_postfix_str(" | ".join(shown) + (" ..." if len(specs) > 3 else ""), refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(step)
-            done = step + 1
             if distributed.launched():  # stop together: a signal seen by any rank stops every rank here
                 flag.received = distributed.broadcast_stop(flag.received)
             if flag.received is not None:
-                checkpoint(done)
+                _save_checkpoint(run, specs, fingerprint, state_path)
                 bar.close()
-                for log in logs:
-                    if log is not None:
-                        log.close()
+                _close(logs)
                 raise TrainingInterrupted(
                     f"stopped by signal {flag.received} after step {done}/{total}; checkpoint saved in "
                     f"{state_path}; run the same command again to resume"
                 )
             if done % tcfg.checkpoint_every == 0 and done < total:
-                checkpoint(done)
+                _save_checkpoint(run, specs, fingerprint, state_path)
     bar.close()
+    _close(logs)
+    if wandb is not None:
+        wandb.close()
+    _save_checkpoint(run, specs, fingerprint, state_path)
+    return _save_and_evaluate(source, specs, run.saes, tcfg, out_dir, device, steps_per_epoch)
+
+
+def _check_inputs(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig, out_dir: Path) -> None:
+    """One-line errors for an unusable output folder, source or spec; fills each cfg.d_in. Creates out_dir."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output directory {out_dir} is an existing file; choose another --out")
+    if (out_dir / OLD_STATE_FILE).exists() and not (out_dir / STATE_FILE).exists():
+        raise InputError(
+            f"{out_dir / OLD_STATE_FILE} is a checkpoint in the old pickle format, which is never loaded (it could "
+            "run code); delete it to train from the start"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len({s.name for s in specs}) != len(specs):
+        raise InputError("two SAEs share an output name")
+    if source.n_rows < 2:
+        raise InputError(f"training needs at least 2 rows of activations, got {source.n_rows}")
+    for spec in specs:
+        if spec.key not in source.keys:
+            raise InputError(f"no activations named '{spec.key}' (have {source.keys})")
+        spec.cfg.d_in = source.d_in(spec.key)
+        spec.cfg.validate()
+
+
+@dataclass
+class _Run:
+    """The training state a checkpoint holds, with the configs: per SAE (in spec order) the model, its
+    optimiser, its peak lr and rows since each latent last fired ([d_sae] int64); and the steps and rows done."""
+
+    saes: list[SparseAutoencoder]
+    opts: list[torch.optim.Adam]
+    lrs: list[float]
+    since_fired: list[torch.Tensor]
+    step: int
+    rows_seen: int
+
+
+def _start_or_resume(
+    source: ActivationSource,
+    specs: list[SAESpec],
+    tcfg: TrainConfig,
+    state_path: Path,
+    fingerprint: str,
+    device: torch.device,
+) -> _Run:
+    """A fresh run (every rank starting from rank 0's initialisation), or the one checkpointed at
+    `state_path` if it was made with the same settings (then each spec.cfg becomes the saved one)."""
+    state = load_trainer_state(state_path) if state_path.exists() else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        raise InputError(f"{state_path.parent} holds a run with other settings; choose another --out or delete it")
+    if state is None:
+        saes = _prepare(source, specs, device, tcfg.scale_inputs)
+        for sae in saes:
+            distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
+        since_fired = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in specs]
+        step = rows_seen = 0
+    else:
+        for spec in specs:
+            spec.cfg = SAEConfig.from_dict(state["cfgs"][spec.name])
+        saes = [SparseAutoencoder(spec.cfg, device=device) for spec in specs]
+        for sae, spec in zip(saes, specs):
+            sae.load_state_dict(state["saes"][spec.name])
+        since_fired = [state["since_fired"][s.name].to(device) for s in specs]
+        step = state["step"]
+        rows_seen = state.get("rows_seen", step * tcfg.batch_size)
+    lrs = [tcfg.lr or default_lr(s.cfg.d_sae) for s in specs]
+    opts = [_optimizer(sae, lr, decoder_lr_scale(s.cfg, tcfg)) for sae, lr, s in zip(saes, lrs, specs)]
+    if state is not None:
+        for opt, spec in zip(opts, specs):
+            opt.load_state_dict(state["opts"][spec.name])
+    return _Run(saes, opts, lrs, since_fired, step, rows_seen)
+
+
+def _save_checkpoint(run: _Run, specs: list[SAESpec], fingerprint: str, path: Path) -> None:
+    """Write `run` to `path` (rank 0 only; sae/nn/checkpoint.py: safetensors, no pickle)."""
+    if not distributed.is_main():
+        return
+    snapshot = {
+        "fingerprint": fingerprint,
+        "step": run.step,
+        "cfgs": {s.name: s.cfg.to_dict() for s in specs},
+        "saes": {s.name: sae.state_dict() for s, sae in zip(specs, run.saes)},
+        "opts": {s.name: opt.state_dict() for s, opt in zip(specs, run.opts)},
+        "since_fired": {s.name: sf.cpu() for s, sf in zip(specs, run.since_fired)},
+        "rows_seen": run.rows_seen,
+    }
+    save_trainer_state(snapshot, path)
+
+
+def _step(run: _Run, i: int, xs: torch.Tensor, dead_window: int, lr: float, batch_rows: int) -> TrainOutput:
+    """One optimiser step of SAE `i` on this rank's scaled rows xs [n, d_in] of a global batch of `batch_rows`:
+    loss (AuxK on the latents silent for `dead_window` rows), gradients averaged over the ranks, the
+    decoder's unit-norm constraint, and the dead-latent counters."""
+    sae, opt, since_fired = run.saes[i], run.opts[i], run.since_fired[i]
+    out = sae.training_loss(xs, since_fired >= dead_window)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    distributed.reduce_grads_(sae.parameters(), xs.shape[0] / batch_rows)
+    sae.remove_parallel_grad_()
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    opt.step()
+    sae.normalize_decoder_()
+    since_fired += batch_rows
+    since_fired[distributed.all_max(out.fired.clone())] = 0  # fired on any rank
+    return out
+
+
+def _step_figures(
+    out: TrainOutput, xs: torch.Tensor, since_fired: torch.Tensor, dead_window: int, rows_seen: int
+) -> dict[str, Any]:
+    """The numbers shown on the bar and logged: loss, FVU over the global batch, L0 and the dead fraction
+    (None before one window of rows, when nothing can be dead yet)."""
+    var = distributed.centered_sum_sq(xs) / xs.shape[0]
+    fvu = float(out.recon_loss * xs.shape[1] / var.clamp_min(1e-12))
+    dead = float((since_fired >= dead_window).float().mean()) if rows_seen >= dead_window else None
+    return {"loss": float(out.loss.detach()), "fvu": fvu, "l0": out.l0, "dead_fraction": dead}
+
+
+def _close(logs: list[TrainLog | None]) -> None:
     for log in logs:
         if log is not None:
             log.close()
-    if wandb is not None:
-        wandb.close()
-    checkpoint(total)
-
-    return _save_and_evaluate(source, specs, saes, tcfg, out_dir, device, steps_per_epoch)
 
 
 def _save_and_evaluate(
