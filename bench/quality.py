@@ -2,14 +2,15 @@
 
 Each cell of the grid is one planted regime (sae.nn.synthetic.planted_activations): n_concepts =
 `ratio` * d unit atoms in d dimensions (superposition m/d), `active` atoms per row with uniform
-U(0.5, 1.5) or heavy-tailed (log-normal, sigma 1) coefficients, a shared mean offset of norm 0 or
-`--big_offset`, an SAE of width `--expansion` * d with k active latents, trained for `steps` steps of
+U(0.5, 1.5) or heavy-tailed (log-normal, sigma 1) coefficients, a shared mean offset of norm
+`--offsets`, an SAE of width `--expansion` * d with k active latents, trained for `steps` steps of
 `--batch` rows. Contenders:
 
 - ours: `train_saes` with its defaults (sae/nn/trainer.py) for --archs (topk, batchtopk, matryoshka);
 - sparsify: a plain loop around EleutherAI sparsify's `SparseCoder` (TopK; its Adam lr rule
   2e-4 / sqrt(d_sae / 2^14), b_dec = the first batch's mean, loss FVU + AuxK / 32, both normalised by
   the batch variance, linear warm-up then linear decay to 0, as its trainer; our dead window);
+  sparsify-const: the same with a constant lr after the warm-up (a plain loop without a schedule);
 - saelens-<arch>: SAELens' training SAEs (TopK, BatchTopK, Matryoshka-BatchTopK) through their
   `training_forward_pass`, Adam with the same lr rule and schedule, AuxK / 32, inputs scaled to mean
   squared norm d_in (its `expected_average_only_in`), its own initialisation (decoder norm 0.1).
@@ -19,14 +20,21 @@ Scores on held-out rows of the same regime, all in float64:
     fvu   sum ||x - x_hat||^2 / sum ||x - mean x||^2 (inference codes)
     dead  fraction of latents that fire on no held-out row
     L0    mean number of active latents per held-out row (inference codes: batchtopk uses its threshold)
-Each of our rows ends with cos / best peer cos (the highest cos of any peer in the cell) and FVU - best
-peer FVU (the lowest FVU of the peers whose inference L0 is within 10% of k: a BatchTopK peer whose
-threshold lets 6k latents fire is not a fair FVU reference). The goal is ours >= best peer: cos no
-lower by more than 0.01 and FVU no higher by more than 0.01 ("ok", else "BELOW").
+Each of our rows ends with cos / best peer cos, cos - best peer cos and FVU - best peer FVU against the
+peers of the same architecture (topk: sparsify, sparsify-const and saelens-topk; batchtopk:
+saelens-batchtopk; matryoshka: saelens-matryoshka), then the two differences against every peer in the
+cell. Best cos is the highest; best FVU the lowest among the peers whose inference L0 is within 10% of k
+(a BatchTopK peer whose threshold lets 2k latents fire is not a fair FVU reference; when none keeps k,
+the lowest of all). The goal is ours >= best peer: cos no lower by more than 0.01 and FVU no higher by
+more than 0.01 ("ok", else "BELOW").
 
     uv sync --group bench
-    uv run python bench/quality.py       # the full grid at the issue's size (d 64, batch 4096): hours on 2 cores
-    uv run python bench/quality.py --d 32 --rows 40000 --batch 1024 --ratios 2 8 --ks 8 --budgets 1   # reduced
+    uv run python bench/quality.py       # the full grid, d 64, batch 4096, 400 and 4000 steps: a day on 2 cores
+    # what docs/quality.md reports (about 40 min and 40 min on 2 cores):
+    uv run python bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 1 --json short.json
+    uv run python bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 10 --ratios 2 8 \
+        --ks 8 --offsets 0 --json long.json
+    uv run python bench/quality.py --report short.json long.json [--markdown]   # the tables again, no training
 
 Needs the `bench` dependency group (eai-sparsify, sae-lens); on CPU sparsify runs with
 SPARSIFY_DISABLE_TRITON=1 (set here).
@@ -35,12 +43,13 @@ SPARSIFY_DISABLE_TRITON=1 (set here).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +65,17 @@ from sae.nn.trainer import SAESpec, default_dead_window, default_lr, train_saes 
 
 # encode: x [n, d] float32 (input units) -> dense codes [n, d_sae]; decode: codes -> [n, d]
 Model = tuple[np.ndarray, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+PEER_ARCH = {
+    "sparsify": "topk",
+    "sparsify-const": "topk",
+    "saelens-topk": "topk",
+    "saelens-batchtopk": "batchtopk",
+    "saelens-matryoshka": "matryoshka",
+}
+
+OURS = ["ours-topk", "ours-batchtopk", "ours-matryoshka"]  # the order of the tables
 
 
 @dataclass
@@ -100,9 +120,11 @@ def batches(n_rows: int, batch: int, steps: int, seed: int):
             step += 1
 
 
-def schedule(steps: int) -> tuple[int, Callable[[int], float]]:
-    """Warm-up and the sparsify-style multiplier: linear warm-up, then linear decay to 0."""
+def schedule(steps: int, decay: bool = True) -> tuple[int, Callable[[int], float]]:
+    """Warm-up and the lr multiplier: linear warm-up, then linear decay to 0 (sparsify's trainer) or constant."""
     warmup = min(1000, max(1, steps // 20))
+    if not decay:
+        return warmup, lambda s: (s + 1) / warmup if s < warmup else 1.0
     return warmup, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
 
 
@@ -116,14 +138,14 @@ def train_ours(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -
     return sae.W_dec.detach().numpy(), sae.encode, sae.decode
 
 
-def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace) -> Model:
+def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace, decay: bool = True) -> Model:
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(args.seed)
     d_sae = args.expansion * args.d
     sae = SparseCoder(args.d, SparseCoderConfig(num_latents=d_sae, k=cell.k))
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / math.sqrt(d_sae / 2**14))
-    warmup, factor = schedule(cell.steps)
+    warmup, factor = schedule(cell.steps, decay)
     window = default_dead_window(len(x), cell.steps * args.batch, args.batch)
     since = torch.zeros(d_sae, dtype=torch.long)
     xt = torch.from_numpy(x)
@@ -247,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[4, 8, 32])
     p.add_argument("--steps", type=int, default=400, help="the short budget, in steps")
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 10], help="multiples of --steps")
-    p.add_argument("--archs", nargs="+", default=["topk", "batchtopk", "matryoshka"])
+    p.add_argument("--archs", nargs="*", default=["topk", "batchtopk", "matryoshka"], help="ours to train")
     p.add_argument(
-        "--peers", nargs="+", default=["sparsify", "saelens-topk", "saelens-batchtopk", "saelens-matryoshka"]
+        "--peers",
+        nargs="*",
+        default=["sparsify", "sparsify-const", "saelens-topk", "saelens-batchtopk", "saelens-matryoshka"],
     )
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--expansion", type=int, default=8)
@@ -261,14 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cells", nargs="+", help="explicit cells ratio,coef,offset,k (e.g. 8,heavy,0,8) instead of the grid"
     )
+    p.add_argument("--json", help="also write every score to this JSON file (rewritten after each cell)")
+    p.add_argument("--report", nargs="+", help="train nothing: print the tables of these --json files")
+    p.add_argument("--markdown", action="store_true", help="with --report: the summary as one markdown table")
     args = p.parse_args(argv)
+    if args.report:  # files of the same sizes merge (e.g. one more peer run over the same grid)
+        runs: dict[tuple, tuple[dict, list[dict]]] = {}
+        for path in args.report:
+            saved = json.loads(Path(path).read_text())
+            size = tuple(saved["args"][a] for a in ("d", "expansion", "active", "rows", "eval_rows", "batch", "seed"))
+            runs.setdefault(size, (saved["args"], []))[1].extend(saved["results"])
+        for run_args, results in runs.values():
+            print("\n".join(_summary(results, markdown=True)) if args.markdown else _report(run_args, results))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(
-        f"d {args.d}, d_sae {args.expansion * args.d}, {args.active} atoms per row, {args.rows} rows, "
-        f"batch {args.batch}, held-out {args.eval_rows} rows, seed {args.seed}"
-    )
-    print(f"{'cell':<48} {'trainer':<20} {'cos':>6} {'fvu':>6} {'dead':>6} {'L0':>6} {'cos/best':>9} {'fvu-best':>9}")
-    worst: dict[str, list[tuple[float, float]]] = {}
+    print(_header(vars(args)))
     grid = [
         Cell(ratio, coef, offset, k, args.steps * budget)
         for ratio in args.ratios
@@ -283,39 +314,122 @@ def main(argv: list[str] | None = None) -> int:
             for r, c, o, k in (spec.split(",") for spec in args.cells)
             for b in args.budgets
         ]
+    results: list[dict] = []
     for cell in grid:
-        k = cell.k
         data, held = make_data(cell, args)
-        peers = {}
+        scores = {}
         for peer in args.peers:
-            if peer == "sparsify":
-                m = train_sparsify(cell, data.x, args)
+            if peer.startswith("sparsify"):
+                m = train_sparsify(cell, data.x, args, decay=peer == "sparsify")
             else:
                 m = train_saelens(peer.split("-", 1)[1], cell, data.x, args)
-            peers[peer] = score(m, data, held)
-        for name, r in peers.items():
-            print(f"{cell.name():<48} {name:<20} {_fmt(r)}", flush=True)
-        best_cos = max(r["cos"] for r in peers.values())
-        keeping_k = [r["fvu"] for r in peers.values() if abs(r["l0"] - k) <= 0.1 * k]
-        best_fvu = min(keeping_k) if keeping_k else min(r["fvu"] for r in peers.values())
+            scores[peer] = score(m, data, held)
         for arch in args.archs:
-            r = score(train_ours(arch, cell, data.x, args), data, held)
-            dc, df = r["cos"] - best_cos, r["fvu"] - best_fvu
-            worst.setdefault(arch, []).append((dc, df))
-            ok = "ok" if dc >= -0.01 and df <= 0.01 else "BELOW"
-            print(
-                f"{cell.name():<48} {'ours-' + arch:<20} {_fmt(r)} {r['cos'] / best_cos:>9.3f} {df:>+9.3f} {ok}",
-                flush=True,
-            )
-    print("summary over the cells run: ours - best peer (cos: higher is better, fvu: lower is better)")
-    for arch in args.archs:
-        dcs, dfs = [d[0] for d in worst[arch]], [d[1] for d in worst[arch]]
-        n_ok = sum(dc >= -0.01 and df <= 0.01 for dc, df in worst[arch])
-        print(
-            f"  {arch:<11} cos worst {min(dcs):+.3f} mean {np.mean(dcs):+.3f} | fvu worst {max(dfs):+.3f} "
-            f"mean {np.mean(dfs):+.3f} | goal met in {n_ok}/{len(dcs)} cells"
-        )
+            scores["ours-" + arch] = score(train_ours(arch, cell, data.x, args), data, held)
+        results += [{"cell": asdict(cell), "trainer": name, **r} for name, r in scores.items()]
+        print("\n".join(_cell_lines(cell, scores)), flush=True)
+        if args.json:  # a long grid can be stopped and still reported
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print("\n".join(_summary(results)))
     return 0
+
+
+def _report(args: dict, results: list[dict]) -> str:
+    """The per-cell table and the summary of saved results (--json files of runs of the same sizes)."""
+    cells: dict[tuple, dict[str, dict[str, float]]] = {}
+    for r in results:
+        cells.setdefault(tuple(r["cell"].values()), {})[r["trainer"]] = r
+    lines = [_header(args)]
+    for key, scores in cells.items():
+        known = [*PEER_ARCH, *OURS]
+        order = sorted(scores, key=lambda n: known.index(n) if n in known else len(known))
+        lines += _cell_lines(Cell(*key), {n: scores[n] for n in order})
+    return "\n".join(lines + _summary(results))
+
+
+def _header(args: dict) -> str:
+    return (
+        f"d {args['d']}, d_sae {args['expansion'] * args['d']}, {args['active']} atoms per row, {args['rows']} rows, "
+        f"batch {args['batch']}, held-out {args['eval_rows']} rows, seed {args['seed']}\n"
+        f"{'cell':<48} {'trainer':<20} {'cos':>6} {'fvu':>6} {'dead':>6} {'L0':>6}   "
+        f"{'vs same-architecture peers: cos/best dcos dfvu':<47} {'vs any peer: dcos dfvu'}"
+    )
+
+
+def _cell_lines(cell: Cell, scores: dict[str, dict[str, float]]) -> list[str]:
+    """The cell's rows: every peer, then each of ours with its gaps to the best peers."""
+    peers = {n: r for n, r in scores.items() if n in PEER_ARCH}
+    lines = [f"{cell.name():<48} {n:<20} {_fmt(r)}" for n, r in peers.items()]
+    for name, r in scores.items():
+        if name in PEER_ARCH:
+            continue
+        cols = []
+        for group, ref in _references(name, peers):
+            dc, df = _gap(r, ref, cell.k)
+            ratio = f"{r['cos'] / max(p['cos'] for p in ref.values()):>8.3f} " if group == "same" else ""
+            cols.append(f"{ratio}{dc:>+6.3f} {df:>+6.3f} {'ok' if _ok(dc, df) else 'BELOW':<5}")
+        lines.append(f"{cell.name():<48} {name:<20} {_fmt(r)}    {'      '.join(cols)}")
+    return lines
+
+
+def _gaps(results: list[dict]) -> dict[tuple[str, int, str], list[tuple[float, float]]]:
+    """{(our trainer, steps, "same" | "any"): [(dcos, dfvu) per cell]}, gaps to the best peers."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        cells.setdefault(tuple(r["cell"].values()), {})[r["trainer"]] = r
+    gaps: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
+    for key, scores in cells.items():
+        cell = Cell(*key)
+        peers = {n: r for n, r in scores.items() if n in PEER_ARCH}
+        for name, r in scores.items():
+            if name not in PEER_ARCH:
+                for group, ref in _references(name, peers):
+                    gaps.setdefault((name, cell.steps, group), []).append(_gap(r, ref, cell.k))
+    rank = {name: OURS.index(name) if name in OURS else len(OURS) for name, _, _ in gaps}
+    return dict(sorted(gaps.items(), key=lambda item: (item[0][1], rank[item[0][0]], item[0][2] == "any")))
+
+
+def _summary(results: list[dict], markdown: bool = False) -> list[str]:
+    """Per architecture and budget, against same-architecture peers and against every peer: the cells where
+    the goal is met and the worst and mean gaps; as text lines, or as a markdown table (the README's)."""
+    if markdown:
+        out = [
+            "| ours | steps | against | goal met | cos - best peer: worst / mean | FVU - best peer: worst / mean |",
+            "|---|---|---|---|---|---|",
+        ]
+    else:
+        out = [
+            "summary: ours - best peer (cos: higher is better; fvu: lower is better; goal: dcos >= -0.01, dfvu <= 0.01)"
+        ]
+    for (name, steps, group), g in _gaps(results).items():
+        dcs, dfs, n_ok = [d[0] for d in g], [d[1] for d in g], sum(_ok(*d) for d in g)
+        cos, fvu = f"{min(dcs):+.3f} / {np.mean(dcs):+.3f}", f"{max(dfs):+.3f} / {np.mean(dfs):+.3f}"
+        if markdown:
+            against = "same architecture" if group == "same" else "every peer"
+            out.append(f"| {name.removeprefix('ours-')} | {steps} | {against} | {n_ok}/{len(g)} | {cos} | {fvu} |")
+        else:
+            out.append(
+                f"  {name:<16} steps {steps:<5} vs {group:<4} peers: goal met in {n_ok}/{len(g)} cells | cos worst / "
+                f"mean {cos} | fvu worst / mean {fvu}"
+            )
+    return out
+
+
+def _references(name: str, peers: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, dict[str, float]]]]:
+    """("same", the peers of our architecture) when there are any, and ("any", every peer)."""
+    same = {n: p for n, p in peers.items() if PEER_ARCH[n] == name.removeprefix("ours-")}
+    return ([("same", same)] if same else []) + [("any", peers)]
+
+
+def _ok(dcos: float, dfvu: float) -> bool:
+    return dcos >= -0.01 and dfvu <= 0.01
+
+
+def _gap(r: dict[str, float], peers: dict[str, dict[str, float]], k: int) -> tuple[float, float]:
+    """(cos - best peer cos, FVU - best peer FVU); the FVU reference keeps k (L0 within 10%) where one does."""
+    keeping_k = [p["fvu"] for p in peers.values() if abs(p["l0"] - k) <= 0.1 * k]
+    best_fvu = min(keeping_k) if keeping_k else min(p["fvu"] for p in peers.values())
+    return r["cos"] - max(p["cos"] for p in peers.values()), r["fvu"] - best_fvu
 
 
 def _fmt(r: dict[str, float]) -> str:

@@ -5,7 +5,8 @@
 - fp32 parameters and Adam state; bf16 autocast (unless --no-autocast) and TF32 on CUDA;
 - batch order: `ActivationSource.batches` (shuffled windows; strata mixed in every batch for a
   joint SAE; whole inputs with --batch_groups);
-- learning rate (`default_lr`): linear warm-up, constant, linear decay to 0 over the last
+- learning rate (`default_lr`; the unit-norm decoder of topk, batchtopk and matryoshka at
+  DECODER_LR_SCALE times it): linear warm-up, constant, linear decay to 0 over the last
   `decay_fraction` of steps. Measured (bench/quality.py, d 32, 400 steps, TopK, 8x superposition,
   heavy-tailed, k 8; cosine / FVU): decay over the last 20% 0.585 / 0.222; over the whole run after
   warm-up, as sparsify's trainer, 0.539 / 0.279; with the encoder at 0.5, no decay 0.667 / 0.145
