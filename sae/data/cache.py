@@ -436,7 +436,7 @@ class _Progress:
         return cls(
             int(d["shards_done"]),
             [int(n) for n in d["shard_rows"]],
-            d["partition"],
+            None if d["partition"] is None else [[int(layer) for layer in group] for group in d["partition"]],
             int(d["kept_done"]),
             int(d["restart"]),
             [[int(a), int(b)] for a, b in d["bad"]],
