@@ -28,13 +28,13 @@ cell. Best cos is the highest; best FVU the lowest among the peers whose inferen
 the lowest of all). The goal is ours >= best peer: cos no lower by more than 0.01 and FVU no higher by
 more than 0.01 ("ok", else "BELOW").
 
-    uv sync --group bench
-    uv run python bench/quality.py       # the full grid, d 64, batch 4096, 400 and 4000 steps: a day on 2 cores
+    uv sync --group bench      # then run it as `uv run --group bench python bench/quality.py ...`:
+    bench/quality.py           # the full grid, d 64, batch 4096, 400 and 4000 steps: a day on 2 cores
     # what docs/quality.md reports (about 40 min and 40 min on 2 cores):
-    uv run python bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 1 --json short.json
-    uv run python bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 10 --ratios 2 8 \
-        --ks 8 --offsets 0 --json long.json
-    uv run python bench/quality.py --report short.json long.json [--markdown]   # the tables again, no training
+    bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 1 --json short.json
+    bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 10 --ratios 2 8 --ks 8 \
+        --offsets 0 --json long.json
+    bench/quality.py --report short.json long.json [--markdown]   # the tables again, without training
 
 Needs the `bench` dependency group (eai-sparsify, sae-lens); on CPU sparsify runs with
 SPARSIFY_DISABLE_TRITON=1 (set here).
