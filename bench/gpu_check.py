@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def best_of(fn, repeats: int) -> float:
@@ -89,6 +90,8 @@ class _null:
 
 def training(device: str, batch: int, d_in: int, expansion: int, k: int, steps: int) -> tuple[float, float | str]:
     """Samples/s of (toolkit TopK SAE, eai-sparsify SparseCoder) on the same random batches."""
+    from train_sae import our_step
+
     from sae.nn.config import SAEConfig
     from sae.nn.model import SparseAutoencoder
 
@@ -105,13 +108,7 @@ def training(device: str, batch: int, d_in: int, expansion: int, k: int, steps: 
 
     def ours_run() -> None:
         for x in data:
-            with autocast:
-                out = ours.training_loss(x, dead)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            ours.remove_parallel_grad_()
-            opt.step()
-            ours.normalize_decoder_()
+            our_step(ours, opt, x, dead)  # bf16 autocast on CUDA, as the trainer
 
     ours_rate = steps * batch / best_of(ours_run, 2)
     try:
