@@ -336,15 +336,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args: dict, results: list[dict]) -> str:
     """The per-cell table and the summary of saved results (--json files of runs of the same sizes)."""
-    cells: dict[tuple, dict[str, dict[str, float]]] = {}
-    for r in results:
-        cells.setdefault(tuple(r["cell"].values()), {})[r["trainer"]] = r
     lines = [_header(args)]
-    for key, scores in cells.items():
+    for key, scores in _by_cell(results).items():
         known = [*PEER_ARCH, *OURS]
         order = sorted(scores, key=lambda n: known.index(n) if n in known else len(known))
         lines += _cell_lines(Cell(*key), {n: scores[n] for n in order})
     return "\n".join(lines + _summary(results))
+
+
+def _by_cell(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Saved results grouped {Cell fields: {trainer: scores}}, in the order they were run."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        cells.setdefault(tuple(r["cell"].values()), {})[r["trainer"]] = r
+    return cells
 
 
 def _header(args: dict) -> str:
@@ -374,11 +379,8 @@ def _cell_lines(cell: Cell, scores: dict[str, dict[str, float]]) -> list[str]:
 
 def _gaps(results: list[dict]) -> dict[tuple[str, int, str], list[tuple[float, float]]]:
     """{(our trainer, steps, "same" | "any"): [(dcos, dfvu) per cell]}, gaps to the best peers."""
-    cells: dict[tuple, dict[str, dict]] = {}
-    for r in results:
-        cells.setdefault(tuple(r["cell"].values()), {})[r["trainer"]] = r
     gaps: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
-    for key, scores in cells.items():
+    for key, scores in _by_cell(results).items():
         cell = Cell(*key)
         peers = {n: r for n, r in scores.items() if n in PEER_ARCH}
         for name, r in scores.items():
