@@ -35,10 +35,11 @@ where one peer that keeps k is better than ours on both by more than 0.01.
 
     uv sync --group bench      # then run it as `uv run --group bench python bench/quality.py ...`:
     bench/quality.py           # the full grid, d 64, batch 4096, 400 and 4000 steps: a day on 2 cores
-    # what docs/quality.md reports (about 40 min and 40 min on 2 cores):
-    bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 1 --json short.json
+    # docs/quality.md reports bench/results/quality-*.json; each holds the arguments that made it ("args"):
+    bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 1 --json short.json  # ~40 min
     bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 10 --ratios 2 8 --ks 8 \
-        --offsets 0 --json long.json
+        --offsets 0 --json long.json                                                           # ~40 min
+    bench/quality.py ... --cells 4,heavy,0,8 8,uniform,10,8 --archs topk --peers sparsify  # chosen cells, trainers
     bench/quality.py --report short.json long.json [--markdown]   # the tables again, without training
 
 Needs the `bench` dependency group (eai-sparsify, sae-lens); on CPU sparsify runs with

@@ -14,6 +14,7 @@ Conventions of the callers (training, extraction, comparisons):
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -42,7 +43,18 @@ def init(device: str = "auto") -> None:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("SAE_DIST_TIMEOUT_S", "1800")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        # left to interpreter teardown, gloo's threads can abort the process ("terminate called without an
+        # active exception") after a successful run
+        atexit.register(_leave)
     _STATE.update(initialized=True, cuda=cuda)
+
+
+def _leave() -> None:
+    """Leave the process group at exit (no barrier: a rank that failed must not hang the others)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
