@@ -43,9 +43,7 @@ def init(device: str = "auto") -> None:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("SAE_DIST_TIMEOUT_S", "1800")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-        # left to interpreter teardown, gloo's threads can abort the process ("terminate called without an
-        # active exception") after a successful run
-        atexit.register(_leave)
+        atexit.register(_leave)  # torch asks for destroy_process_group before exit (NCCL warns without it)
     _STATE.update(initialized=True, cuda=cuda)
 
 
@@ -109,10 +107,18 @@ def share_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def barrier() -> None:
-    if launched():
-        import torch.distributed as dist
+    """Wait for every rank. On gloo an all-reduce of one tensor kept for the whole process, not
+    dist.barrier(): gloo's barrier holds the collectives still in flight until its worker thread frees it,
+    which can fall in interpreter shutdown, and freeing their Python tensors there aborts the process."""
+    if not launched():
+        return
+    import torch
+    import torch.distributed as dist
 
+    if _STATE.get("cuda"):
         dist.barrier()
+    else:
+        dist.all_reduce(_STATE.setdefault("token", torch.zeros(1)))
 
 
 def _reduce(t, op: str):
