@@ -485,18 +485,21 @@ def _ok(dcos: float, dfvu: float) -> bool:
     return dcos >= -0.01 and dfvu <= 0.01
 
 
+def _keeps_k(p: dict[str, float], k: int) -> bool:
+    """Whether a trainer's inference L0 is within 10% of k (a fair FVU reference)."""
+    return abs(p["l0"] - k) <= 0.1 * k
+
+
 def _gap(r: dict[str, float], peers: dict[str, dict[str, float]], k: int) -> tuple[float, float]:
     """(cos - best peer cos, FVU - best peer FVU); the FVU reference keeps k (L0 within 10%) where one does."""
-    keeping_k = [p["fvu"] for p in peers.values() if abs(p["l0"] - k) <= 0.1 * k]
+    keeping_k = [p["fvu"] for p in peers.values() if _keeps_k(p, k)]
     best_fvu = min(keeping_k) if keeping_k else min(p["fvu"] for p in peers.values())
     return r["cos"] - max(p["cos"] for p in peers.values()), r["fvu"] - best_fvu
 
 
 def _dominated(r: dict[str, float], peers: dict[str, dict[str, float]], k: int) -> bool:
     """Whether one peer that keeps k is better than ours on both cos and FVU, each by more than 0.01."""
-    return any(
-        p["cos"] - r["cos"] > 0.01 and r["fvu"] - p["fvu"] > 0.01 for p in peers.values() if abs(p["l0"] - k) <= 0.1 * k
-    )
+    return any(p["cos"] - r["cos"] > 0.01 and r["fvu"] - p["fvu"] > 0.01 for p in peers.values() if _keeps_k(p, k))
 
 
 def _fmt(r: dict[str, float]) -> str:
