@@ -232,6 +232,14 @@ def test_matryoshka_prefixes_each_reconstruct():
     torch.testing.assert_close(sae.training_loss(xs).loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_matryoshka_default_prefixes_halve_down_to_4k():
+    assert SAEConfig(architecture="matryoshka", d_sae=6144, k=32).prefix_sizes == [384, 768, 1536, 3072, 6144]
+    assert SAEConfig(architecture="matryoshka", d_sae=512, k=8).prefix_sizes == [32, 64, 128, 256, 512]
+    assert SAEConfig(architecture="matryoshka", d_sae=512, k=32).prefix_sizes == [128, 256, 512]
+    assert SAEConfig(architecture="matryoshka", d_sae=64, k=32).prefix_sizes == [64]  # plain TopK
+    assert SAEConfig(architecture="matryoshka", d_sae=512, k=32, prefixes=[32, 512]).prefix_sizes == [32, 512]
+
+
 def test_relu_fold_decoder_norms_keeps_the_function(tmp_path):
     torch.manual_seed(3)
     sae = _sae("relu", input_scale=0.5)
