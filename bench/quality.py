@@ -16,7 +16,10 @@ U(0.5, 1.5) or heavy-tailed (log-normal, sigma 1) coefficients, a shared mean of
   squared norm d_in (its `expected_average_only_in`), its own initialisation (decoder norm 0.1).
   saelens-batchtopk@k and saelens-matryoshka@k: the same trained weights with the inference threshold
   estimated at the final weights as ours is (Bussmann et al.'s estimate), so that they keep k at inference;
-  SAELens' own threshold (an EMA over training) lets 2-3x k latents fire after these short runs.
+  SAELens' own threshold (an EMA over training) lets 2-3x k latents fire after these short runs;
+- dl-<arch>: dictionary_learning's TopK, BatchTopK and Matryoshka-BatchTopK trainers (the last two by
+  Bussmann et al.) through their own update step and recipe (`train_dictionary_learning`), with @k rows
+  as SAELens'. Matryoshka peers get our prefixes (sae.nn.config: SAEConfig.prefix_sizes).
 
 Scores on held-out rows of the same regime, all in float64:
     cos   mean over the true atoms of the max cosine with a decoder row (sae.nn.synthetic.recovery)
@@ -24,9 +27,9 @@ Scores on held-out rows of the same regime, all in float64:
     dead  fraction of latents that fire on no held-out row
     L0    mean number of active latents per held-out row (inference codes: batchtopk uses its threshold)
 Each of our rows ends with cos / best peer cos, cos - best peer cos and FVU - best peer FVU against the
-peers of the same architecture (topk: sparsify, sparsify-const and saelens-topk; batchtopk:
-saelens-batchtopk and its @k row; matryoshka: saelens-matryoshka and its @k row), then the two differences
-against every peer in the cell. Best cos is the highest; best FVU the lowest among the peers whose
+peers of the same architecture (topk: sparsify, sparsify-const, saelens-topk and dl-topk; batchtopk:
+saelens-batchtopk, dl-batchtopk and their @k rows; matryoshka: the same for the two Matryoshkas), then the
+two differences against every peer in the cell. Best cos is the highest; best FVU the lowest among the peers whose
 inference L0 is within 10% of k (a peer whose threshold lets 2k latents fire is not a fair FVU reference;
 when none keeps k, the lowest of all). The goal is ours >= best peer: cos no lower by more than 0.01 and
 FVU no higher by more than 0.01 ("ok", else "BELOW"). The best cos and the best FVU may come from two
@@ -40,9 +43,10 @@ where one peer that keeps k is better than ours on both by more than 0.01.
     bench/quality.py --d 64 --rows 40000 --batch 1024 --steps 200 --budgets 10 --ratios 2 8 --ks 8 \
         --offsets 0 --json long.json                                                           # ~40 min
     bench/quality.py ... --cells 4,heavy,0,8 8,uniform,10,8 --archs topk --peers sparsify  # chosen cells, trainers
+    bench/quality.py ... --ks 8 --archs --peers dl-topk dl-batchtopk dl-matryoshka --json dl.json  # peers only
     bench/quality.py --report short.json long.json [--markdown]   # the tables again, without training
 
-Needs the `bench` dependency group (eai-sparsify, sae-lens); on CPU sparsify runs with
+Needs the `bench` dependency group (eai-sparsify, sae-lens, dictionary-learning); on CPU sparsify runs with
 SPARSIFY_DISABLE_TRITON=1 (set here).
 """
 
@@ -56,6 +60,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +87,11 @@ PEER_ARCH = {
     "saelens-batchtopk@k": "batchtopk",  # SAELens' weights, the threshold estimated as ours (train_saelens)
     "saelens-matryoshka": "matryoshka",
     "saelens-matryoshka@k": "matryoshka",
+    "dl-topk": "topk",
+    "dl-batchtopk": "batchtopk",
+    "dl-batchtopk@k": "batchtopk",
+    "dl-matryoshka": "matryoshka",
+    "dl-matryoshka@k": "matryoshka",
 }
 
 OURS = ["ours-topk", "ours-batchtopk", "ours-matryoshka"]  # the order of the tables
@@ -208,7 +218,7 @@ def train_saelens(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace
     elif arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
     else:
-        widths = sorted({max(1, d_sae // f) for f in (16, 8, 4, 2)} | {d_sae})
+        widths = SAEConfig(architecture="matryoshka", d_sae=d_sae, k=cell.k).prefix_sizes  # ours, the same
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common))
     xt = torch.from_numpy(x)
     scale = math.sqrt(args.d / float(xt[:16384].double().pow(2).sum(1).mean()))
@@ -260,15 +270,89 @@ def train_saelens(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace
     name, W = f"saelens-{arch}", W_dec.detach().numpy()
     if arch == "topk":
         return {name: (W, encode, decode)}
-    with torch.no_grad():  # our estimator's rows: the training batches of the first epoch, up to THRESHOLD_ROWS
+    thr_k = threshold_at_k(pre_acts, x, cell.k, args)
+    return {name: (W, encode, decode), name + "@k": (W, lambda xb: encode(xb, thr_k), decode)}
+
+
+def train_dictionary_learning(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -> dict[str, Model]:
+    """{"dl-<arch>": dictionary_learning's TopKTrainer, BatchTopKTrainer or MatryoshkaBatchTopKTrainer (the
+    latter two Bussmann et al.'s) through their own `update` step, and for the two threshold SAEs "dl-<arch>@k":
+    the same weights with the threshold estimated at the final weights as ours is}. Their recipe: unit-norm
+    tied start, lr 2e-4 / sqrt(d_sae / 2^14), grad-norm clip 1, uniform prefix weights, EMA threshold after the
+    warm-up, inputs scaled to unit mean squared norm (their `normalize_activations`). Ours: the prefixes, the
+    bench's warm-up, lr decay over the last 20 % (their demo's `decay_start`) and the dead window (their 10M
+    tokens is more than these runs see)."""
+    from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+    from dictionary_learning.trainers.top_k import TopKTrainer
+
+    d_sae = args.expansion * args.d
+    warmup, _ = schedule(cell.steps)
+    common = dict(
+        steps=cell.steps,
+        activation_dim=args.d,
+        dict_size=d_sae,
+        k=cell.k,
+        layer=0,
+        lm_name="planted",
+        warmup_steps=warmup,
+        decay_start=max(warmup + 1, int(0.8 * cell.steps)),
+        threshold_start_step=warmup,
+        seed=args.seed,
+        device="cpu",
+    )
+    if arch == "topk":
+        trainer = TopKTrainer(**common)
+    elif arch == "batchtopk":
+        trainer = BatchTopKTrainer(**common)
+    else:
+        prefixes = SAEConfig(architecture="matryoshka", d_sae=d_sae, k=cell.k).prefix_sizes  # ours, the same
+        groups = [b - a for a, b in zip([0, *prefixes[:-1]], prefixes)]
+        trainer = MatryoshkaBatchTopKTrainer(**common, group_fractions=[g / d_sae for g in groups])
+    trainer.dead_feature_threshold = default_dead_window(len(x), cell.steps * args.batch, args.batch)
+    xt = torch.from_numpy(x)
+    scale = 1 / math.sqrt(float(xt[:16384].double().pow(2).sum(1).mean()))
+    for step, rows in batches(len(x), args.batch, cell.steps, args.seed):
+        trainer.update(step, xt[rows] * scale)
+    ae = trainer.ae.eval()
+    W_dec = (ae.W_dec if arch == "matryoshka" else ae.decoder.weight.T).detach()
+
+    def pre_acts(xb: torch.Tensor) -> torch.Tensor:
+        return ae.encode(xb * scale, return_active=True, use_threshold=False)[2]  # ReLU'd pre-activations
+
+    def encode(xb: torch.Tensor, thr: float | None = None) -> torch.Tensor:
+        if arch == "topk":
+            return ae.encode(xb * scale)  # per-row top k
+        if thr is None:
+            return ae.encode(xb * scale)  # their saved threshold
+        pre = pre_acts(xb)
+        return pre * (pre > thr)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return ae.decode(z) / scale
+
+    name, W = f"dl-{arch}", W_dec.numpy()
+    if arch == "topk":
+        return {name: (W, encode, decode)}
+    thr_k = threshold_at_k(pre_acts, x, cell.k, args)
+    return {name: (W, encode, decode), name + "@k": (W, lambda xb: encode(xb, thr_k), decode)}
+
+
+def threshold_at_k(
+    pre_acts: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, k: int, args: argparse.Namespace
+) -> float:
+    """Our inference threshold (`SparseAutoencoder.estimate_threshold_`, Bussmann et al.'s estimate) for a peer's
+    final weights: the mean over the first epoch's training batches, up to THRESHOLD_ROWS rows, of the smallest
+    value BatchTopK keeps. pre_acts: x [n, d] input units -> [n, d_sae]."""
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
         n_batches = max(1, min(len(x) // args.batch, -(-THRESHOLD_ROWS // args.batch)))
         mins = []
         for _, rows in batches(len(x), args.batch, n_batches, args.seed):
             pre = pre_acts(xt[rows])
-            r, c = batch_topk_entries(pre, cell.k * len(rows), start=2 * cell.k)
+            r, c = batch_topk_entries(pre, k * len(rows), start=2 * k)
             mins.append(pre[r, c].min())
-        thr_k = float(torch.stack(mins).mean())
-    return {name: (W, encode, decode), name + "@k": (W, lambda xb: encode(xb, thr_k), decode)}
+        return float(torch.stack(mins).mean())
 
 
 def score(model: Model, data: PlantedData, held: np.ndarray) -> dict[str, float]:
@@ -334,19 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", help="also write every score to this JSON file (rewritten after each cell)")
     p.add_argument("--by_norm", action="store_true", help="also print each trainer's L0 by row-norm quartile")
-    p.add_argument("--report", nargs="+", help="train nothing: print the tables of these --json files")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        help="train nothing: print the tables of these --json files (files of the same sizes merge; for the "
+        "same cell and trainer the latest run's row counts)",
+    )
     p.add_argument("--markdown", action="store_true", help="with --report: the summary as one markdown table")
     args = p.parse_args(argv)
     if args.report:  # files of the same sizes merge (e.g. one more peer run over the same grid)
         runs: dict[tuple, tuple[dict, list[dict]]] = {}
-        for path in args.report:
-            saved = json.loads(Path(path).read_text())
+        files = [json.loads(Path(path).read_text()) for path in args.report]
+        # a later run's row for the same cell and trainer replaces an earlier one (files without a time first)
+        for saved in sorted(files, key=lambda f: f["args"].get("run_at", "")):
             size = tuple(saved["args"][a] for a in ("d", "expansion", "active", "rows", "eval_rows", "batch", "seed"))
             runs.setdefault(size, (saved["args"], []))[1].extend(saved["results"])
         for run_args, results in runs.values():
             print("\n".join(_summary(results, markdown=True)) if args.markdown else _report(run_args, results))
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.run_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(_header(vars(args)))
     grid = [
         Cell(ratio, coef, offset, k, args.steps * budget)
@@ -369,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         for peer in args.peers:
             if peer.startswith("sparsify"):
                 models[peer] = train_sparsify(cell, data.x, args, decay=peer == "sparsify")
+            elif peer.startswith("dl-"):
+                models.update(train_dictionary_learning(peer.split("-", 1)[1], cell, data.x, args))
             else:
                 models.update(train_saelens(peer.split("-", 1)[1], cell, data.x, args))
         for arch in args.archs:
