@@ -62,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -288,7 +289,7 @@ def train_dictionary_learning(arch: str, cell: Cell, x: np.ndarray, args: argpar
 
     d_sae = args.expansion * args.d
     warmup, _ = schedule(cell.steps)
-    common = dict(
+    common: dict[str, Any] = dict(
         steps=cell.steps,
         activation_dim=args.d,
         dict_size=d_sae,
@@ -321,10 +322,8 @@ def train_dictionary_learning(arch: str, cell: Cell, x: np.ndarray, args: argpar
         return ae.encode(xb * scale, return_active=True, use_threshold=False)[2]  # ReLU'd pre-activations
 
     def encode(xb: torch.Tensor, thr: float | None = None) -> torch.Tensor:
-        if arch == "topk":
-            return ae.encode(xb * scale)  # per-row top k
         if thr is None:
-            return ae.encode(xb * scale)  # their saved threshold
+            return ae.encode(xb * scale)  # their inference: per-row top k, or their saved threshold
         pre = pre_acts(xb)
         return pre * (pre > thr)
 
@@ -404,7 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--peers",
         nargs="*",
-        default=["sparsify", "sparsify-const", "saelens-topk", "saelens-batchtopk", "saelens-matryoshka"],
+        default=[
+            "sparsify",
+            "sparsify-const",
+            "saelens-topk",
+            "saelens-batchtopk",
+            "saelens-matryoshka",
+            "dl-topk",
+            "dl-batchtopk",
+            "dl-matryoshka",
+        ],
     )
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--expansion", type=int, default=8)
