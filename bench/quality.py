@@ -219,7 +219,7 @@ def train_saelens(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace
     elif arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
     else:
-        widths = SAEConfig(architecture="matryoshka", d_sae=d_sae, k=cell.k).prefix_sizes  # ours, the same
+        widths = our_prefixes(cell, args)
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common))
     xt = torch.from_numpy(x)
     scale = math.sqrt(args.d / float(xt[:16384].double().pow(2).sum(1).mean()))
@@ -307,7 +307,7 @@ def train_dictionary_learning(arch: str, cell: Cell, x: np.ndarray, args: argpar
     elif arch == "batchtopk":
         trainer = BatchTopKTrainer(**common)
     else:
-        prefixes = SAEConfig(architecture="matryoshka", d_sae=d_sae, k=cell.k).prefix_sizes  # ours, the same
+        prefixes = our_prefixes(cell, args)
         groups = [b - a for a, b in zip([0, *prefixes[:-1]], prefixes)]
         trainer = MatryoshkaBatchTopKTrainer(**common, group_fractions=[g / d_sae for g in groups])
     trainer.dead_feature_threshold = default_dead_window(len(x), cell.steps * args.batch, args.batch)
@@ -335,6 +335,12 @@ def train_dictionary_learning(arch: str, cell: Cell, x: np.ndarray, args: argpar
         return {name: (W, encode, decode)}
     thr_k = threshold_at_k(pre_acts, x, cell.k, args)
     return {name: (W, encode, decode), name + "@k": (W, lambda xb: encode(xb, thr_k), decode)}
+
+
+def our_prefixes(cell: Cell, args: argparse.Namespace) -> list[int]:
+    """Our matryoshka's default prefix sizes in this cell (SAEConfig.prefix_sizes), which the peers' Matryoshkas
+    train at too, so that only the training differs."""
+    return SAEConfig(architecture="matryoshka", d_sae=args.expansion * args.d, k=cell.k).prefix_sizes
 
 
 def threshold_at_k(
