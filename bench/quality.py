@@ -531,7 +531,7 @@ def _cell_lines(cell: Cell, scores: dict[str, dict[str, float]]) -> list[str]:
             dc, df = _gap(r, ref, cell.k)
             ratio = f"{r['cos'] / max(p['cos'] for p in ref.values()):>8.3f} " if group == "same" else ""
             cols.append(f"{ratio}{dc:>+6.3f} {df:>+6.3f} {'ok' if _ok(dc, df) else 'BELOW':<5}")
-        if len(cols) == 1:  # no peer of our architecture in the cell: leave its columns blank
+        if len(cols) == 1:  # no peer of our architecture in the cell: leave its columns blank (none: no columns)
             cols.insert(0, " " * 28)
         lines.append(f"{cell.name():<48} {name:<20} {_fmt(r)}    {'      '.join(cols)}")
     return lines
@@ -583,9 +583,9 @@ def _summary(results: list[dict], markdown: bool = False) -> list[str]:
 
 
 def _references(name: str, peers: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, dict[str, float]]]]:
-    """("same", the peers of our architecture) when there are any, and ("any", every peer)."""
+    """("same", the peers of our architecture) when there are any, and ("any", every peer) when there are any."""
     same = {n: p for n, p in peers.items() if PEER_ARCH[n] == name.removeprefix("ours-")}
-    return ([("same", same)] if same else []) + [("any", peers)]
+    return ([("same", same)] if same else []) + ([("any", peers)] if peers else [])
 
 
 def _ok(dcos: float, dfvu: float) -> bool:
