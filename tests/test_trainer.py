@@ -77,8 +77,9 @@ def test_several_saes_on_several_keys_in_one_pass(tmp_path, data):
     assert set(out) == {"layer0", "layer1", "layer1_seed1"}
     cfg0 = json.loads((tmp_path / "layer0" / "cfg.json").read_text())
     cfg1 = json.loads((tmp_path / "layer1" / "cfg.json").read_text())
-    # input scaling: mean squared norm of the scaled rows is d_in
-    np.testing.assert_allclose(cfg0["input_scale"] ** 2 * (data.astype(np.float64) ** 2).sum(1).mean(), 16, rtol=1e-3)
+    # input scaling: the scaled rows' mean squared distance to their mean is d_in
+    centred = data.astype(np.float64) - data.astype(np.float64).mean(0)
+    np.testing.assert_allclose(cfg0["input_scale"] ** 2 * (centred**2).sum(1).mean(), 16, rtol=1e-3)
     assert cfg1["input_scale"] == pytest.approx(cfg0["input_scale"] / 5, rel=1e-3)
     assert not torch.equal(out["layer1"].sae.W_dec, out["layer1_seed1"].sae.W_dec)
     for name in out:
@@ -272,3 +273,19 @@ def test_batchtopk_inference_l0_is_k_after_any_run(tmp_path, k, epochs):
     with torch.no_grad():
         l0_held = float((load_sae(tmp_path / "b").encode(torch.from_numpy(held)) > 0).sum(1).float().mean())
     assert abs(l0_held - k) <= 0.1 * k, l0_held
+
+
+def test_a_shared_mean_changes_nothing(tmp_path, data):
+    """Rows shifted by one constant vector (of norm 10, against rows of norm ~1.6) train the same SAE: the input
+    scale sees the centred rows and b_dec takes the mean. Scaled by the raw mean squared norm instead, the
+    shifted rows' signal would shrink about 6x and the two runs would differ."""
+    shift = np.random.default_rng(0).standard_normal(data.shape[1]).astype(np.float32)
+    shifted = data + 10 * shift / np.linalg.norm(shift)
+    out = {}
+    for name, x in (("plain", data), ("shifted", shifted)):
+        spec = SAESpec("", "x", SAEConfig(d_sae=64, k=4, seed=0))
+        out[name] = train_saes(ActivationSource({"x": [x]}), [spec], _tcfg(), tmp_path / name, progress=False)[""]
+    a, b = out["plain"], out["shifted"]
+    assert a.sae.cfg.input_scale == pytest.approx(b.sae.cfg.input_scale, rel=1e-6)
+    torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec, atol=1e-3, rtol=0)
+    assert a.metrics["fvu"] == pytest.approx(b.metrics["fvu"], abs=1e-3)

@@ -66,7 +66,7 @@ class SAEConfig:
     )
     l1_coef: float = field(
         default=0.05,
-        metadata=_help("relu: coefficient of sum_i z_i ||W_dec_i|| (inputs scaled to mean squared norm d_in)"),
+        metadata=_help("relu: coefficient of sum_i z_i ||W_dec_i|| (inputs scaled: centred mean squared norm d_in)"),
     )
     k_aux: int | None = field(
         default=None,
@@ -76,7 +76,7 @@ class SAEConfig:
     seed: int = field(default=0, metadata=_help("initialisation seed"))
     input_scale: float = field(
         default=1.0,
-        metadata=_help("inputs are multiplied by this before encoding (set by training: mean squared norm = d_in)"),
+        metadata=_help("inputs are multiplied by this before encoding (training sets E||x - mean||^2 = d_in)"),
     )
     b_dec_init: str = field(
         default="geometric_median",
@@ -217,7 +217,7 @@ class TrainConfig:
         ),
     )
     scale_inputs: bool = field(
-        default=True, metadata=_help("scale inputs to mean squared norm d_in (off: as they are, the original repo)")
+        default=True, metadata=_help("scale inputs to E||x - mean||^2 = d_in (off: as they are, the original repo)")
     )
     autocast: bool = field(default=True, metadata=_help("bf16 autocast on CUDA (off: fp32, the original repo)"))
     seed: int = field(default=0, metadata=_help("data-order seed"))

@@ -1,8 +1,8 @@
 """The sparse autoencoder: one module, six training objectives.
 
 Shapes: x [n, d_in]; W_enc [d_in, d_sae]; b_enc [d_sae]; W_dec [d_sae, d_in]; b_dec [d_in].
-Inputs are first multiplied by `cfg.input_scale` (training sets it so the mean squared norm is d_in);
-reconstructions are divided by it, so users see input units. With s = input_scale:
+Inputs are first multiplied by `cfg.input_scale` (training sets it so that the centred rows' mean squared
+norm is d_in); reconstructions are divided by it, so users see input units. With s = input_scale:
 
     pre(x)   = (s x - b_dec) W_enc + b_enc                          [n, d_sae]
     codes    = act(pre)                                             [n, d_sae], >= 0
