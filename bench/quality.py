@@ -531,7 +531,7 @@ def _cell_lines(cell: Cell, scores: dict[str, dict[str, float]]) -> list[str]:
             dc, df = _gap(r, ref, cell.k)
             ratio = f"{r['cos'] / max(p['cos'] for p in ref.values()):>8.3f} " if group == "same" else ""
             cols.append(f"{ratio}{dc:>+6.3f} {df:>+6.3f} {'ok' if _ok(dc, df) else 'BELOW':<5}")
-        if len(cols) == 1:  # no peer of our architecture in the cell: leave its columns blank (none: no columns)
+        if len(cols) == 1:  # no peer of our architecture in the cell: leave its columns blank
             cols.insert(0, " " * 28)
         lines.append(f"{cell.name():<48} {name:<20} {_fmt(r)}    {'      '.join(cols)}")
     return lines

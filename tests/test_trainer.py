@@ -276,7 +276,7 @@ def test_batchtopk_inference_l0_is_k_after_any_run(tmp_path, k, epochs):
 
 
 def test_a_shared_mean_changes_nothing(tmp_path, data):
-    """Rows shifted by one constant vector (of norm 10, against rows of norm ~1.6) train the same SAE: the input
+    """Rows shifted by one constant vector (of norm 10, against rows of norm ~1.8) train the same SAE: the input
     scale sees the centred rows and b_dec takes the mean. Scaled by the raw mean squared norm instead, the
     shifted rows' signal would shrink about 6x and the two runs would differ."""
     shift = np.random.default_rng(0).standard_normal(data.shape[1]).astype(np.float32)

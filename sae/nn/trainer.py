@@ -14,9 +14,10 @@
 - inputs scaled so that the centred rows' mean squared norm E||x - mean||^2 is d_in (the factor is stored
   in each cfg.json; --no-scale_inputs keeps 1), so that one lr and one l1_coef fit every encoder, and a
   shared mean (which b_dec takes) changes nothing: data shifted by a constant trains the same SAE. The
-  uncentred E||x||^2 shrank the signal under a large mean: bench/quality.py, d 64, 2,000 steps, k 32,
-  mean of norm 10 against none, cos -0.013 / -0.038 / -0.007 on average over 6 cells (worst -0.067 /
-  -0.127 / -0.042) for topk / batchtopk / matryoshka, FVU within 0.016. b_dec starts at the geometric
+  uncentred E||x||^2 shrank the signal under a large mean; bench/quality.py's 18 cells with a mean of
+  norm 10, uncentred -> centred, 2,000 steps: cos +0.004 / +0.012 / +0.005 on average (up to +0.067 /
+  +0.102 / +0.046) for topk / batchtopk / matryoshka, FVU within 0.013; 200 steps: FVU +0.004 / +0.006
+  / +0.002 on average (up to +0.020), cos within 0.020 (docs/quality.md). b_dec starts at the geometric
   median of 4096 rows; the mean gives the same figures (0.585 / 0.222; 0.584 / 0.224 with the offset);
 - dead latents: rows since each latent last fired; past `dead_window` (default_dead_window) they
   feed the AuxK loss; the bar shows the dead % once that many rows have been trained on;
