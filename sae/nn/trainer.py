@@ -98,7 +98,8 @@ def default_lr(d_sae: int) -> float:
     (bench/quality.py, d 32, d_sae 256, batch 1024, 400 steps, TopK, encoder scale 0.5; cosine / FVU):
     8x superposition/heavy-tailed/k 8: 0.657 / 0.147, x2 0.715 / 0.129, x0.5 0.597 / 0.183; but 2x
     superposition/uniform/offset 10/k 4: 0.987 / 0.093, x2 0.977 / 0.079 with 69% dead latents, x0.5
-    0.897 / 0.224. No single multiple wins everywhere, so the rule stays."""
+    0.897 / 0.224. With today's defaults (d 64 grid, docs/quality.md "Peak lr x 2"), x2 wins every 200-step
+    cell but is mixed at 2,000 steps (batchtopk cos down to -0.067), so the rule stays."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
