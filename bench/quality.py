@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:  # files of the same sizes merge (e.g. one more peer run over the same grid)
         runs: dict[tuple, tuple[dict, list[dict]]] = {}
         files = [json.loads(Path(path).read_text()) for path in args.report]
+        for path, saved in zip(args.report, files):  # a run made with another recipe says so in its "note"
+            if "note" in saved["args"]:
+                print(f"{path}: {saved['args']['note']}")
         # a later run's row for the same cell and trainer replaces an earlier one (files without a time first)
         for saved in sorted(files, key=lambda f: f["args"].get("run_at", "")):
             size = tuple(saved["args"][a] for a in ("d", "expansion", "active", "rows", "eval_rows", "batch", "seed"))
