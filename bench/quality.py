@@ -19,7 +19,10 @@ U(0.5, 1.5) or heavy-tailed (log-normal, sigma 1) coefficients, a shared mean of
   SAELens' own threshold (an EMA over training) lets 2-3x k latents fire after these short runs;
 - dl-<arch>: dictionary_learning's TopK, BatchTopK and Matryoshka-BatchTopK trainers (the last two by
   Bussmann et al.) through their own update step and recipe (`train_dictionary_learning`), with @k rows
-  as SAELens'. Matryoshka peers get our prefixes (sae.nn.config: SAEConfig.prefix_sizes).
+  as SAELens'. Matryoshka peers get our prefixes (sae.nn.config: SAEConfig.prefix_sizes);
+- atoms-<arch> (--start_at_atoms): ours with the same recipe, started at the truth (`start_at_atoms`):
+  where the loss leads from the planted atoms. Below a peer there means the architecture's loss, not our
+  optimisation, keeps it from that peer's score; above ours, that our usual start falls short of the loss.
 
 Scores on held-out rows of the same regime, all in float64:
     cos   mean over the true atoms of the max cosine with a decoder row (sae.nn.synthetic.recovery)
@@ -44,6 +47,7 @@ where one peer that keeps k is better than ours on both by more than 0.01.
         --offsets 0 --json long.json                                                           # ~40 min
     bench/quality.py ... --cells 4,heavy,0,8 8,uniform,10,8 --archs topk --peers sparsify  # chosen cells, trainers
     bench/quality.py ... --ks 8 --archs --peers dl-topk dl-batchtopk dl-matryoshka --json dl.json  # peers only
+    bench/quality.py ... --cells 8,heavy,0,8 --peers --start_at_atoms  # ours from the usual start and from the atoms
     bench/quality.py --report short.json long.json [--markdown]   # the tables again, without training
 
 Needs the `bench` dependency group (eai-sparsify, sae-lens, dictionary-learning); on CPU sparsify runs with
@@ -58,7 +62,8 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +75,7 @@ import torch
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sae.nn import trainer  # noqa: E402
 from sae.nn.config import SAEConfig, TrainConfig  # noqa: E402
 from sae.nn.model import batch_topk_entries  # noqa: E402
 from sae.nn.sources import ActivationSource  # noqa: E402
@@ -96,6 +102,7 @@ PEER_ARCH = {
 }
 
 OURS = ["ours-topk", "ours-batchtopk", "ours-matryoshka"]  # the order of the tables
+ATOMS = ["atoms-topk", "atoms-batchtopk", "atoms-matryoshka"]  # ours started at the planted atoms
 
 
 @dataclass
@@ -156,6 +163,31 @@ def train_ours(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -
         sae = train_saes(ActivationSource({"x": [x]}), [SAESpec("", "x", cfg)], tcfg, tmp, progress=False)[""].sae
     sae.eval()
     return sae.W_dec.detach().numpy(), sae.encode, sae.decode
+
+
+@contextmanager
+def start_at_atoms(atoms: np.ndarray) -> Iterator[None]:
+    """Within it, our trainer starts as usual (b_dec, input scale, the other latents), then sets its first
+    n_concepts decoder rows to the planted atoms [n_concepts, d] and the matching encoder columns to them at
+    the start's encoder norm (cos 1 before any step). Made by wrapping the trainer's `_prepare`."""
+    prepare = trainer._prepare
+
+    def prepared(*args: Any, **kwargs: Any) -> list:
+        saes = prepare(*args, **kwargs)
+        for sae in saes:
+            n = min(len(atoms), sae.cfg.d_sae)
+            a = torch.as_tensor(atoms[:n], dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+            with torch.no_grad():
+                enc_norm = sae.W_enc[:, :n].norm(dim=0, keepdim=True)
+                sae.W_dec[:n] = a
+                sae.W_enc[:, :n] = a.t() * enc_norm
+        return saes
+
+    trainer._prepare = prepared
+    try:
+        yield
+    finally:
+        trainer._prepare = prepare
 
 
 def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace, decay: bool = True) -> Model:
@@ -433,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write every score to this JSON file (rewritten after each cell)")
     p.add_argument("--by_norm", action="store_true", help="also print each trainer's L0 by row-norm quartile")
     p.add_argument(
+        "--start_at_atoms",
+        action="store_true",
+        help="also train each of --archs started at the planted atoms (rows atoms-<arch>; start_at_atoms)",
+    )
+    p.add_argument(
         "--report",
         nargs="+",
         help="train nothing: print the tables of these --json files (files of the same sizes merge; for the "
@@ -483,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                 models.update(train_saelens(peer.split("-", 1)[1], cell, data.x, args))
         for arch in args.archs:
             models["ours-" + arch] = train_ours(arch, cell, data.x, args)
+            if args.start_at_atoms:
+                with start_at_atoms(data.dictionary):
+                    models["atoms-" + arch] = train_ours(arch, cell, data.x, args)
         scores = {name: score(m, data, held) for name, m in models.items()}
         results += [{"cell": asdict(cell), "trainer": name, **r} for name, r in scores.items()]
         print("\n".join(_cell_lines(cell, scores)), flush=True)
@@ -499,7 +539,7 @@ def _report(args: dict, results: list[dict]) -> str:
     """The per-cell table and the summary of saved results (--json files of runs of the same sizes)."""
     lines = [_header(args)]
     for key, scores in _by_cell(results).items():
-        known = [*PEER_ARCH, *OURS]
+        known = [*PEER_ARCH, *OURS, *ATOMS]
         order = sorted(scores, key=lambda n: known.index(n) if n in known else len(known))
         lines += _cell_lines(Cell(*key), {n: scores[n] for n in order})
     return "\n".join(lines + _summary(results))
@@ -552,7 +592,8 @@ def _gaps(results: list[dict]) -> dict[tuple[str, int, str], list[tuple[float, f
                 for group, ref in _references(name, peers):
                     row = (*_gap(r, ref, cell.k), _dominated(r, ref, cell.k))
                     gaps.setdefault((name, cell.steps, group), []).append(row)
-    rank = {name: OURS.index(name) if name in OURS else len(OURS) for name, _, _ in gaps}
+    known = [*OURS, *ATOMS]
+    rank = {name: known.index(name) if name in known else len(known) for name, _, _ in gaps}
     return dict(sorted(gaps.items(), key=lambda item: (item[0][1], rank[item[0][0]], item[0][2] == "any")))
 
 
@@ -587,7 +628,7 @@ def _summary(results: list[dict], markdown: bool = False) -> list[str]:
 
 def _references(name: str, peers: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, dict[str, float]]]]:
     """("same", the peers of our architecture) when there are any, and ("any", every peer) when there are any."""
-    same = {n: p for n, p in peers.items() if PEER_ARCH[n] == name.removeprefix("ours-")}
+    same = {n: p for n, p in peers.items() if PEER_ARCH[n] == name.split("-", 1)[1]}
     return ([("same", same)] if same else []) + ([("any", peers)] if peers else [])
 
 
