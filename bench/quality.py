@@ -48,6 +48,7 @@ where one peer that keeps k is better than ours on both by more than 0.01.
     bench/quality.py ... --cells 4,heavy,0,8 8,uniform,10,8 --archs topk --peers sparsify  # chosen cells, trainers
     bench/quality.py ... --ks 8 --archs --peers dl-topk dl-batchtopk dl-matryoshka --json dl.json  # peers only
     bench/quality.py ... --cells 8,heavy,0,8 --peers --start_at_atoms  # ours from the usual start and from the atoms
+    bench/quality.py ... --archs topk --peers --lr_scale 2 --json lr_x2.json  # ours at twice the default peak lr
     bench/quality.py --report short.json long.json [--markdown]   # the tables again, without training
 
 Needs the `bench` dependency group (eai-sparsify, sae-lens, dictionary-learning); on CPU sparsify runs with
@@ -158,7 +159,8 @@ def schedule(steps: int, decay: bool = True) -> tuple[int, Callable[[int], float
 def train_ours(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -> Model:
     cfg = SAEConfig(architecture=arch, d_sae=args.expansion * args.d, k=cell.k)
     epochs = cell.steps / math.ceil(len(x) / args.batch)
-    tcfg = TrainConfig(epochs=epochs, batch_size=args.batch, device="cpu", eval_rows=4096)
+    lr = args.lr_scale * default_lr(cfg.d_sae) if args.lr_scale != 1 else None  # None: the trainer's default
+    tcfg = TrainConfig(epochs=epochs, batch_size=args.batch, device="cpu", eval_rows=4096, lr=lr)
     with tempfile.TemporaryDirectory() as tmp:
         sae = train_saes(ActivationSource({"x": [x]}), [SAESpec("", "x", cfg)], tcfg, tmp, progress=False)[""].sae
     sae.eval()
@@ -465,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write every score to this JSON file (rewritten after each cell)")
     p.add_argument("--by_norm", action="store_true", help="also print each trainer's L0 by row-norm quartile")
     p.add_argument(
+        "--lr_scale",
+        type=float,
+        default=1.0,
+        help="train ours at this multiple of the default peak lr (sae.nn.trainer.default_lr); the JSON's args "
+        "carry a note that --report prints",
+    )
+    p.add_argument(
         "--start_at_atoms",
         action="store_true",
         help="also train each of --archs started at the planted atoms (rows atoms-<arch>; start_at_atoms)",
@@ -492,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.run_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if args.lr_scale != 1:
+        args.note = f"ours at peak lr x {args.lr_scale:g} (default_lr times --lr_scale)"
     print(_header(vars(args)))
     grid = [
         Cell(ratio, coef, offset, k, args.steps * budget)
