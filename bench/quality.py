@@ -6,7 +6,8 @@ U(0.5, 1.5) or heavy-tailed (log-normal, sigma 1) coefficients, a shared mean of
 `--offsets`, an SAE of width `--expansion` * d with k active latents, trained for `steps` steps of
 `--batch` rows. Contenders:
 
-- ours: `train_saes` with its defaults (sae/nn/trainer.py) for --archs (topk, batchtopk, matryoshka);
+- ours: `train_saes` with its defaults (sae/nn/trainer.py; topk's peak lr is twice sparsify's, LR_SCALE) for
+  --archs (topk, batchtopk, matryoshka);
 - sparsify: a plain loop around EleutherAI sparsify's `SparseCoder` (TopK; its Adam lr rule
   2e-4 / sqrt(d_sae / 2^14), b_dec = the first batch's mean, loss FVU + AuxK / 32, both normalised by
   the batch variance, linear warm-up then linear decay to 0, as its trainer; our dead window);
@@ -81,7 +82,14 @@ from sae.nn.config import SAEConfig, TrainConfig  # noqa: E402
 from sae.nn.model import batch_topk_entries  # noqa: E402
 from sae.nn.sources import ActivationSource  # noqa: E402
 from sae.nn.synthetic import PlantedData, planted_activations, recovery  # noqa: E402
-from sae.nn.trainer import THRESHOLD_ROWS, SAESpec, default_dead_window, default_lr, train_saes  # noqa: E402
+from sae.nn.trainer import (  # noqa: E402
+    THRESHOLD_ROWS,
+    SAESpec,
+    default_dead_window,
+    default_lr,
+    sparsify_lr,
+    train_saes,
+)
 
 # encode: x [n, d] float32 (input units) -> dense codes [n, d_sae]; decode: codes -> [n, d]
 Model = tuple[np.ndarray, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
@@ -159,7 +167,7 @@ def schedule(steps: int, decay: bool = True) -> tuple[int, Callable[[int], float
 def train_ours(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace) -> Model:
     cfg = SAEConfig(architecture=arch, d_sae=args.expansion * args.d, k=cell.k)
     epochs = cell.steps / math.ceil(len(x) / args.batch)
-    lr = args.lr_scale * default_lr(cfg.d_sae) if args.lr_scale != 1 else None  # None: the trainer's default
+    lr = args.lr_scale * default_lr(cfg) if args.lr_scale != 1 else None  # None: the trainer's default
     tcfg = TrainConfig(epochs=epochs, batch_size=args.batch, device="cpu", eval_rows=4096, lr=lr)
     with tempfile.TemporaryDirectory() as tmp:
         sae = train_saes(ActivationSource({"x": [x]}), [SAESpec("", "x", cfg)], tcfg, tmp, progress=False)[""].sae
@@ -198,7 +206,7 @@ def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace, decay: b
     torch.manual_seed(args.seed)
     d_sae = args.expansion * args.d
     sae = SparseCoder(args.d, SparseCoderConfig(num_latents=d_sae, k=cell.k))
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / math.sqrt(d_sae / 2**14))
+    opt = torch.optim.Adam(sae.parameters(), lr=sparsify_lr(d_sae))
     warmup, factor = schedule(cell.steps, decay)
     window = default_dead_window(len(x), cell.steps * args.batch, args.batch)
     since = torch.zeros(d_sae, dtype=torch.long)
@@ -213,7 +221,7 @@ def train_sparsify(cell: Cell, x: np.ndarray, args: argparse.Namespace, decay: b
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         for g in opt.param_groups:
-            g["lr"] = 2e-4 / math.sqrt(d_sae / 2**14) * factor(step)
+            g["lr"] = sparsify_lr(d_sae) * factor(step)
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
         since += len(rows)
@@ -257,7 +265,7 @@ def train_saelens(arch: str, cell: Cell, x: np.ndarray, args: argparse.Namespace
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common))
     xt = torch.from_numpy(x)
     scale = math.sqrt(args.d / float(xt[:16384].double().pow(2).sum(1).mean()))
-    lr = default_lr(d_sae)
+    lr = sparsify_lr(d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     _, factor = schedule(cell.steps)
     window = default_dead_window(len(x), cell.steps * args.batch, args.batch)

@@ -1,6 +1,7 @@
 """The trainer: several SAEs per pass, schedule, resume after a real SIGTERM, data order, CLI."""
 
 import json
+import math
 import os
 import signal
 
@@ -117,6 +118,19 @@ def test_decoder_learning_rate_is_scaled_where_the_decoder_rows_are_unit_norm(tm
     train_saes(ActivationSource({"a": [data]}), specs[:1], tcfg, tmp_path / "override", progress=False)
     groups = load_trainer_state(tmp_path / "override" / "trainer_state.safetensors")["opts"]["topk"]["param_groups"]
     assert groups[0]["lr_scale"] == 3.0
+
+
+def test_default_peak_lr_is_twice_sparsify_rule_for_topk_and_is_recorded(tmp_path, data):
+    """Without --lr: topk at twice 2e-4 * sqrt(16384 / d_sae), batchtopk at it; metrics.json says which, and
+    the optimiser's last step (no decay) ran at it."""
+    specs = [SAESpec(arch, "a", SAEConfig(architecture=arch, d_sae=32, k=4)) for arch in ("topk", "batchtopk")]
+    tcfg = TrainConfig(epochs=1, batch_size=512, device="cpu", decay_fraction=0, warmup_steps=1, eval_rows=256)
+    train_saes(ActivationSource({"a": [data]}), specs, tcfg, tmp_path, progress=False)
+    state = load_trainer_state(tmp_path / "trainer_state.safetensors")
+    rule = 2e-4 * math.sqrt(16384 / 32)
+    for arch, lr in (("topk", 2 * rule), ("batchtopk", rule)):
+        assert json.loads((tmp_path / arch / "metrics.json").read_text())["peak_lr"] == pytest.approx(lr)
+        assert state["opts"][arch]["param_groups"][1]["lr"] == pytest.approx(lr)
 
 
 def test_source_reads_rows_in_any_order_across_shards_and_bf16():

@@ -181,7 +181,10 @@ class TrainConfig:
     epochs: float = field(default=5, metadata=_help("passes over the data (fractions allowed)"))
     batch_size: int = field(default=4096, metadata=_help("rows per optimisation step"))
     lr: float | None = field(
-        default=None, metadata=_help("peak learning rate (default 2e-4 * sqrt(16384 / d_sae), sparsify's scaling)")
+        default=None,
+        metadata=_help(
+            "peak learning rate (default 2e-4 * sqrt(16384 / d_sae), sparsify's scaling; twice that for topk)"
+        ),
     )
     warmup_steps: int | None = field(
         default=None, metadata=_help("linear warm-up steps (default min(1000, 5%% of the steps))")

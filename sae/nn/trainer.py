@@ -28,11 +28,12 @@
   L0, dead fraction, lr; sae/nn/trainlog.py), cut back to the checkpoint's step on resume; with
   `tcfg.wandb`, the same numbers go to that Weights & Biases project;
 - at the end: `<out_dir>/<spec.name>/{sae.safetensors, cfg.json, metrics.json}` (metrics.json:
-  `evaluate`'s output, with the firing-frequency histogram, and "world_size"). A relu SAE's decoder norms are folded
-  first (`fold_decoder_norms_`), so the saved files, metrics.json and the returned SAE (whose codes
-  the pipeline records) are one and the same function. A batchtopk SAE's inference threshold is
-  estimated at the final weights from the first THRESHOLD_ROWS training rows (`estimate_threshold_`);
-  metrics.json then holds "threshold", "threshold_rows" and the inference "l0" it gives.
+  `evaluate`'s output, with the firing-frequency histogram, "world_size" and the "peak_lr" it trained
+  at). A relu SAE's decoder norms are folded first (`fold_decoder_norms_`), so the saved files,
+  metrics.json and the returned SAE (whose codes the pipeline records) are one and the same function. A
+  batchtopk SAE's inference threshold is estimated at the final weights from the first THRESHOLD_ROWS
+  training rows (`estimate_threshold_`); metrics.json then holds "threshold", "threshold_rows" and the
+  inference "l0" it gives.
 
 Under torchrun (data parallel, sae/util/distributed.py) every rank walks the same global batches and reads
 only its share of each; gradients (weighted by the share), the dead-latent counters, BatchTopK's selection
@@ -93,14 +94,33 @@ class TrainedSAE:
     path: Path
 
 
-def default_lr(d_sae: int) -> float:
-    """sparsify's rule 2e-4 / sqrt(d_sae / 2^14). Measured against 2x and 0.5x on planted data
+def sparsify_lr(d_sae: int) -> float:
+    """sparsify's peak lr rule 2e-4 / sqrt(d_sae / 2^14). Measured against 2x and 0.5x on planted data
     (bench/quality.py, d 32, d_sae 256, batch 1024, 400 steps, TopK, encoder scale 0.5; cosine / FVU):
     8x superposition/heavy-tailed/k 8: 0.657 / 0.147, x2 0.715 / 0.129, x0.5 0.597 / 0.183; but 2x
     superposition/uniform/offset 10/k 4: 0.987 / 0.093, x2 0.977 / 0.079 with 69% dead latents, x0.5
-    0.897 / 0.224. With today's defaults (d 64 grid, docs/quality.md "Peak lr x 2"), x2 wins every 200-step
-    cell but is mixed at 2,000 steps (batchtopk cos down to -0.067), so the rule stays."""
+    0.897 / 0.224."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+LR_SCALE = {"topk": 2.0}
+"""The default peak lr's multiple of `sparsify_lr` by architecture (1 where absent). topk at 2, measured with
+today's other defaults on bench/quality.py's 36 regimes at d 64 (cosine / FVU, x 2 against x 1; worse on both
+in no cell): after 200 steps of 1,024 rows better on both in 36 cells (mean +0.063 / -0.045); after 380 steps
+of 4,096 in 32 and no worse (by 0.001) in 34, the other 2 (2x superposition, k 32) trading cos for FVU
+(0.930 / 0.054 -> 0.914 / 0.046); after 2,000 steps of 1,024 no worse in 28, six k 32 cells trading cos for
+FVU (down to -0.035 / -0.003) and two 8x heavy-tailed k 8 cells FVU for cos (up to +0.017 / +0.003). The
+goal against the TopK peers is met in 36 / 36 / 34 cells instead of 36 / 32 / 33. 380 steps of 4,096 at
+larger d, against the constant-lr sparsify loop: d 256 (d_sae 2,048), 8x, heavy-tailed, k 8: 0.716 / 0.256
+-> 0.874 / 0.174 (the loop 0.532 / 0.366); 2x, uniform, k 8: 0.998 / 0.050 -> 0.999 / 0.036 (0.996 /
+0.033); d 768 (d_sae 6,144), 2x, uniform, k 8: 0.998 / 0.031 -> 0.998 / 0.014 (0.979 / 0.025). batchtopk
+and matryoshka stay at 1: after 2,000 steps x 2 costs batchtopk cos (mean -0.015, down to -0.067) and
+kills up to 45 % of its latents (docs/quality.md, "Peak lr x 2 for batchtopk and matryoshka")."""
+
+
+def default_lr(cfg: SAEConfig) -> float:
+    """The peak lr of an SAE trained without --lr: LR_SCALE[architecture] * sparsify_lr(d_sae)."""
+    return LR_SCALE.get(cfg.architecture, 1.0) * sparsify_lr(cfg.d_sae)
 
 
 DECODER_LR_SCALE = 10.0
@@ -335,7 +355,7 @@ def train_saes(
     if wandb is not None:
         wandb.close()
     _save_checkpoint(run, specs, fingerprint, state_path)
-    return _save_and_evaluate(source, specs, run.saes, tcfg, out_dir, device, steps_per_epoch)
+    return _save_and_evaluate(source, specs, run.saes, run.lrs, tcfg, out_dir, device, steps_per_epoch)
 
 
 def _check_inputs(source: ActivationSource, specs: list[SAESpec], tcfg: TrainConfig, out_dir: Path) -> None:
@@ -400,7 +420,7 @@ def _start_or_resume(
         since_fired = [state["since_fired"][s.name].to(device) for s in specs]
         step = state["step"]
         rows_seen = state.get("rows_seen", step * tcfg.batch_size)
-    lrs = [tcfg.lr or default_lr(s.cfg.d_sae) for s in specs]
+    lrs = [tcfg.lr or default_lr(s.cfg) for s in specs]
     opts = [_optimizer(sae, lr, decoder_lr_scale(s.cfg, tcfg)) for sae, lr, s in zip(saes, lrs, specs)]
     if state is not None:
         for opt, spec in zip(opts, specs):
@@ -464,6 +484,7 @@ def _save_and_evaluate(
     source: ActivationSource,
     specs: list[SAESpec],
     saes: list[SparseAutoencoder],
+    lrs: list[float],
     tcfg: TrainConfig,
     out_dir: Path,
     device: torch.device,
@@ -473,7 +494,7 @@ def _save_and_evaluate(
     (rank 0) write each SAE's files and metrics.json."""
     eval_rows = source.sample_rows(tcfg.eval_rows or source.n_rows)
     results = {}
-    for spec, sae in zip(specs, saes):
+    for spec, sae, lr in zip(specs, saes, lrs):
         path = out_dir / spec.name if spec.name else out_dir
         sae.fold_decoder_norms_()  # relu: metrics, the returned SAE and the files are the one folded SAE
         extra: dict[str, Any] = {}
@@ -491,6 +512,7 @@ def _save_and_evaluate(
             **evaluate(sae, source, spec.key, eval_rows, tcfg.batch_size),
         }
         metrics["world_size"] = distributed.world_size()
+        metrics["peak_lr"] = lr  # the encoder's; the decoder's is decoder_lr_scale times it
         if distributed.is_main():
             save_sae(sae, path)
             write_json(path / "metrics.json", metrics)
