@@ -38,7 +38,9 @@ inference L0 is within 10% of k (a peer whose threshold lets 2k latents fire is 
 when none keeps k, the lowest of all). The goal is ours >= best peer: cos no lower by more than 0.01 and
 FVU no higher by more than 0.01 ("ok", else "BELOW"). The best cos and the best FVU may come from two
 peers (a trade-off, e.g. an lr schedule that buys cos with FVU), so the summary also counts the cells
-where one peer that keeps k is better than ours on both by more than 0.01.
+where one peer that keeps k is better than ours on both by more than 0.01, and those where no trainer, ours
+or a peer, meets the goal against all the others (the goal's two bests are then two trainers' that no one
+reaches together).
 
     uv sync --group bench      # then run it as `uv run --group bench python bench/quality.py ...`:
     bench/quality.py           # the full grid, d 64, batch 4096, 400 and 4000 steps: a day on 2 cores
@@ -599,17 +601,17 @@ def _cell_lines(cell: Cell, scores: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def _gaps(results: list[dict]) -> dict[tuple[str, int, str], list[tuple[float, float, bool]]]:
-    """{(our trainer, steps, "same" | "any"): [(dcos, dfvu, dominated) per cell]}: gaps to the best peers, and
-    whether one peer alone is better on both (`_dominated`)."""
-    gaps: dict[tuple[str, int, str], list[tuple[float, float, bool]]] = {}
+def _gaps(results: list[dict]) -> dict[tuple[str, int, str], list[tuple[float, float, bool, bool]]]:
+    """{(our trainer, steps, "same" | "any"): [(dcos, dfvu, dominated, unmet) per cell]}: gaps to the best peers,
+    whether one peer alone is better on both (`_dominated`) and whether no trainer meets the goal (`_unmet`)."""
+    gaps: dict[tuple[str, int, str], list[tuple[float, float, bool, bool]]] = {}
     for key, scores in _by_cell(results).items():
         cell = Cell(*key)
         peers = {n: r for n, r in scores.items() if n in PEER_ARCH}
         for name, r in scores.items():
             if name not in PEER_ARCH:
                 for group, ref in _references(name, peers):
-                    row = (*_gap(r, ref, cell.k), _dominated(r, ref, cell.k))
+                    row = (*_gap(r, ref, cell.k), _dominated(r, ref, cell.k), _unmet({name: r, **ref}, cell.k))
                     gaps.setdefault((name, cell.steps, group), []).append(row)
     known = [*OURS, *ATOMS]
     rank = {name: known.index(name) if name in known else len(known) for name, _, _ in gaps}
@@ -622,8 +624,8 @@ def _summary(results: list[dict], markdown: bool = False) -> list[str]:
     if markdown:
         out = [
             "| ours | steps | against | goal met | cos - best peer: worst / mean | FVU - best peer: worst / mean "
-            "| one peer better on both |",
-            "|---|---|---|---|---|---|---|",
+            "| one peer better on both | met by no trainer |",
+            "|---|---|---|---|---|---|---|---|",
         ]
     else:
         out = [
@@ -631,16 +633,20 @@ def _summary(results: list[dict], markdown: bool = False) -> list[str]:
         ]
     for (name, steps, group), g in _gaps(results).items():
         dcs, dfs, n_ok = [d[0] for d in g], [d[1] for d in g], sum(_ok(d[0], d[1]) for d in g)
-        n_dom = sum(d[2] for d in g)
+        n_dom, n_unmet = sum(d[2] for d in g), sum(d[3] for d in g)
         cos, fvu = f"{min(dcs):+.3f} / {np.mean(dcs):+.3f}", f"{max(dfs):+.3f} / {np.mean(dfs):+.3f}"
         if markdown:
             against = "same architecture" if group == "same" else "every peer"
-            row = f"| {name.removeprefix('ours-')} | {steps} | {against} | {n_ok}/{len(g)} | {cos} | {fvu} | {n_dom} |"
+            row = (
+                f"| {name.removeprefix('ours-')} | {steps} | {against} | {n_ok}/{len(g)} | {cos} | {fvu} | {n_dom} "
+                f"| {n_unmet} |"
+            )
             out.append(row)
         else:
             out.append(
                 f"  {name:<16} steps {steps:<5} vs {group:<4} peers: goal met in {n_ok}/{len(g)} cells | cos worst / "
-                f"mean {cos} | fvu worst / mean {fvu} | one peer better on both in {n_dom}"
+                f"mean {cos} | fvu worst / mean {fvu} | one peer better on both in {n_dom} | met by no trainer in "
+                f"{n_unmet}"
             )
     return out
 
@@ -670,6 +676,12 @@ def _gap(r: dict[str, float], peers: dict[str, dict[str, float]], k: int) -> tup
 def _dominated(r: dict[str, float], peers: dict[str, dict[str, float]], k: int) -> bool:
     """Whether one peer that keeps k is better than ours on both cos and FVU, each by more than 0.01."""
     return any(p["cos"] - r["cos"] > 0.01 and r["fvu"] - p["fvu"] > 0.01 for p in peers.values() if _keeps_k(p, k))
+
+
+def _unmet(trainers: dict[str, dict[str, float]], k: int) -> bool:
+    """Whether no trainer of the cell (ours and the peers compared with it) meets the goal against all the others:
+    the best cos and the best FVU are then two trainers' and no trainer reaches both."""
+    return not any(_ok(*_gap(r, {m: p for m, p in trainers.items() if m != n}, k)) for n, r in trainers.items())
 
 
 def _fmt(r: dict[str, float]) -> str:
